@@ -1,0 +1,5 @@
+"""Aggregation rules."""
+
+from fedcollab.aggregation._fedavg import StreamingFedAvg
+
+__all__ = ["StreamingFedAvg"]

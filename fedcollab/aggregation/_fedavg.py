@@ -1,0 +1,59 @@
+"""FedAvg as a running example-weighted sum: memory is one model, whatever the number
+of institutions (McMahan et al. 2017)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from fedcollab.v1 import tensor_pb2
+from fedcollab.wire import TensorPiece, spec_numel, torch_dtype
+
+
+class StreamingFedAvg:
+    """Accumulates sum_i(n_i * delta_i) tensor piece by tensor piece.
+
+    Updates are deltas from the round's base model, so the new model is
+    base + sum_i(n_i * delta_i) / sum_i(n_i). Sums are kept in float32 (float64 for
+    float64 tensors): one model's worth of memory.
+    """
+
+    def __init__(self, *, manifest: tensor_pb2.ModelManifest) -> None:
+        self._specs = list(manifest.tensors)
+        self._sums = [
+            torch.zeros(
+                spec_numel(s),
+                dtype=torch.float64 if torch_dtype(s.dtype) == torch.float64 else torch.float32,
+            )
+            for s in self._specs
+        ]
+        self._lock = threading.Lock()
+        self.total_weight = 0.0
+        self.num_updates = 0
+
+    def fold(self, *, pieces: Iterable[TensorPiece], weight: float) -> None:
+        """Adds weight * pieces. The caller adds one whole, verified update per call
+        sequence and then calls `count` once."""
+        with self._lock:
+            for p in pieces:
+                acc = self._sums[p.index][p.start : p.start + len(p.values)]
+                acc.add_(p.values.to(acc.dtype), alpha=weight)
+
+    def count(self, *, weight: float) -> None:
+        with self._lock:
+            self.total_weight += weight
+            self.num_updates += 1
+
+    def apply(self, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """base + weighted mean of the deltas, in each tensor's own dtype."""
+        if self.num_updates == 0 or self.total_weight <= 0:
+            raise ValueError("no update was aggregated")
+        out = {}
+        with self._lock:
+            for spec, acc in zip(self._specs, self._sums, strict=True):
+                b = base[spec.name]
+                mean = (acc / self.total_weight).reshape(b.shape)
+                out[spec.name] = (b.to(acc.dtype) + mean).to(b.dtype)
+        return out

@@ -1,0 +1,161 @@
+"""The `fedcollab` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from fedcollab.config import FederationConfig, InstitutionConfig, Scenario, load_config
+from fedcollab.errors import ConfigError, FedcollabError
+from fedcollab.transport import is_loopback
+
+DEFAULT_SCENARIO = "simulations/digits_fedavg.toml"
+console = Console()
+
+
+def _default_scenario() -> Path:
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (root / DEFAULT_SCENARIO).is_file():
+            return root / DEFAULT_SCENARIO
+    raise ConfigError(f"no {DEFAULT_SCENARIO} here or in the fedcollab checkout; pass --scenario FILE")
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _require_tls_or_insecure(has_tls: bool, insecure: bool, address: str, what: str) -> None:
+    if has_tls:
+        return
+    if not insecure:
+        raise ConfigError(f"{what} has no [tls] table: configure TLS, or pass --insecure for a plaintext rehearsal")
+    if not is_loopback(address):
+        logging.getLogger("fedcollab").warning("--insecure on a non-loopback address %s", address)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedcollab.simulation import run_simulation
+
+    path = Path(args.scenario) if args.scenario else _default_scenario()
+    scenario = load_config(Scenario, path)
+    console.print(f"scenario {path}: {scenario.simulation.institutions} institutions, "
+                  f"{scenario.study.rounds} rounds of FedAvg on {scenario.simulation.dataset}")
+    result = run_simulation(scenario=scenario, output_dir=Path(args.output_dir), console=console)
+    console.print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def cmd_coordinator_serve(args: argparse.Namespace) -> int:
+    from fedcollab.coordinator import Coordinator
+
+    config = load_config(FederationConfig, args.config)
+    _require_tls_or_insecure(config.server.tls is not None, args.insecure, config.server.address, args.config)
+    stop = _stop_on_signals()
+    coordinator = Coordinator(config=config)
+    coordinator.start()
+    console.print(f"coordinator serving study [bold]{config.study.name}[/] on {coordinator.address} "
+                  f"(state in {config.server.state_dir}); Ctrl-C stops it, a restart resumes")
+    try:
+        while not stop.is_set():
+            if coordinator.wait(timeout=0.5):
+                stop.wait(args.linger)  # let institutions hear that the study finished
+                break
+    finally:
+        coordinator.stop()
+    if coordinator.engine.failure:
+        console.print(f"[red]study failed: {coordinator.engine.failure}")
+        return 1
+    return 0
+
+
+def cmd_coordinator_status(args: argparse.Namespace) -> int:
+    from fedcollab.coordinator import Store
+
+    config = load_config(FederationConfig, args.config)
+    db = Path(config.server.state_dir) / "coordinator.sqlite"
+    if not db.is_file():
+        raise ConfigError(f"{db}: no coordinator state yet (has `fedcollab coordinator serve` run?)")
+    store = Store(db)
+    table = Table(title=f"study {config.study.name}: rounds")
+    for col in ("round", "attempt", "status", "model", "updates", "train loss", "eval acc", "central acc", "reason"):
+        table.add_column(col)
+    for r in store.rounds():
+        m = r["metrics"]
+        fmt = lambda k: f"{m[k]:.4f}" if k in m else ""  # noqa: E731
+        table.add_row(str(r["round"]), str(r["attempt"]), r["status"], str(r["model_version"] or ""),
+                      str(int(m.get("num_updates", 0)) or ""), fmt("train_loss"), fmt("eval_accuracy"),
+                      fmt("central_accuracy"), r["reason"] or "")
+    console.print(table)
+    store.close()
+    return 0
+
+
+def cmd_institution_run(args: argparse.Namespace) -> int:
+    from fedcollab.institution import daemon_from_config
+
+    config = load_config(InstitutionConfig, args.config)
+    _require_tls_or_insecure(config.tls is not None, args.insecure, config.institution.coordinator, args.config)
+    stop = _stop_on_signals()
+    daemon = daemon_from_config(config)
+    console.print(f"institution [bold]{daemon.name}[/] ({daemon.num_train_examples} training examples) "
+                  f"connecting to {config.institution.coordinator}")
+    finished = daemon.run(stop=stop)
+    return 0 if finished else 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedcollab", description="Federated learning for research institutions.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="rehearse a whole federation on this machine")
+    sim.add_argument("--scenario", help=f"scenario file (default: {DEFAULT_SCENARIO})")
+    sim.add_argument("--output-dir", default="runs", help="where run folders go (default: ./runs)")
+    sim.set_defaults(func=cmd_simulate)
+
+    coord = sub.add_parser("coordinator", help="run or inspect a coordinator").add_subparsers(dest="action", required=True)
+    serve = coord.add_parser("serve", help="serve a study until it is finished")
+    serve.add_argument("--config", required=True, help="federation.toml")
+    serve.add_argument("--insecure", action="store_true", help="allow plaintext gRPC when no [tls] is configured")
+    serve.add_argument("--linger", type=float, default=5.0, help="seconds to keep serving after the last round")
+    serve.set_defaults(func=cmd_coordinator_serve)
+    status = coord.add_parser("status", help="rounds recorded in a coordinator's state")
+    status.add_argument("--config", required=True, help="federation.toml")
+    status.set_defaults(func=cmd_coordinator_status)
+
+    inst = sub.add_parser("institution", help="run an institution daemon").add_subparsers(dest="action", required=True)
+    run = inst.add_parser("run", help="join the federation and serve its tasks until the study ends")
+    run.add_argument("--config", required=True, help="institution.toml")
+    run.add_argument("--insecure", action="store_true", help="allow plaintext gRPC when no [tls] is configured")
+    run.set_defaults(func=cmd_institution_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    if args.command != "simulate":
+        level = min(level, logging.INFO)
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
+    try:
+        code = args.func(args)
+    except ConfigError as e:
+        console.print(f"[red]configuration error[/]\n{e}", highlight=False)
+        code = 2
+    except FedcollabError as e:
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        code = 1
+    sys.exit(code)

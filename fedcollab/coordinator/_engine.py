@@ -1,0 +1,574 @@
+"""The round engine: who takes part, what each institution is asked to do, when a
+round closes, and what gets committed. The gRPC servicer only translates to it.
+
+Rounds: select online institutions -> TRAIN tasks -> uploads are verified and folded
+into a streaming FedAvg -> close on all-done, deadline or stop -> commit if the quorum
+of accepted updates holds -> EVALUATE tasks for the new model -> next round.
+Failures of single institutions are recorded values, never exceptions that end a round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from google.protobuf import struct_pb2
+
+from fedcollab import models
+from fedcollab.aggregation import StreamingFedAvg
+from fedcollab.config import FederationConfig
+from fedcollab.coordinator._checkpoints import (
+    ModelVersion,
+    file_sha256,
+    load_tensors,
+    remove_orphans,
+    write_atomic,
+)
+from fedcollab.coordinator._store import Store
+from fedcollab.coordinator._upload import UploadReceiver
+from fedcollab.errors import ConfigError, Rejected
+from fedcollab.v1 import coordinator_service_pb2 as pb
+from fedcollab.wire import manifest_of
+
+log = logging.getLogger("fedcollab.coordinator")
+
+Evaluator = Callable[[Mapping[str, torch.Tensor]], dict[str, float]]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_OPEN = ("selected", "uploading", "folding")
+
+
+@dataclass
+class _Session:
+    session_id: str
+    institution: str
+    last_seen: float
+
+
+@dataclass
+class _Participant:
+    name: str
+    nonce: str
+    status: str = "selected"  # selected | uploading | folding | done | failed | vanished
+    reason: str = ""
+    num_examples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Round:
+    number: int
+    attempt: int
+    base: ModelVersion
+    participants: dict[str, _Participant]
+    deadline: float
+    aggregator: StreamingFedAvg
+    opened: float
+    closed: bool = False
+
+
+@dataclass
+class _Evaluation:
+    number: int
+    model: ModelVersion
+    nonces: dict[str, str]
+    deadline: float
+    reports: dict[str, tuple[int, float, float]] = field(default_factory=dict)
+    closed: bool = False
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one round did; given to observers after its evaluation phase."""
+
+    round: int
+    attempt: int
+    status: str  # committed | failed
+    model_version: int | None
+    participants: dict[str, dict[str, Any]]
+    metrics: dict[str, float]
+    reason: str = ""
+
+
+class RoundEngine:
+    def __init__(
+        self,
+        *,
+        config: FederationConfig,
+        store: Store,
+        models_dir: Path,
+        spool_dir: Path,
+        evaluator: Evaluator | None = None,
+        on_round: Callable[[RoundResult], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._study = config.study
+        self._store = store
+        self._models_dir = models_dir
+        self._spool_dir = spool_dir
+        self._evaluator = evaluator
+        self._on_round = on_round
+        self._cond = threading.Condition()
+        self._sessions: dict[str, _Session] = {}
+        self._round: _Round | None = None
+        self._eval: _Evaluation | None = None
+        self._finished = False
+        self.failure: str | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.chunk_bytes = config.server.chunk_bytes
+        self.max_chunk_bytes = config.server.chunk_bytes
+        self.heartbeat_s = config.server.heartbeat_interval_s
+        self.lease_s = config.server.heartbeat_interval_s * config.server.lease_intervals
+        self._current = self._load_or_create_model()
+        self.manifest = manifest_of(dict(sorted(load_tensors(self._current.path).items())))
+        self._study_info = pb.StudyInfo(
+            name=self._study.name,
+            model=pb.ModelSpec(kind=self._study.model.kind, params=_struct(self._study.model.params)),
+            total_rounds=self._study.rounds,
+        )
+
+    # ----------------------------------------------------------------- models
+    def _load_or_create_model(self) -> ModelVersion:
+        latest = self._store.latest_model()
+        if latest is None:
+            try:
+                model = models.build_model(
+                    kind=self._study.model.kind, params=self._study.model.params, seed=self._study.seed
+                )
+            except ValueError as e:
+                raise ConfigError(f"study.model: {e}") from None
+            state = {k: v.detach() for k, v in model.state_dict().items()}
+            remove_orphans(self._models_dir, keep=set())
+            latest = write_atomic(state, folder=self._models_dir, version=0)
+            self._store.add_initial_model(latest)
+            log.info("initial model v0 %s (%d bytes)", latest.sha256[:12], latest.size_bytes)
+            return latest
+        keep = {m.path.resolve() for m in self._store.models()}
+        for orphan in remove_orphans(self._models_dir, keep=keep):
+            log.warning("removed %s: written but never committed (crash before commit)", orphan.name)
+        if not latest.path.is_file() or file_sha256(latest.path) != latest.sha256:
+            raise ConfigError(
+                f"{latest.path}: committed model v{latest.version} is missing or does not match its "
+                f"SHA-256 {latest.sha256}; restore the file or start with a fresh state_dir"
+            )
+        log.info("resuming after round %d with model v%d", self._store.last_committed_round(), latest.version)
+        return latest
+
+    @property
+    def current_model(self) -> ModelVersion:
+        return self._current
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    # ----------------------------------------------------------------- sessions
+    def join(self, *, institution: str, num_train_examples: int) -> tuple[str, pb.StudyInfo]:
+        if not _NAME.match(institution):
+            raise Rejected(
+                code=grpc.StatusCode.INVALID_ARGUMENT,
+                reason="INVALID_INSTITUTION_NAME",
+                message="institution names are 1-128 letters, digits, '.', '_' or '-', starting alphanumeric",
+            )
+        if num_train_examples < 0:
+            raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="INVALID_EXAMPLE_COUNT",
+                           message="num_train_examples must not be negative")
+        session_id = secrets.token_urlsafe(24)
+        with self._cond:
+            for sid in [s for s, v in self._sessions.items() if v.institution == institution]:
+                del self._sessions[sid]
+            self._sessions[session_id] = _Session(session_id, institution, time.monotonic())
+            self._cond.notify_all()
+        self._store.upsert_institution(name=institution, num_train_examples=num_train_examples)
+        log.info("%s joined", institution)
+        return session_id, self._study_info
+
+    def _touch(self, session_id: str) -> _Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise Rejected(
+                code=grpc.StatusCode.UNAUTHENTICATED,
+                reason="SESSION_UNKNOWN",
+                message="unknown or replaced session (the coordinator may have restarted): call Join again",
+            )
+        session.last_seen = time.monotonic()
+        return session
+
+    def touch(self, session_id: str) -> str:
+        with self._cond:
+            return self._touch(session_id).institution
+
+    def heartbeat(self, *, session_id: str) -> float:
+        self.touch(session_id)
+        return self.lease_s
+
+    def _online(self) -> list[str]:
+        now = time.monotonic()
+        return sorted(s.institution for s in self._sessions.values() if now - s.last_seen <= self.lease_s)
+
+    # ----------------------------------------------------------------- tasks
+    def poll(self, *, session_id: str, wait_s: float, is_active: Callable[[], bool] = lambda: True) -> pb.Task:
+        wait = min(wait_s if wait_s > 0 else self._config.server.max_poll_wait_s, self._config.server.max_poll_wait_s)
+        deadline = time.monotonic() + wait
+        with self._cond:
+            while True:
+                institution = self._touch(session_id).institution
+                task = self._task_for(institution)
+                if task is not None:
+                    return task
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not is_active():
+                    return pb.Task(kind=pb.TASK_KIND_WAIT)
+                self._cond.wait(min(remaining, 1.0))
+
+    def _task_for(self, institution: str) -> pb.Task | None:
+        if self._finished:
+            return pb.Task(kind=pb.TASK_KIND_FINISHED)
+        r = self._round
+        if r is not None and not r.closed:
+            p = r.participants.get(institution)
+            if p is not None and p.status == "selected":
+                t = self._study.train
+                return pb.Task(
+                    kind=pb.TASK_KIND_TRAIN,
+                    round=r.number,
+                    nonce=p.nonce,
+                    model=_ref(r.base),
+                    train=pb.TrainPlan(
+                        local_epochs=t.local_epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
+                        optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
+                    ),
+                    manifest=self.manifest,
+                )
+        e = self._eval
+        if e is not None and not e.closed and institution in e.nonces and institution not in e.reports:
+            return pb.Task(kind=pb.TASK_KIND_EVALUATE, round=e.number, nonce=e.nonces[institution], model=_ref(e.model))
+        return None
+
+    # ----------------------------------------------------------------- downloads
+    def model_for_download(self, *, session_id: str, sha256: str) -> ModelVersion:
+        self.touch(session_id)
+        model = self._store.model_by_sha(sha256)
+        if model is None:
+            raise Rejected(code=grpc.StatusCode.NOT_FOUND, reason="MODEL_NOT_FOUND",
+                           message=f"no committed model has SHA-256 {sha256[:64]!r}")
+        return model
+
+    def count_bytes_out(self, n: int) -> None:
+        with self._cond:
+            self.bytes_out += n
+
+    # ----------------------------------------------------------------- uploads
+    def start_upload(self, *, header: pb.UpdateHeader) -> UploadReceiver:
+        with self._cond:
+            institution = self._touch(header.session_id).institution
+            r = self._round
+            if r is None or r.closed or header.round != r.number:
+                current = r.number if r is not None and not r.closed else "none"
+                raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="ROUND_CLOSED",
+                               message=f"round {header.round} is not open for uploads (open round: {current})",
+                               metadata={"round": header.round})
+            p = r.participants.get(institution)
+            if p is None:
+                raise Rejected(code=grpc.StatusCode.PERMISSION_DENIED, reason="NOT_SELECTED",
+                               message=f"{institution} was not selected for round {r.number}")
+            if not secrets.compare_digest(p.nonce, header.nonce):
+                raise Rejected(code=grpc.StatusCode.PERMISSION_DENIED, reason="NONCE_MISMATCH",
+                               message="the upload's nonce is not the one of this round's task")
+            if p.status == "done":
+                raise Rejected(code=grpc.StatusCode.ALREADY_EXISTS, reason="DUPLICATE_UPLOAD",
+                               message=f"an update from {institution} for round {r.number} was already accepted")
+            if p.status in ("uploading", "folding"):
+                raise Rejected(code=grpc.StatusCode.ABORTED, reason="UPLOAD_IN_PROGRESS",
+                               message="another upload for this task is in progress")
+            if p.status != "selected":
+                raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="PARTICIPATION_ENDED",
+                               message=f"{institution}'s part in round {r.number} ended: {p.status} ({p.reason})")
+            if header.base_version != r.base.version:
+                raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="STALE_BASE",
+                               message=f"update computed from v{header.base_version}, the round is on v{r.base.version}")
+            try:
+                receiver = UploadReceiver(
+                    header=header, manifest=self.manifest, max_chunk_bytes=self.max_chunk_bytes,
+                    spool=self._spool_dir / f"r{r.number}-a{r.attempt}-{institution}.upload",
+                )
+            except Rejected as e:
+                self._fail(r, p, e.reason)
+                raise
+            p.status = "uploading"
+            return receiver
+
+    def count_bytes_in(self, n: int) -> None:
+        with self._cond:
+            self.bytes_in += n
+
+    def finish_upload(self, receiver: UploadReceiver) -> None:
+        """Verify the whole update, then fold it in: all of it or (on any error) none."""
+        header = receiver.header
+        with self._cond:
+            institution = self._sessions[header.session_id].institution if header.session_id in self._sessions else None
+            r = self._round
+            p = r.participants.get(institution) if (r is not None and institution) else None
+            if r is None or r.closed or r.number != header.round or p is None or p.status != "uploading":
+                receiver.discard()
+                raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="ROUND_CLOSED",
+                               message=f"round {header.round} closed before the upload completed")
+            try:
+                receiver.finish()
+            except Rejected as e:
+                receiver.discard()
+                self._fail(r, p, e.reason)
+                raise
+            p.status = "folding"  # the round waits for folds in progress before it closes
+        try:
+            r.aggregator.fold(pieces=receiver.pieces(piece_bytes=self.chunk_bytes), weight=float(header.num_examples))
+            r.aggregator.count(weight=float(header.num_examples))
+        except Exception:
+            # Cannot happen for a verified spool short of a disk error; the sums may be
+            # partly updated, so the round must not commit.
+            with self._cond:
+                self._fail(r, p, "FOLD_FAILED")
+                r.closed = True
+                self._cond.notify_all()
+            raise
+        finally:
+            receiver.discard()
+        with self._cond:
+            p.status = "done"
+            p.num_examples = header.num_examples
+            p.metrics = dict(header.metrics)
+            self._cond.notify_all()
+        self._store.record_participation(
+            round_number=r.number, attempt=r.attempt, institution=p.name, status="done",
+            num_examples=header.num_examples, update_sha256=header.sha256.hex(), metrics=dict(header.metrics),
+        )
+        log.info("round %d: update from %s folded in (%d examples)", r.number, p.name, header.num_examples)
+
+    def abort_upload(self, receiver: UploadReceiver, *, reason: str) -> None:
+        receiver.discard()
+        with self._cond:
+            r = self._round
+            session = self._sessions.get(receiver.header.session_id)
+            if r is None or session is None or r.number != receiver.header.round:
+                return
+            p = r.participants.get(session.institution)
+            if p is not None and p.status == "uploading":
+                self._fail(r, p, reason)
+
+    def _fail(self, r: _Round, p: _Participant, reason: str, status: str = "failed") -> None:
+        """Caller holds the lock."""
+        p.status, p.reason = status, reason
+        self._cond.notify_all()
+        log.warning("round %d: %s %s (%s)", r.number, p.name, status, reason)
+        self._store.record_participation(
+            round_number=r.number, attempt=r.attempt, institution=p.name, status=status, reason=reason
+        )
+
+    # ----------------------------------------------------------------- evaluation
+    def report_evaluation(self, *, request: pb.ReportEvaluationRequest) -> None:
+        with self._cond:
+            institution = self._touch(request.session_id).institution
+            e = self._eval
+            if e is None or e.closed or e.number != request.round:
+                raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="EVALUATION_CLOSED",
+                               message=f"no evaluation of round {request.round} is open")
+            nonce = e.nonces.get(institution)
+            if nonce is None or not secrets.compare_digest(nonce, request.nonce):
+                raise Rejected(code=grpc.StatusCode.PERMISSION_DENIED, reason="NONCE_MISMATCH",
+                               message="the report's nonce is not the one of this evaluation task")
+            if request.model_sha256 != e.model.sha256:
+                raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="MODEL_MISMATCH",
+                               message="the report is for another model than the one to evaluate")
+            if (request.num_examples < 0 or not math.isfinite(request.loss)
+                    or not 0.0 <= request.accuracy <= 1.0):
+                raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="INVALID_METRICS",
+                               message="num_examples >= 0, a finite loss and an accuracy in [0, 1] are required")
+            if institution in e.reports:
+                raise Rejected(code=grpc.StatusCode.ALREADY_EXISTS, reason="DUPLICATE_REPORT",
+                               message="this evaluation was already reported")
+            e.reports[institution] = (int(request.num_examples), float(request.loss), float(request.accuracy))
+            self._cond.notify_all()
+        self._store.record_evaluation(
+            round_number=e.number, institution=institution, model_version=e.model.version,
+            num_examples=request.num_examples, loss=request.loss, accuracy=request.accuracy,
+        )
+
+    # ----------------------------------------------------------------- driver
+    def run(self, stop: threading.Event) -> None:
+        """Drive rounds until the study is done or `stop` is set."""
+        try:
+            while not stop.is_set():
+                number = self._store.last_committed_round() + 1
+                if number > self._study.rounds:
+                    break
+                attempt = self._store.next_attempt(number)
+                if attempt > self._study.max_round_attempts:
+                    self.failure = f"round {number} failed {attempt - 1} times; giving up (see the rounds table)"
+                    log.error(self.failure)
+                    break
+                selected = self._wait_for_quorum(stop)
+                if selected is None:
+                    break
+                self._run_round(number, attempt, selected, stop)
+            else:
+                return
+            with self._cond:
+                self._finished = True
+                self._cond.notify_all()
+            log.info("study %s finished", self._study.name)
+        except Exception:
+            log.exception("round engine stopped on an internal error")
+            self.failure = "internal error in the round engine (see the log)"
+            with self._cond:
+                self._finished = True
+                self._cond.notify_all()
+
+    def _wait_for_quorum(self, stop: threading.Event) -> list[str] | None:
+        with self._cond:
+            while not stop.is_set():
+                online = self._online()
+                if len(online) >= self._study.min_institutions:
+                    k = self._study.institutions_per_round
+                    if k and k < len(online):
+                        online = sorted(random.Random(self._study.seed * 1_000_003 + len(self._store.rounds())).sample(online, k))
+                    return online
+                self._cond.wait(0.2)
+        return None
+
+    def _run_round(self, number: int, attempt: int, selected: list[str], stop: threading.Event) -> None:
+        base = self._current
+        r = _Round(
+            number=number, attempt=attempt, base=base,
+            participants={n: _Participant(n, secrets.token_hex(16)) for n in selected},
+            deadline=time.monotonic() + self._study.round_timeout_s,
+            aggregator=StreamingFedAvg(manifest=self.manifest), opened=time.monotonic(),
+        )
+        self._store.open_round(round_number=number, attempt=attempt, base_version=base.version, participants=selected)
+        bytes_at_open = (self.bytes_in, self.bytes_out)
+        log.info("round %d (attempt %d) opened with %s", number, attempt, ", ".join(selected))
+        with self._cond:
+            self._round = r
+            self._cond.notify_all()
+            while True:
+                self._expire(r)
+                if all(p.status not in _OPEN for p in r.participants.values()):
+                    break
+                now = time.monotonic()
+                folding = any(p.status == "folding" for p in r.participants.values())
+                if (stop.is_set() or now >= r.deadline) and not folding:
+                    why = "COORDINATOR_STOPPING" if stop.is_set() else "ROUND_DEADLINE"
+                    for p in r.participants.values():
+                        if p.status in ("selected", "uploading"):
+                            self._fail(r, p, why)
+                    break
+                self._cond.wait(min(0.25, max(r.deadline - now, 0.01)))
+            r.closed = True
+            self._cond.notify_all()
+            participants = {
+                p.name: {"status": p.status, "num_examples": p.num_examples, "reason": p.reason, **p.metrics}
+                for p in r.participants.values()
+            }
+        done = [p for p in r.participants.values() if p.status == "done"]
+        if stop.is_set() and len(done) < len(r.participants):
+            self._store.fail_round(round_number=number, attempt=attempt, reason="coordinator stopped mid-round")
+            return
+        if len(done) < self._study.min_institutions or r.aggregator.num_updates != len(done):
+            reason = f"quorum not met: {len(done)} accepted updates, {self._study.min_institutions} needed"
+            self._store.fail_round(round_number=number, attempt=attempt, reason=reason)
+            log.warning("round %d failed: %s", number, reason)
+            self._emit(RoundResult(number, attempt, "failed", None, participants, {}, reason))
+            return
+        metrics = self._commit(r, done, bytes_at_open)
+        metrics.update(self._evaluate_round(number, self._current, stop))
+        self._store.update_round_metrics(round_number=number, metrics=metrics)
+        self._emit(RoundResult(number, attempt, "committed", self._current.version, participants, metrics))
+
+    def _expire(self, r: _Round) -> None:
+        now = time.monotonic()
+        by_name = {s.institution: s for s in self._sessions.values()}
+        for p in r.participants.values():
+            if p.status == "selected":
+                s = by_name.get(p.name)
+                if s is None or now - s.last_seen > self.lease_s:
+                    self._fail(r, p, "LEASE_EXPIRED", status="vanished")
+
+    def _commit(self, r: _Round, done: list[_Participant], bytes_at_open: tuple[int, int]) -> dict[str, float]:
+        base = load_tensors(r.base.path)
+        new = r.aggregator.apply(base)
+        del base
+        total = sum(p.num_examples for p in done)
+        metrics: dict[str, float] = {
+            "num_examples": float(total),
+            "num_updates": float(len(done)),
+            "bytes_in": float(self.bytes_in - bytes_at_open[0]),
+            "bytes_out": float(self.bytes_out - bytes_at_open[1]),
+            "train_seconds": time.monotonic() - r.opened,
+        }
+        train_losses = [(p.num_examples, p.metrics["train_loss"]) for p in done if "train_loss" in p.metrics]
+        if train_losses:
+            metrics["train_loss"] = sum(n * v for n, v in train_losses) / sum(n for n, _ in train_losses)
+        if self._evaluator is not None:
+            metrics.update({f"central_{k}": float(v) for k, v in self._evaluator(new).items()})
+        model = write_atomic(new, folder=self._models_dir, version=r.base.version + 1)
+        self._store.commit_round(round_number=r.number, attempt=r.attempt, model=model, parent=r.base.version,
+                                 metrics=metrics)
+        self._current = model
+        log.info("round %d committed: model v%d %s", r.number, model.version, model.sha256[:12])
+        return metrics
+
+    def _evaluate_round(self, number: int, model: ModelVersion, stop: threading.Event) -> dict[str, float]:
+        with self._cond:
+            targets = self._online()
+            if not targets:
+                return {}
+            e = _Evaluation(number=number, model=model, nonces={n: secrets.token_hex(16) for n in targets},
+                            deadline=time.monotonic() + self._study.evaluation_timeout_s)
+            self._eval = e
+            self._cond.notify_all()
+            while not stop.is_set() and time.monotonic() < e.deadline:
+                now = time.monotonic()
+                by_name = {s.institution: s for s in self._sessions.values()}
+                waiting = [n for n in e.nonces if n not in e.reports
+                           and n in by_name and now - by_name[n].last_seen <= self.lease_s]
+                if not waiting:
+                    break
+                self._cond.wait(0.25)
+            e.closed = True
+            reports = dict(e.reports)
+        n = sum(v[0] for v in reports.values())
+        if n == 0:
+            return {}
+        return {
+            "eval_loss": sum(v[0] * v[1] for v in reports.values()) / n,
+            "eval_accuracy": sum(v[0] * v[2] for v in reports.values()) / n,
+            "eval_examples": float(n),
+            "eval_institutions": float(len(reports)),
+        }
+
+    def _emit(self, result: RoundResult) -> None:
+        if self._on_round is not None:
+            try:
+                self._on_round(result)
+            except Exception:  # an observer must never stop the federation
+                log.exception("round observer failed")
+
+
+def _ref(m: ModelVersion) -> pb.ModelRef:
+    return pb.ModelRef(version=m.version, sha256=m.sha256, size_bytes=m.size_bytes)
+
+
+def _struct(params: Mapping[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(dict(params))
+    return s

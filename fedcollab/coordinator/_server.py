@@ -1,0 +1,108 @@
+"""The coordinator process: store + round engine + gRPC server + driver thread."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+
+from fedcollab.config import FederationConfig
+from fedcollab.coordinator._central_eval import central_evaluator
+from fedcollab.coordinator._servicer import CoordinatorServicer
+from fedcollab.coordinator._engine import Evaluator, RoundEngine, RoundResult
+from fedcollab.coordinator._store import Store
+from fedcollab.transport import message_limit, server_credentials_from, warn_insecure
+from fedcollab.v1 import coordinator_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger("fedcollab.coordinator")
+
+
+class Coordinator:
+    """Runs one federation study. Use as a context manager, or start()/stop().
+
+    `credentials` are the gRPC server credentials (TLS); None serves plaintext, which
+    is logged as a warning at every start. When not given, `config.server.tls` is used.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: FederationConfig,
+        credentials: grpc.ServerCredentials | None = None,
+        evaluator: Evaluator | None = None,
+        on_round: Callable[[RoundResult], None] | None = None,
+    ) -> None:
+        self.config = config
+        state_dir = Path(config.server.state_dir)
+        if evaluator is None and config.study.central_evaluation is not None:
+            evaluator = central_evaluator(config=config.study.central_evaluation, model=config.study.model)
+        self.store = Store(state_dir / "coordinator.sqlite")
+        self.engine = RoundEngine(
+            config=config, store=self.store, models_dir=state_dir / "models",
+            spool_dir=state_dir / "spool", evaluator=evaluator, on_round=on_round,
+        )
+        if credentials is None and config.server.tls is not None:
+            credentials = server_credentials_from(config.server.tls)
+        self._credentials = credentials
+        limit = message_limit(config.server.chunk_bytes)
+        self._server = grpc.server(
+            ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="rpc"),
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 1),
+            ],
+            maximum_concurrent_rpcs=config.server.max_workers * 4,
+        )
+        pb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(engine=self.engine), self._server)
+        self._stop = threading.Event()
+        self._driver: threading.Thread | None = None
+        self.port: int | None = None
+
+    def start(self) -> int:
+        address = self.config.server.address
+        if self._credentials is None:
+            warn_insecure(address, role="coordinator")
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, self._credentials)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}: address in use or not available")
+        self._server.start()
+        self._driver = threading.Thread(target=self.engine.run, args=(self._stop,), name="round-driver", daemon=True)
+        self._driver.start()
+        host = address.rsplit(":", 1)[0]
+        log.info("coordinator for study %r listening on %s:%d", self.config.study.name, host, self.port)
+        return self.port
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.server.address.rsplit(':', 1)[0]}:{self.port}"
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the study is finished; True if it is."""
+        assert self._driver is not None, "start() first"
+        self._driver.join(timeout)
+        return not self._driver.is_alive()
+
+    def stop(self, *, grace: float = 2.0) -> None:
+        self._stop.set()
+        if self._driver is not None:
+            self._driver.join(timeout=30)
+        # Let institutions see FINISHED before the port closes.
+        self._server.stop(grace).wait()
+        self.store.close()
+
+    def __enter__(self) -> Coordinator:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+

@@ -1,0 +1,131 @@
+"""gRPC servicer: thin. It translates requests to the round engine and the engine's
+`Rejected` errors to google.rpc.Status; an unexpected error in one call becomes
+INTERNAL for that call only."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from fedcollab.coordinator._checkpoints import read_pieces
+from fedcollab.coordinator._engine import RoundEngine
+from fedcollab.errors import Rejected
+from fedcollab.v1 import coordinator_service_pb2 as pb
+from fedcollab.v1 import coordinator_service_pb2_grpc as pb_grpc
+from fedcollab.v1 import tensor_pb2
+from fedcollab.wire import to_grpc_status
+
+log = logging.getLogger("fedcollab.coordinator")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _translated(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(self: CoordinatorServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Rejected as e:
+            context.abort_with_status(to_grpc_status(e))
+        except Exception:
+            log.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error at the coordinator")
+
+    return wrapper  # type: ignore[return-value]
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
+    def __init__(self, *, engine: RoundEngine) -> None:
+        self._engine = engine
+
+    @_translated
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+        session_id, study = self._engine.join(
+            institution=request.institution, num_train_examples=request.num_train_examples
+        )
+        return pb.JoinResponse(
+            session_id=session_id,
+            study=study,
+            heartbeat_interval_seconds=self._engine.heartbeat_s,
+            chunk_bytes=self._engine.chunk_bytes,
+            max_chunk_bytes=self._engine.max_chunk_bytes,
+        )
+
+    @_translated
+    def PollTask(self, request: pb.PollTaskRequest, context: grpc.ServicerContext) -> pb.PollTaskResponse:
+        wait = request.wait_seconds
+        remaining = context.time_remaining()
+        if remaining is not None:  # answer before the caller's deadline, with a margin
+            wait = min(wait, max(remaining - 0.5, 0.0)) if wait > 0 else max(remaining - 0.5, 0.0)
+        task = self._engine.poll(session_id=request.session_id, wait_s=wait, is_active=context.is_active)
+        return pb.PollTaskResponse(task=task)
+
+    def DownloadModel(
+        self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.DownloadModelResponse]:
+        try:
+            model = self._engine.model_for_download(session_id=request.session_id, sha256=request.sha256)
+            if not 0 <= request.offset <= model.size_bytes:
+                raise Rejected(code=grpc.StatusCode.OUT_OF_RANGE, reason="OFFSET_OUT_OF_RANGE",
+                               message=f"offset {request.offset} outside 0..{model.size_bytes}")
+        except Rejected as e:
+            context.abort_with_status(to_grpc_status(e))
+        offset = request.offset
+        for data in read_pieces(model.path, offset=offset, piece_bytes=self._engine.chunk_bytes):
+            yield pb.DownloadModelResponse(
+                chunk=tensor_pb2.Chunk(offset=offset, data=data, sha256=hashlib.sha256(data).digest()),
+                total_bytes=model.size_bytes,
+            )
+            offset += len(data)
+            self._engine.count_bytes_out(len(data))
+
+    def UploadUpdate(
+        self, request_iterator: Iterator[pb.UploadUpdateRequest], context: grpc.ServicerContext
+    ) -> pb.UploadUpdateResponse:
+        receiver = None
+        try:
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="HEADER_MISSING",
+                               message="an upload starts with exactly one header message")
+            receiver = self._engine.start_upload(header=first.header)
+            for message in request_iterator:
+                if message.WhichOneof("part") != "chunk":
+                    raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="UNEXPECTED_HEADER",
+                                   message="only chunks may follow the header")
+                self._engine.touch(first.header.session_id)
+                receiver.accept(message.chunk)
+                self._engine.count_bytes_in(len(message.chunk.data))
+            received = receiver.received
+            self._engine.finish_upload(receiver)
+            return pb.UploadUpdateResponse(bytes_received=received)
+        except Rejected as e:
+            if receiver is not None:
+                self._engine.abort_upload(receiver, reason=e.reason)
+            context.abort_with_status(to_grpc_status(e))
+        except grpc.RpcError:
+            # The institution went away mid-stream: its partial update is dropped.
+            if receiver is not None:
+                self._engine.abort_upload(receiver, reason="UPLOAD_INTERRUPTED")
+            context.abort(grpc.StatusCode.CANCELLED, "upload interrupted")
+        except Exception:
+            log.exception("UploadUpdate failed")
+            if receiver is not None:
+                self._engine.abort_upload(receiver, reason="INTERNAL")
+            context.abort(grpc.StatusCode.INTERNAL, "internal error at the coordinator")
+        raise AssertionError("unreachable")  # abort raises
+
+    @_translated
+    def ReportEvaluation(
+        self, request: pb.ReportEvaluationRequest, context: grpc.ServicerContext
+    ) -> pb.ReportEvaluationResponse:
+        self._engine.report_evaluation(request=request)
+        return pb.ReportEvaluationResponse()
+
+    @_translated
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        return pb.HeartbeatResponse(lease_seconds=self._engine.heartbeat(session_id=request.session_id))

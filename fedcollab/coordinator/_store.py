@@ -1,0 +1,254 @@
+"""Durable coordinator state in SQLite: institutions, rounds, participations, models.
+
+A round's commit (its model version and its closing row) is one transaction, so a
+restarted coordinator sees either the whole round or none of it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fedcollab.coordinator._checkpoints import ModelVersion
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS institutions (
+    name TEXT PRIMARY KEY,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    num_train_examples INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS models (
+    version INTEGER PRIMARY KEY,
+    sha256 TEXT NOT NULL UNIQUE,
+    path TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    parent_version INTEGER,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('open', 'committed', 'failed', 'abandoned')),
+    opened_at REAL NOT NULL,
+    closed_at REAL,
+    base_version INTEGER NOT NULL,
+    model_version INTEGER,
+    reason TEXT,
+    metrics TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (round, attempt)
+);
+CREATE TABLE IF NOT EXISTS participations (
+    round INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    institution TEXT NOT NULL,
+    status TEXT NOT NULL,
+    num_examples INTEGER,
+    update_sha256 TEXT,
+    reason TEXT,
+    metrics TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (round, attempt, institution)
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+    round INTEGER NOT NULL,
+    institution TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    num_examples INTEGER NOT NULL,
+    loss REAL NOT NULL,
+    accuracy REAL NOT NULL,
+    PRIMARY KEY (round, institution)
+);
+"""
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            # Rounds left open by a crash never committed: say so instead of leaving them open.
+            self._db.execute(
+                "UPDATE rounds SET status='abandoned', closed_at=?, reason='coordinator stopped' "
+                "WHERE status='open'",
+                (time.time(),),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # institutions
+    def upsert_institution(self, *, name: str, num_train_examples: int) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO institutions (name, first_seen, last_seen, num_train_examples) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET last_seen=excluded.last_seen, "
+                "num_train_examples=excluded.num_train_examples",
+                (name, now, now, num_train_examples),
+            )
+
+    def institutions(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._query("SELECT * FROM institutions ORDER BY name")]
+
+    # models
+    def add_initial_model(self, model: ModelVersion) -> None:
+        with self._tx() as db:
+            self._insert_model(db, model, parent=None)
+
+    @staticmethod
+    def _insert_model(db: sqlite3.Connection, model: ModelVersion, *, parent: int | None) -> None:
+        db.execute(
+            "INSERT INTO models (version, sha256, path, size_bytes, parent_version, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (model.version, model.sha256, str(model.path), model.size_bytes, parent, time.time()),
+        )
+
+    def latest_model(self) -> ModelVersion | None:
+        rows = self._query("SELECT * FROM models ORDER BY version DESC LIMIT 1")
+        return _model(rows[0]) if rows else None
+
+    def model_by_sha(self, sha256: str) -> ModelVersion | None:
+        rows = self._query("SELECT * FROM models WHERE sha256=?", (sha256,))
+        return _model(rows[0]) if rows else None
+
+    def models(self) -> list[ModelVersion]:
+        return [_model(r) for r in self._query("SELECT * FROM models ORDER BY version")]
+
+    def model_parents(self) -> dict[int, int | None]:
+        return {r["version"]: r["parent_version"] for r in self._query("SELECT version, parent_version FROM models")}
+
+    # rounds
+    def next_attempt(self, round_number: int) -> int:
+        rows = self._query("SELECT COALESCE(MAX(attempt), 0) AS a FROM rounds WHERE round=?", (round_number,))
+        return int(rows[0]["a"]) + 1
+
+    def open_round(self, *, round_number: int, attempt: int, base_version: int, participants: list[str]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO rounds (round, attempt, status, opened_at, base_version) VALUES (?, ?, 'open', ?, ?)",
+                (round_number, attempt, time.time(), base_version),
+            )
+            db.executemany(
+                "INSERT INTO participations (round, attempt, institution, status) VALUES (?, ?, ?, 'selected')",
+                [(round_number, attempt, name) for name in participants],
+            )
+
+    def record_participation(
+        self,
+        *,
+        round_number: int,
+        attempt: int,
+        institution: str,
+        status: str,
+        num_examples: int | None = None,
+        update_sha256: str | None = None,
+        reason: str | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE participations SET status=?, num_examples=?, update_sha256=?, reason=?, metrics=? "
+                "WHERE round=? AND attempt=? AND institution=?",
+                (status, num_examples, update_sha256, reason, json.dumps(metrics or {}),
+                 round_number, attempt, institution),
+            )
+
+    def commit_round(
+        self, *, round_number: int, attempt: int, model: ModelVersion, parent: int, metrics: dict[str, Any]
+    ) -> None:
+        with self._tx() as db:
+            self._insert_model(db, model, parent=parent)
+            db.execute(
+                "UPDATE rounds SET status='committed', closed_at=?, model_version=?, metrics=? "
+                "WHERE round=? AND attempt=?",
+                (time.time(), model.version, json.dumps(metrics), round_number, attempt),
+            )
+
+    def fail_round(self, *, round_number: int, attempt: int, reason: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE rounds SET status='failed', closed_at=?, reason=? WHERE round=? AND attempt=?",
+                (time.time(), reason, round_number, attempt),
+            )
+
+    def update_round_metrics(self, *, round_number: int, metrics: dict[str, Any]) -> None:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT attempt, metrics FROM rounds WHERE round=? AND status='committed'", (round_number,)
+            ).fetchone()
+            if row is None:
+                return
+            merged = {**json.loads(row["metrics"]), **metrics}
+            db.execute(
+                "UPDATE rounds SET metrics=? WHERE round=? AND attempt=?",
+                (json.dumps(merged), round_number, row["attempt"]),
+            )
+
+    def last_committed_round(self) -> int:
+        rows = self._query("SELECT COALESCE(MAX(round), 0) AS r FROM rounds WHERE status='committed'")
+        return int(rows[0]["r"])
+
+    def rounds(self) -> list[dict[str, Any]]:
+        out = []
+        for r in self._query("SELECT * FROM rounds ORDER BY round, attempt"):
+            d = dict(r)
+            d["metrics"] = json.loads(d["metrics"])
+            out.append(d)
+        return out
+
+    def participations(self, *, round_number: int | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM participations", ()
+        if round_number is not None:
+            sql, args = sql + " WHERE round=?", (round_number,)
+        out = []
+        for r in self._query(sql + " ORDER BY round, attempt, institution", args):
+            d = dict(r)
+            d["metrics"] = json.loads(d["metrics"])
+            out.append(d)
+        return out
+
+    # evaluations
+    def record_evaluation(
+        self, *, round_number: int, institution: str, model_version: int, num_examples: int, loss: float, accuracy: float
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?)",
+                (round_number, institution, model_version, num_examples, loss, accuracy),
+            )
+
+    def evaluations(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._query("SELECT * FROM evaluations ORDER BY round, institution")]
+
+
+def _model(row: sqlite3.Row) -> ModelVersion:
+    return ModelVersion(
+        version=row["version"], sha256=row["sha256"], path=Path(row["path"]), size_bytes=row["size_bytes"]
+    )

@@ -1,0 +1,149 @@
+"""One institution's upload: every chunk checked as it arrives, spooled to disk.
+
+Why spool instead of folding each chunk into the aggregate at once: a stream that
+breaks off half-way must leave no trace in the aggregate, and floating-point sums
+cannot be undone exactly. The spool keeps memory at one chunk per upload, and the
+verified update is folded from it chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import torch
+
+from fedcollab.errors import Rejected
+from fedcollab.v1 import coordinator_service_pb2 as pb
+from fedcollab.v1 import tensor_pb2
+from fedcollab.wire import TensorPiece, TensorStreamDecoder, manifest_nbytes
+
+MAX_METRICS = 32
+MAX_METRIC_KEY = 64
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _reject(reason: str, message: str, code: grpc.StatusCode = _INVALID, **meta: object) -> Rejected:
+    return Rejected(code=code, reason=reason, message=message, metadata=meta)
+
+
+def check_manifest(*, got: tensor_pb2.ModelManifest, expected: tensor_pb2.ModelManifest) -> None:
+    """Names, dtypes and shapes must be exactly the model's, in the model's order."""
+    want = {s.name: s for s in expected.tensors}
+    have_names = [s.name for s in got.tensors]
+    missing = [n for n in want if n not in set(have_names)]
+    if missing:
+        raise _reject("TENSOR_MISSING", f"update lacks tensors {missing[:5]}", tensors=",".join(missing[:20]))
+    extra = [n for n in have_names if n not in want]
+    if extra:
+        raise _reject("TENSOR_UNEXPECTED", f"update has tensors the model does not: {extra[:5]}",
+                      tensors=",".join(extra[:20]))
+    if len(set(have_names)) != len(have_names):
+        raise _reject("TENSOR_DUPLICATED", "update names a tensor twice")
+    if have_names != [s.name for s in expected.tensors]:
+        raise _reject("TENSOR_ORDER", "tensors must come in the order of the task's manifest")
+    for s in got.tensors:
+        w = want[s.name]
+        if s.dtype != w.dtype:
+            raise _reject(
+                "DTYPE_MISMATCH",
+                f"tensor {s.name!r} has dtype {tensor_pb2.TensorDtype.Name(s.dtype)}, "
+                f"the model has {tensor_pb2.TensorDtype.Name(w.dtype)}",
+                tensor=s.name,
+            )
+        if list(s.shape) != list(w.shape):
+            raise _reject(
+                "SHAPE_MISMATCH",
+                f"tensor {s.name!r} has shape {list(s.shape)}, the model has {list(w.shape)}",
+                tensor=s.name,
+            )
+
+
+def check_header_values(header: pb.UpdateHeader, *, max_examples: int = 10**12) -> None:
+    if not 0 < header.num_examples <= max_examples:
+        raise _reject("INVALID_EXAMPLE_COUNT", f"num_examples must be in 1..{max_examples}, got {header.num_examples}")
+    if len(header.sha256) != 32:
+        raise _reject("INVALID_HEADER", "header.sha256 must be the 32-byte SHA-256 of the tensor stream")
+    if len(header.metrics) > MAX_METRICS or any(len(k) > MAX_METRIC_KEY for k in header.metrics):
+        raise _reject("METADATA_TOO_LARGE", f"at most {MAX_METRICS} metrics with keys up to {MAX_METRIC_KEY} characters")
+    if any(not math.isfinite(v) for v in header.metrics.values()):
+        raise _reject("NON_FINITE_VALUES", "metrics must be finite numbers")
+
+
+class UploadReceiver:
+    def __init__(
+        self, *, header: pb.UpdateHeader, manifest: tensor_pb2.ModelManifest, max_chunk_bytes: int, spool: Path
+    ) -> None:
+        check_manifest(got=header.manifest, expected=manifest)
+        check_header_values(header)
+        total = manifest_nbytes(manifest)
+        if header.total_bytes != total:
+            raise _reject("SIZE_MISMATCH", f"total_bytes is {header.total_bytes}, the model needs {total}")
+        self.header = header
+        self._manifest = manifest
+        self._names = [s.name for s in manifest.tensors]
+        self._max_chunk = max_chunk_bytes
+        self._decoder = TensorStreamDecoder(manifest)
+        self._digest = hashlib.sha256()
+        self.spool = spool
+        spool.parent.mkdir(parents=True, exist_ok=True)
+        self._file = spool.open("wb")
+
+    @property
+    def received(self) -> int:
+        return self._decoder.received
+
+    def accept(self, chunk: tensor_pb2.Chunk) -> None:
+        if len(chunk.data) > self._max_chunk:
+            raise _reject("CHUNK_TOO_LARGE", f"chunk of {len(chunk.data)} bytes exceeds the limit of {self._max_chunk}",
+                          grpc.StatusCode.RESOURCE_EXHAUSTED, limit=self._max_chunk)
+        if chunk.offset != self._decoder.received:
+            raise _reject("CHUNK_OUT_OF_ORDER", f"chunk at offset {chunk.offset}, expected {self._decoder.received}",
+                          expected=self._decoder.received)
+        if not chunk.data:
+            raise _reject("CHUNK_EMPTY", "empty chunk")
+        if hashlib.sha256(chunk.data).digest() != chunk.sha256:
+            raise _reject("CHUNK_HASH_MISMATCH", f"chunk at offset {chunk.offset} does not match its SHA-256",
+                          grpc.StatusCode.DATA_LOSS, offset=chunk.offset)
+        try:
+            pieces = self._decoder.feed(chunk.data)
+        except ValueError as e:
+            raise _reject("SIZE_MISMATCH", str(e)) from None
+        for p in pieces:
+            if not bool(torch.isfinite(p.values).all()):
+                raise _reject("NON_FINITE_VALUES", f"tensor {self._names[p.index]!r} holds NaN or Inf",
+                              tensor=self._names[p.index])
+        self._digest.update(chunk.data)
+        self._file.write(chunk.data)
+
+    def finish(self) -> None:
+        """Everything arrived and matches the header's hash; the spool is on disk."""
+        if not self._decoder.complete:
+            raise _reject("UPDATE_INCOMPLETE", f"stream ended after {self._decoder.received} of "
+                          f"{self._decoder.total} bytes", received=self._decoder.received)
+        if self._digest.digest() != self.header.sha256:
+            raise _reject("UPDATE_HASH_MISMATCH", "the update does not match the SHA-256 in its header",
+                          grpc.StatusCode.DATA_LOSS)
+        self._file.flush()
+        self._file.close()
+
+    def pieces(self, *, piece_bytes: int) -> Iterator[TensorPiece]:
+        """The verified update, read back from the spool a piece at a time."""
+        decoder = TensorStreamDecoder(self._manifest)
+        with self.spool.open("rb") as f:
+            while block := f.read(piece_bytes):
+                yield from decoder.feed(block)
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        try:
+            os.unlink(self.spool)
+        except FileNotFoundError:
+            pass
+
+

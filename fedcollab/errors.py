@@ -1,0 +1,46 @@
+"""Exceptions, grouped by how a caller reacts to them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+
+
+class FedcollabError(Exception):
+    """Base class of every error fedcollab raises on purpose."""
+
+
+class ConfigError(FedcollabError):
+    """A configuration file or value is wrong; the message names the file and key."""
+
+
+class Rejected(FedcollabError):
+    """The coordinator refuses a request: it becomes a gRPC status with an ErrorInfo.
+
+    `reason` is UPPER_SNAKE and stable (clients branch on it); `message` is for people.
+    """
+
+    def __init__(
+        self,
+        *,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        metadata: Mapping[str, object] | None = None,
+    ) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+
+
+class RemoteError(FedcollabError):
+    """The coordinator answered an institution's call with an error status."""
+
+    def __init__(self, *, code: grpc.StatusCode, reason: str, message: str) -> None:
+        super().__init__(f"{code.name} {reason}: {message}")
+        self.code = code
+        self.reason = reason
+        self.message = message

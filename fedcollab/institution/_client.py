@@ -1,0 +1,133 @@
+"""Typed calls to the coordinator: chunked downloads into a hash-addressed cache and
+chunked, hashed uploads. gRPC errors become `RemoteError` with the coordinator's reason."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grpc
+import torch
+
+from fedcollab.errors import RemoteError
+from fedcollab.transport import create_channel
+from fedcollab.v1 import coordinator_service_pb2 as pb
+from fedcollab.v1 import coordinator_service_pb2_grpc as pb_grpc
+from fedcollab.wire import from_rpc_error, iter_chunks, manifest_of, stream_sha256
+
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+# Largest chunk a coordinator may be configured to send (config.ServerConfig.chunk_bytes).
+_MAX_CHUNK = 64 * 1024 * 1024
+
+
+class CoordinatorClient:
+    def __init__(
+        self, *, address: str, credentials: grpc.ChannelCredentials | None, rpc_timeout_s: float = 30.0
+    ) -> None:
+        self._channel = create_channel(address, credentials=credentials, chunk_bytes=_MAX_CHUNK)
+        self._stub = pb_grpc.CoordinatorServiceStub(self._channel)
+        self._timeout = rpc_timeout_s
+        self.chunk_bytes = 4 * 1024 * 1024
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def join(self, *, institution: str, num_train_examples: int) -> pb.JoinResponse:
+        from fedcollab import __version__
+
+        response = self._call(
+            self._stub.Join,
+            pb.JoinRequest(institution=institution, num_train_examples=num_train_examples, client_version=__version__),
+        )
+        self.chunk_bytes = int(response.chunk_bytes) or self.chunk_bytes
+        return response
+
+    def poll(self, *, session_id: str, wait_s: float) -> pb.Task:
+        request = pb.PollTaskRequest(session_id=session_id, wait_seconds=wait_s)
+        return self._call(self._stub.PollTask, request, timeout=wait_s + self._timeout).task
+
+    def heartbeat(self, *, session_id: str) -> float:
+        return self._call(self._stub.Heartbeat, pb.HeartbeatRequest(session_id=session_id)).lease_seconds
+
+    def report_evaluation(self, request: pb.ReportEvaluationRequest) -> None:
+        self._call(self._stub.ReportEvaluation, request)
+
+    def download(self, *, session_id: str, model: pb.ModelRef, cache_dir: Path) -> Path:
+        """The model's safetensors file, from the cache or downloaded (resuming a partial
+        file), verified chunk by chunk and as a whole against its SHA-256."""
+        if not _SHA.match(model.sha256):
+            raise RemoteError(code=grpc.StatusCode.INVALID_ARGUMENT, reason="BAD_MODEL_REF",
+                              message=f"the coordinator named a model by {model.sha256[:80]!r}, not a SHA-256")
+        final = cache_dir / f"{model.sha256}.safetensors"
+        if final.is_file():
+            return final
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        part = cache_dir / f"{model.sha256}.part"
+        digest = hashlib.sha256()
+        offset = 0
+        if part.is_file():
+            with part.open("rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    offset += len(block)
+        request = pb.DownloadModelRequest(session_id=session_id, sha256=model.sha256, offset=offset)
+        try:
+            with part.open("ab") as out:
+                for response in self._stub.DownloadModel(request, timeout=self._timeout + model.size_bytes / 1e6):
+                    chunk = response.chunk
+                    if chunk.offset != offset or hashlib.sha256(chunk.data).digest() != chunk.sha256:
+                        part.unlink(missing_ok=True)
+                        raise RemoteError(code=grpc.StatusCode.DATA_LOSS, reason="CHUNK_HASH_MISMATCH",
+                                          message=f"model chunk at offset {chunk.offset} is corrupt; retrying from scratch")
+                    out.write(chunk.data)
+                    digest.update(chunk.data)
+                    offset += len(chunk.data)
+                out.flush()
+                os.fsync(out.fileno())
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        if digest.hexdigest() != model.sha256:
+            part.unlink(missing_ok=True)
+            raise RemoteError(code=grpc.StatusCode.DATA_LOSS, reason="MODEL_HASH_MISMATCH",
+                              message=f"downloaded model does not match SHA-256 {model.sha256}")
+        os.replace(part, final)
+        return final
+
+    def upload(
+        self,
+        *,
+        session_id: str,
+        task: pb.Task,
+        deltas: Sequence[torch.Tensor],
+        num_examples: int,
+        metrics: dict[str, float],
+    ) -> pb.UploadUpdateResponse:
+        names = [s.name for s in task.manifest.tensors]
+        header = pb.UpdateHeader(
+            session_id=session_id,
+            round=task.round,
+            nonce=task.nonce,
+            base_version=task.model.version,
+            manifest=manifest_of(dict(zip(names, deltas, strict=True))),
+            total_bytes=sum(d.numel() * d.element_size() for d in deltas),
+            sha256=stream_sha256(deltas),
+            num_examples=num_examples,
+            metrics=metrics,
+        )
+
+        def requests() -> Iterator[pb.UploadUpdateRequest]:
+            yield pb.UploadUpdateRequest(header=header)
+            for chunk in iter_chunks(deltas, chunk_bytes=self.chunk_bytes):
+                yield pb.UploadUpdateRequest(chunk=chunk)
+
+        size = header.total_bytes
+        return self._call(self._stub.UploadUpdate, requests(), timeout=self._timeout + size / 1e6)
+
+    def _call(self, method, request, *, timeout: float | None = None):  # type: ignore[no-untyped-def]
+        try:
+            return method(request, timeout=timeout or self._timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None

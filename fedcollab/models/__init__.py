@@ -1,0 +1,17 @@
+"""Models with float-only parameters and no buffers (Opacus-compatible), plus a registry."""
+
+from fedcollab.models._blob import Blob, BlobConfig
+from fedcollab.models._cnn import CNNConfig, SmallCNN
+from fedcollab.models._mlp import MLP, MLPConfig
+from fedcollab.models._registry import MODEL_KINDS, build_model
+
+__all__ = [
+    "MODEL_KINDS",
+    "MLP",
+    "Blob",
+    "BlobConfig",
+    "CNNConfig",
+    "MLPConfig",
+    "SmallCNN",
+    "build_model",
+]

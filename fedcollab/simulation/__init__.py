@@ -1,0 +1,5 @@
+"""Local multi-institution simulations over the real runtime."""
+
+from fedcollab.simulation._run import SimulationResult, institution_configs, run_simulation
+
+__all__ = ["SimulationResult", "institution_configs", "run_simulation"]

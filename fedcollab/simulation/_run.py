@@ -1,0 +1,178 @@
+"""A whole federation on one machine: the real coordinator and real institution
+daemons, talking gRPC over loopback. No second runtime."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedcollab import __version__
+from fedcollab.config import (
+    CentralEvaluationConfig,
+    DataConfig,
+    InstitutionConfig,
+    InstitutionInfo,
+    PartitionConfig,
+    Scenario,
+)
+from fedcollab.coordinator import Coordinator, RoundResult
+from fedcollab.errors import ConfigError, FedcollabError
+from fedcollab.institution import InstitutionDaemon, daemon_from_config
+from fedcollab.simulation._results import plot_rounds, write_json
+
+log = logging.getLogger("fedcollab.simulation")
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    run_dir: Path
+    results: dict[str, Any]
+
+    @property
+    def final_accuracy(self) -> float | None:
+        return self.results["final"].get("central_accuracy")
+
+
+def institution_configs(scenario: Scenario, *, address: str, state_root: Path) -> list[InstitutionConfig]:
+    """One institution.toml-equivalent per partition of the scenario's dataset."""
+    sim = scenario.simulation
+    central = _central(scenario)
+    return [
+        InstitutionConfig(
+            institution=InstitutionInfo(name=f"institution-{i}", coordinator=address,
+                                        state_dir=state_root / f"institution-{i}"),
+            data=DataConfig(
+                dataset=sim.dataset, data_dir=sim.data_dir, seed=central.seed,
+                test_fraction=central.test_fraction, val_fraction=sim.val_fraction,
+                partition=PartitionConfig(scheme=sim.partition, num_partitions=sim.institutions, index=i,
+                                          alpha=sim.alpha, seed=sim.partition_seed),
+            ),
+        )
+        for i in range(sim.institutions)
+    ]
+
+
+def _central(scenario: Scenario) -> CentralEvaluationConfig:
+    sim, central = scenario.simulation, scenario.study.central_evaluation
+    if central is None:
+        return CentralEvaluationConfig(dataset=sim.dataset, data_dir=sim.data_dir)
+    if central.dataset != sim.dataset:
+        raise ConfigError(
+            f"study.central_evaluation.dataset is {central.dataset!r} but simulation.dataset is "
+            f"{sim.dataset!r}: evaluate on the dataset the institutions hold"
+        )
+    return central
+
+
+def run_simulation(
+    *, scenario: Scenario, output_dir: Path | None = None, console: Console | None = None
+) -> SimulationResult:
+    console = console or Console()
+    sim = scenario.simulation
+    if sim.institutions < scenario.study.min_institutions:
+        raise ConfigError(
+            f"simulation.institutions ({sim.institutions}) is below study.min_institutions "
+            f"({scenario.study.min_institutions}): no round could reach its quorum"
+        )
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir = (output_dir or sim.output_dir) / f"{stamp}-{sim.name}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    central = _central(scenario)
+    federation = scenario.federation_config().model_copy(
+        update={
+            "server": scenario.server.model_copy(update={"address": "127.0.0.1:0", "state_dir": run_dir / "coordinator"}),
+            "study": scenario.study.model_copy(update={"central_evaluation": central}),
+        }
+    )
+    total = federation.study.rounds
+    progress = Progress(
+        TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=console,
+    )
+    bar = progress.add_task("starting", total=total)
+
+    def on_round(r: RoundResult) -> None:
+        m = r.metrics
+        if r.status == "committed":
+            nan = float("nan")
+            progress.console.print(
+                f"round {r.round:>3}/{total}  loss {m.get('train_loss', nan):.3f}  "
+                f"fed-eval {m.get('eval_loss', nan):.3f}/{m.get('eval_accuracy', nan):.1%}  "
+                f"test {m.get('central_loss', nan):.3f}/{m.get('central_accuracy', nan):.1%}",
+                highlight=False,
+            )
+            progress.update(bar, completed=r.round, description=f"central acc {m.get('central_accuracy', 0):.3f}")
+        else:
+            progress.console.print(f"[yellow]round {r.round} attempt {r.attempt} failed: {r.reason}")
+
+    started = time.monotonic()
+    coordinator = Coordinator(config=federation, on_round=on_round)
+    daemons: list[InstitutionDaemon] = []
+    threads: list[threading.Thread] = []
+    stop = threading.Event()
+    with progress:
+        try:
+            port = coordinator.start()
+            configs = institution_configs(scenario, address=f"127.0.0.1:{port}", state_root=run_dir / "institutions")
+            daemons = [daemon_from_config(c) for c in configs]
+            threads = [threading.Thread(target=d.run, kwargs={"stop": stop}, name=d.name, daemon=True) for d in daemons]
+            for t in threads:
+                t.start()
+            while not coordinator.wait(timeout=0.5):
+                if not any(t.is_alive() for t in threads):
+                    raise FedcollabError("every institution daemon stopped before the study finished; see the log")
+            for t in threads:
+                t.join(timeout=30)
+            if coordinator.engine.failure:
+                raise FedcollabError(f"the study did not finish: {coordinator.engine.failure}")
+            results = _collect(coordinator, daemons, scenario=scenario, seconds=time.monotonic() - started)
+        finally:
+            stop.set()
+            coordinator.stop()
+    write_json(results, run_dir / "results.json")
+    plot_rounds(results["rounds"], run_dir / "rounds.png", title=f"{sim.name}: {sim.institutions} institutions, "
+                f"{sim.partition} (alpha={sim.alpha}), FedAvg")
+    _print_summary(console, results, run_dir)
+    return SimulationResult(run_dir=run_dir, results=results)
+
+
+def _collect(coordinator: Coordinator, daemons: list[InstitutionDaemon], *, scenario: Scenario,
+             seconds: float) -> dict[str, Any]:
+    examples = {d.name: d.num_train_examples for d in daemons}
+    rounds = coordinator.store.rounds()
+    committed = [r for r in rounds if r["status"] == "committed"]
+    final = committed[-1]["metrics"] if committed else {}
+    return {
+        "fedcollab_version": __version__,
+        "scenario": scenario.model_dump(mode="json"),
+        "wall_seconds": round(seconds, 3),
+        "institutions": [{"name": n, "train_examples": examples[n]} for n in sorted(examples)],
+        "rounds": rounds,
+        "final": {"round": committed[-1]["round"] if committed else 0, **final},
+    }
+
+
+def _print_summary(console: Console, results: dict[str, Any], run_dir: Path) -> None:
+    table = Table(title="Institutions")
+    table.add_column("institution")
+    table.add_column("train examples", justify="right")
+    for inst in results["institutions"]:
+        table.add_row(inst["name"], str(inst["train_examples"]))
+    console.print(table)
+    final = results["final"]
+    acc = final.get("central_accuracy")
+    console.print(
+        f"final global test accuracy after round {final.get('round')}: "
+        f"[bold]{acc:.2%}[/bold] on {int(final.get('central_examples', 0))} held-out examples"
+        if acc is not None else "no round committed"
+    )
+    console.print(f"results: {run_dir / 'results.json'}\nplot:    {run_dir / 'rounds.png'}")

@@ -1,0 +1,78 @@
+"""Channel and server credentials, message limits, and the loud plaintext warning."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+import grpc
+
+from fedcollab.config import TlsConfig
+from fedcollab.errors import ConfigError
+
+log = logging.getLogger("fedcollab.transport")
+
+# Room for a chunk's protobuf framing (offset, hash, header fields) on top of its data.
+_FRAMING_BYTES = 64 * 1024
+
+
+def message_limit(chunk_bytes: int) -> int:
+    """gRPC message size limit for a given chunk size: set explicitly on both sides."""
+    return chunk_bytes + _FRAMING_BYTES
+
+
+def _read(path: object, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:  # type: ignore[arg-type]
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"tls.{what}: cannot read {path}: {e.strerror}") from None
+
+
+def server_credentials_from(tls: TlsConfig) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials(
+        [(_read(tls.key, "key"), _read(tls.cert, "cert"))],
+        root_certificates=_read(tls.ca_cert, "ca_cert"),
+        require_client_auth=tls.require_client_auth,
+    )
+
+
+def channel_credentials_from(tls: TlsConfig) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(tls.ca_cert, "ca_cert"),
+        private_key=_read(tls.key, "key"),
+        certificate_chain=_read(tls.cert, "cert"),
+    )
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_insecure(address: str, *, role: str) -> None:
+    where = "loopback only" if is_loopback(address) else "REACHABLE FROM THE NETWORK"
+    log.warning(
+        "%s on %s WITHOUT TLS (%s): traffic is unencrypted and identities are not verified; "
+        "configure [tls] for anything but a local rehearsal", role, address, where,
+    )
+
+
+def create_channel(
+    address: str, *, credentials: grpc.ChannelCredentials | None, chunk_bytes: int
+) -> grpc.Channel:
+    limit = message_limit(chunk_bytes)
+    options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.keepalive_time_ms", 30_000),
+    ]
+    if credentials is None:
+        warn_insecure(address, role="institution connecting")
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, credentials, options=options)
