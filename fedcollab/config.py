@@ -71,6 +71,8 @@ class StudyConfig(_Strict):
     rounds: int = Field(default=10, ge=1)
     # Quorum: a round commits only with at least this many accepted updates.
     min_institutions: int = Field(default=2, ge=1)
+    # A round opens once this many institutions are online (default: min_institutions).
+    min_available_institutions: int | None = Field(default=None, ge=1)
     # Institutions selected per round; 0 selects every one that is online.
     institutions_per_round: int = Field(default=0, ge=0)
     round_timeout_s: float = Field(default=600.0, gt=0)
@@ -80,6 +82,10 @@ class StudyConfig(_Strict):
     model: ModelConfig
     train: TrainConfig = TrainConfig()
     central_evaluation: CentralEvaluationConfig | None = None
+
+    @property
+    def wait_for_institutions(self) -> int:
+        return max(self.min_available_institutions or 0, self.min_institutions)
 
     @model_validator(mode="after")
     def _per_round_covers_quorum(self) -> StudyConfig:

@@ -406,11 +406,13 @@ class RoundEngine:
 
     # ----------------------------------------------------------------- driver
     def run(self, stop: threading.Event) -> None:
-        """Drive rounds until the study is done or `stop` is set."""
+        """Drive rounds until the study is done or `stop` is set. Only a study that ran
+        all its rounds (or gave up on one) is finished: a stopped coordinator resumes."""
         try:
             while not stop.is_set():
                 number = self._store.last_committed_round() + 1
                 if number > self._study.rounds:
+                    log.info("study %s finished after %d rounds", self._study.name, self._study.rounds)
                     break
                 attempt = self._store.next_attempt(number)
                 if attempt > self._study.max_round_attempts:
@@ -419,26 +421,22 @@ class RoundEngine:
                     break
                 selected = self._wait_for_quorum(stop)
                 if selected is None:
-                    break
+                    return
                 self._run_round(number, attempt, selected, stop)
             else:
                 return
-            with self._cond:
-                self._finished = True
-                self._cond.notify_all()
-            log.info("study %s finished", self._study.name)
         except Exception:
             log.exception("round engine stopped on an internal error")
             self.failure = "internal error in the round engine (see the log)"
-            with self._cond:
-                self._finished = True
-                self._cond.notify_all()
+        with self._cond:
+            self._finished = True
+            self._cond.notify_all()
 
     def _wait_for_quorum(self, stop: threading.Event) -> list[str] | None:
         with self._cond:
             while not stop.is_set():
                 online = self._online()
-                if len(online) >= self._study.min_institutions:
+                if len(online) >= self._study.wait_for_institutions:
                     k = self._study.institutions_per_round
                     if k and k < len(online):
                         online = sorted(random.Random(self._study.seed * 1_000_003 + len(self._store.rounds())).sample(online, k))
