@@ -162,6 +162,9 @@ class InstitutionInfo(_Strict):
     # "torch" trains on the data; "synthetic" sends a small random update without
     # touching data (benchmarks and load tests only).
     trainer: Literal["torch", "synthetic"] = "torch"
+    # CPU threads for torch; 0 keeps torch's default (all cores). Set 1 when several
+    # daemons share one machine (a rehearsal): spinning thread pools starve each other.
+    threads: int = Field(default=0, ge=0, le=1024)
 
 
 class InstitutionConfig(_Strict):

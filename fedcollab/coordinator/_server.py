@@ -67,12 +67,13 @@ class Coordinator:
     def start(self) -> int:
         address = self.config.server.address
         if self._credentials is None:
-            warn_insecure(address, role="coordinator")
             self.port = self._server.add_insecure_port(address)
         else:
             self.port = self._server.add_secure_port(address, self._credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}: address in use or not available")
+        if self._credentials is None:
+            warn_insecure(self.address, role="coordinator")
         self._server.start()
         self._driver = threading.Thread(target=self.engine.run, args=(self._stop,), name="round-driver", daemon=True)
         self._driver.start()

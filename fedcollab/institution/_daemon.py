@@ -208,6 +208,8 @@ def daemon_from_config(
 ) -> InstitutionDaemon:
     """The daemon as `fedcollab institution run` builds it: data, trainer and all."""
     trainer: Trainer
+    if config.institution.threads:
+        torch.set_num_threads(config.institution.threads)
     if config.institution.trainer == "synthetic":
         trainer = SyntheticTrainer(seed=zlib.crc32(config.institution.name.encode()))
         num_train = 1

@@ -150,6 +150,9 @@ class TensorStreamDecoder:
         pos = 0
         while pos < len(buf) and self._index < len(self._sizes):
             size, dtype = self._sizes[self._index], self._dtypes[self._index]
+            if size == 0:  # an empty tensor holds no bytes: move on
+                self._index += 1
+                continue
             item = dtype.itemsize
             take = min(size - self._done_in_tensor, len(buf) - pos)
             take -= take % item

@@ -1,0 +1,36 @@
+# Two commands for a fresh machine (README): `make demo` and `make test`.
+# torch is installed first with an exact pin: any other torch requirement makes pip
+# pull the CUDA build (gigabytes); with torch==2.13.0 present, the project's range
+# installs nothing more.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test setup protos bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedcollab simulate
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+protos: $(STAMP)
+	$(BIN)/python protos/generate.py
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/round_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,0 +1,117 @@
+"""The `fedcollab` command as users run it: separate processes, shipped example files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+
+
+def fedcollab(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fedcollab", *args], cwd=cwd, env=ENV, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def _toml(value: Any, prefix: str = "") -> str:
+    """Enough of a TOML writer for these config files (tables of scalars, lists, inline tables)."""
+    scalars, tables = [], []
+    for k, v in value.items():
+        if isinstance(v, dict) and not (prefix.endswith("model") and k == "params"):
+            tables.append(_toml(v, f"{prefix}.{k}" if prefix else k))
+        else:
+            scalars.append(f"{k} = {_literal(v)}")
+    head = [f"[{prefix}]"] if prefix else []
+    return "\n".join(head + scalars) + "\n\n" + "".join(tables)
+
+
+def _literal(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_literal(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_literal(x)}" for k, x in v.items()) + " }"
+    return repr(v)
+
+
+def test_default_simulation_reaches_95_percent(tmp_path: Path) -> None:
+    done = fedcollab("simulate", "--output-dir", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_dir = Path(re.search(r"run folder: (\S+)", done.stdout).group(1))  # type: ignore[union-attr]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (run_dir / "rounds.png").stat().st_size > 10_000
+    committed = [r for r in results["rounds"] if r["status"] == "committed"]
+    assert [r["round"] for r in committed] == list(range(1, 21))
+    assert [i["name"] for i in results["institutions"]] == [f"institution-{i}" for i in range(4)]
+    assert results["final"]["central_accuracy"] >= 0.95, results["final"]
+    assert "final global test accuracy" in done.stdout and "institution-3" in done.stdout
+
+
+def test_coordinator_and_institutions_as_separate_processes(tmp_path: Path) -> None:
+    federation = tomllib.loads((REPO / "simulations" / "federation.toml").read_text())
+    federation["server"].update(address="127.0.0.1:0", state_dir=str(tmp_path / "coordinator"),
+                                heartbeat_interval_s=0.5)
+    federation["study"]["rounds"] = 2
+    (tmp_path / "federation.toml").write_text(_toml(federation))
+    coordinator = subprocess.Popen(
+        [sys.executable, "-m", "fedcollab", "coordinator", "serve", "--config", str(tmp_path / "federation.toml"),
+         "--insecure", "--linger", "3"], cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    institutions: list[subprocess.Popen[str]] = []
+    try:
+        assert coordinator.stdout is not None
+        port = None
+        for line in coordinator.stdout:
+            if m := re.search(r"serving study .* on 127\.0\.0\.1:(\d+)", line):
+                port = m.group(1)
+                break
+        assert port, "the coordinator did not say where it listens"
+        for name in ("hospital-a", "hospital-b"):
+            inst = tomllib.loads((REPO / "institutions" / f"{name}.toml").read_text())
+            inst["institution"].update(coordinator=f"127.0.0.1:{port}", state_dir=str(tmp_path / name))
+            (tmp_path / f"{name}.toml").write_text(_toml(inst))
+            institutions.append(subprocess.Popen(
+                [sys.executable, "-m", "fedcollab", "institution", "run", "--config", str(tmp_path / f"{name}.toml"),
+                 "--insecure"], cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        for p in institutions:
+            out, _ = p.communicate(timeout=120)
+            assert p.returncode == 0, out
+        out, _ = coordinator.communicate(timeout=60)
+        assert coordinator.returncode == 0, out
+    finally:
+        for p in [coordinator, *institutions]:
+            p.kill()
+    status = fedcollab("coordinator", "status", "--config", str(tmp_path / "federation.toml"))
+    assert status.returncode == 0, status.stderr
+    assert len(re.findall(r"committed", status.stdout)) == 2, status.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["coordinator", "serve", "--config", "simulations/federation.toml"], "pass --insecure"),
+    (["simulate", "--scenario", "no/such/scenario.toml"], "no such file"),
+])
+def test_mistakes_get_a_clear_message_and_exit_code_2(args: list[str], expected: str) -> None:
+    done = fedcollab(*args, timeout=60)
+    assert done.returncode == 2
+    assert expected in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_bad_scenario_names_its_key(tmp_path: Path) -> None:
+    bad = tmp_path / "scenario.toml"
+    bad.write_text('[simulation]\ninstitutions = 0\n[study.model]\nkind = "mlp"\n')
+    done = fedcollab("simulate", "--scenario", str(bad), timeout=60)
+    assert done.returncode == 2
+    assert "simulation.institutions" in done.stdout and str(bad) in done.stdout

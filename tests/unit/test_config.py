@@ -1,0 +1,68 @@
+"""Config files: the shipped examples load; bad files get errors naming file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedcollab.config import FederationConfig, InstitutionConfig, Scenario, load_config
+from fedcollab.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path, cls", [
+    ("simulations/digits_fedavg.toml", Scenario),
+    ("simulations/federation.toml", FederationConfig),
+    ("institutions/hospital-a.toml", InstitutionConfig),
+    ("institutions/hospital-b.toml", InstitutionConfig),
+])
+def test_shipped_examples_load(path: str, cls: type) -> None:
+    config = load_config(cls, REPO / path)
+    assert isinstance(config, cls)
+
+
+def test_relative_paths_resolve_against_the_file() -> None:
+    config = load_config(InstitutionConfig, REPO / "institutions" / "hospital-a.toml")
+    assert config.institution.state_dir == REPO / "institutions" / "../runs/hospital-a-state"
+
+
+BAD = [
+    pytest.param(FederationConfig, '[study]\nrounds = 3\n', ["study.model", "required key is missing"],
+                 id="missing model"),
+    pytest.param(FederationConfig, '[study]\nrounds = 0\n[study.model]\nkind = "mlp"\n',
+                 ["study.rounds", "greater than or equal to 1", "(got 0)"], id="zero rounds"),
+    pytest.param(FederationConfig, '[study]\nruonds = 3\n[study.model]\nkind = "mlp"\n',
+                 ["study.ruonds", "unknown key"], id="typo"),
+    pytest.param(FederationConfig, '[server]\nchunk_bytes = "big"\n[study.model]\nkind = "mlp"\n',
+                 ["server.chunk_bytes", "valid integer", "'big'"], id="wrong type"),
+    pytest.param(FederationConfig, '[study]\nmin_institutions = 3\ninstitutions_per_round = 2\n'
+                 '[study.model]\nkind = "mlp"\n', ["below min_institutions"], id="quorum unreachable"),
+    pytest.param(InstitutionConfig, '[institution]\nname = "bad name!"\n[data]\ndataset = "digits"\n',
+                 ["institution.name", "pattern"], id="bad institution name"),
+    pytest.param(InstitutionConfig, '[institution]\nname = "a"\n[data]\ndataset = "npz"\n',
+                 ['needs `path`'], id="npz without path"),
+    pytest.param(InstitutionConfig, '[institution]\nname = "a"\n[data]\ndataset = "digits"\n'
+                 '[data.partition]\nnum_partitions = 2\nindex = 2\n', ["index 2 is out of range"],
+                 id="partition index"),
+    pytest.param(InstitutionConfig, '[institution]\nname = "a"\n', ["[data] table is needed"], id="no data"),
+    pytest.param(FederationConfig, 'study = [1, 2\n', ["not valid TOML"], id="not toml"),
+]
+
+
+@pytest.mark.parametrize("cls, text, expected", BAD)
+def test_bad_files_name_the_file_and_the_key(tmp_path: Path, cls: type, text: str, expected: list[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(cls, path)
+    message = str(err.value)
+    assert str(path) in message
+    for part in expected:
+        assert part in message, f"{part!r} not in:\n{message}"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(FederationConfig, tmp_path / "nope.toml")
