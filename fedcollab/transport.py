@@ -55,7 +55,14 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+_warned: set[str] = set()
+
+
 def warn_insecure(address: str, *, role: str) -> None:
+    """Once per address and process: a simulation's daemons share their coordinator's."""
+    if address in _warned:
+        return
+    _warned.add(address)
     where = "loopback only" if is_loopback(address) else "REACHABLE FROM THE NETWORK"
     log.warning(
         "%s on %s WITHOUT TLS (%s): traffic is unencrypted and identities are not verified; "

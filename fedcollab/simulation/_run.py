@@ -151,11 +151,18 @@ def _collect(coordinator: Coordinator, daemons: list[InstitutionDaemon], *, scen
     rounds = coordinator.store.rounds()
     committed = [r for r in rounds if r["status"] == "committed"]
     final = committed[-1]["metrics"] if committed else {}
+    last = committed[-1]["round"] if committed else None
+    local = {e["institution"]: e for e in coordinator.store.evaluations() if e["round"] == last}
     return {
         "fedcollab_version": __version__,
         "scenario": scenario.model_dump(mode="json"),
         "wall_seconds": round(seconds, 3),
-        "institutions": [{"name": n, "train_examples": examples[n]} for n in sorted(examples)],
+        "institutions": [
+            {"name": n, "train_examples": examples[n],
+             "final_local_accuracy": local[n]["accuracy"] if n in local else None,
+             "local_eval_examples": local[n]["num_examples"] if n in local else 0}
+            for n in sorted(examples)
+        ],
         "rounds": rounds,
         "final": {"round": committed[-1]["round"] if committed else 0, **final},
     }
@@ -165,8 +172,11 @@ def _print_summary(console: Console, results: dict[str, Any], run_dir: Path) -> 
     table = Table(title="Institutions")
     table.add_column("institution")
     table.add_column("train examples", justify="right")
+    table.add_column("final model on its held-out data", justify="right")
     for inst in results["institutions"]:
-        table.add_row(inst["name"], str(inst["train_examples"]))
+        acc = inst["final_local_accuracy"]
+        shown = f"{acc:.1%} of {inst['local_eval_examples']}" if acc is not None else "-"
+        table.add_row(inst["name"], str(inst["train_examples"]), shown)
     console.print(table)
     final = results["final"]
     acc = final.get("central_accuracy")

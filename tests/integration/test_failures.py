@@ -106,3 +106,51 @@ def test_restarted_coordinator_resumes_after_the_last_committed_round(tmp_path: 
         _assert_weighted_average(models[r].path, [t.sent[r] for _, t in pairs])
     interrupted = [r for r in rounds if r["status"] in ("failed", "abandoned")]
     assert all(r["round"] == resumed_from + 1 for r in interrupted)
+
+
+def test_silent_and_idle_institutions_are_recorded_and_the_round_goes_on(tmp_path: Path) -> None:
+    """One joins and goes silent (its lease expires); one keeps heartbeating but never
+    uploads (the round deadline passes). The round commits with the two that delivered."""
+    import grpc
+
+    from fedcollab.v1 import coordinator_service_pb2 as pb
+    from fedcollab.v1 import coordinator_service_pb2_grpc as pb_grpc
+
+    config = tiny_federation(tmp_path / "coordinator", rounds=1, min_institutions=2, min_available_institutions=4,
+                             round_timeout_s=4)
+    with Coordinator(config=config) as coordinator:
+        address = f"127.0.0.1:{coordinator.port}"
+        channel = grpc.insecure_channel(address)
+        stub = pb_grpc.CoordinatorServiceStub(channel)
+        stub.Join(pb.JoinRequest(institution="silent-site"))
+        idle = stub.Join(pb.JoinRequest(institution="idle-site")).session_id
+        stop_beating = threading.Event()
+
+        def beat() -> None:
+            while not stop_beating.wait(0.1):
+                stub.Heartbeat(pb.HeartbeatRequest(session_id=idle))
+
+        beater = threading.Thread(target=beat, daemon=True)
+        beater.start()
+        pairs = [recording_daemon(institution_config(n, address=address, index=i, parts=2, state_root=tmp_path))
+                 for i, n in enumerate(["hospital-a", "hospital-b"])]
+        with running([d for d, _ in pairs]) as outcome:
+            assert coordinator.wait(timeout=60)
+            wait_until(lambda: len(outcome) == 2, timeout=20, what="daemons to see the study finish")
+        stop_beating.set()
+        beater.join()
+        channel.close()
+        rows = {p["institution"]: p for p in coordinator.store.participations(round_number=1)}
+        rounds = coordinator.store.rounds()
+
+    assert (rows["silent-site"]["status"], rows["silent-site"]["reason"]) == ("vanished", "LEASE_EXPIRED")
+    assert (rows["idle-site"]["status"], rows["idle-site"]["reason"]) == ("failed", "ROUND_DEADLINE")
+    assert rows["hospital-a"]["status"] == rows["hospital-b"]["status"] == "done"
+    assert [(r["round"], r["status"]) for r in rounds] == [(1, "committed")]
+    assert rounds[0]["metrics"]["num_updates"] == 2
+    _assert_weighted_average(_model_path(tmp_path, 1), [t.sent[1] for _, t in pairs])
+
+
+def _model_path(tmp_path: Path, version: int) -> Path:
+    (path,) = (tmp_path / "coordinator" / "models").glob(f"v{version:06d}-*.safetensors")
+    return path
