@@ -47,13 +47,18 @@ class StreamingFedAvg:
             self.num_updates += 1
 
     def apply(self, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """base + weighted mean of the deltas, in each tensor's own dtype."""
+        """base + weighted mean of the deltas, in each tensor's own dtype.
+
+        The sums become the new model in place, so a commit holds the base and one
+        model more, not three; the aggregator is spent afterwards.
+        """
         if self.num_updates == 0 or self.total_weight <= 0:
             raise ValueError("no update was aggregated")
         out = {}
         with self._lock:
             for spec, acc in zip(self._specs, self._sums, strict=True):
                 b = base[spec.name]
-                mean = (acc / self.total_weight).reshape(b.shape)
-                out[spec.name] = (b.to(acc.dtype) + mean).to(b.dtype)
+                acc.div_(self.total_weight).add_(b.reshape(-1).to(acc.dtype))
+                out[spec.name] = acc.reshape(b.shape).to(b.dtype)  # no copy when dtypes match
+            self._sums = []
         return out
