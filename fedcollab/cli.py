@@ -153,9 +153,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = args.func(args)
     except ConfigError as e:
-        console.print(f"[red]configuration error[/]\n{e}", highlight=False)
+        console.print("[red]configuration error[/]")
+        console.print(str(e), markup=False, highlight=False)  # messages name [tables]
         code = 2
     except FedcollabError as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        console.print("[red]error:[/] ", end="")
+        console.print(str(e), markup=False, highlight=False)
         code = 1
     sys.exit(code)

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import torch
 from google.protobuf import struct_pb2
 
 from fedcollab import models
-from fedcollab.aggregation import StreamingFedAvg
 from fedcollab.config import FederationConfig
 from fedcollab.coordinator._checkpoints import (
     ModelVersion,
@@ -36,16 +36,18 @@ from fedcollab.coordinator._checkpoints import (
     write_atomic,
 )
 from fedcollab.coordinator._store import Store
+from fedcollab.coordinator._round_sum import RoundSum
 from fedcollab.coordinator._upload import UploadReceiver
 from fedcollab.errors import ConfigError, Rejected
 from fedcollab.v1 import coordinator_service_pb2 as pb
+from fedcollab.v1 import tensor_pb2
 from fedcollab.wire import manifest_of
 
 log = logging.getLogger("fedcollab.coordinator")
 
 Evaluator = Callable[[Mapping[str, torch.Tensor]], dict[str, float]]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_OPEN = ("selected", "uploading", "folding")
+_OPEN = ("selected", "uploading")
 
 
 @dataclass
@@ -59,7 +61,7 @@ class _Session:
 class _Participant:
     name: str
     nonce: str
-    status: str = "selected"  # selected | uploading | folding | done | failed | vanished
+    status: str = "selected"  # selected | uploading | done | failed | vanished
     reason: str = ""
     num_examples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
@@ -72,9 +74,18 @@ class _Round:
     base: ModelVersion
     participants: dict[str, _Participant]
     deadline: float
-    aggregator: StreamingFedAvg
+    total: RoundSum
     opened: float
     closed: bool = False
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An upload in progress: what the servicer hands back for each chunk."""
+
+    receiver: UploadReceiver
+    round: _Round
+    institution: str
 
 
 @dataclass
@@ -142,6 +153,7 @@ class RoundEngine:
     def _load_or_create_model(self) -> ModelVersion:
         latest = self._store.latest_model()
         if latest is None:
+            self._check_memory()
             try:
                 model = models.build_model(
                     kind=self._study.model.kind, params=self._study.model.params, seed=self._study.seed
@@ -164,6 +176,23 @@ class RoundEngine:
             )
         log.info("resuming after round %d with model v%d", self._store.last_committed_round(), latest.version)
         return latest
+
+    def _check_memory(self) -> None:
+        """Refuse a model the coordinator cannot hold, before allocating it: a round
+        needs the running sum and, at commit, the base model (about 2x its size)."""
+        spec = self._study.model
+        try:
+            with torch.device("meta"):  # shapes only, no memory
+                shapes = models.build_model(kind=spec.kind, params=spec.params).state_dict().values()
+        except Exception:
+            return  # build errors are reported with their reason when the model is built
+        nbytes = sum(t.numel() * t.element_size() for t in shapes)
+        available = psutil.virtual_memory().available
+        if 2 * nbytes > available:
+            raise ConfigError(
+                f"study.model: a {spec.kind} model of {nbytes / 2**30:.1f} GiB needs about "
+                f"{2 * nbytes / 2**30:.1f} GiB at the coordinator, and {available / 2**30:.1f} GiB is available"
+            )
 
     @property
     def current_model(self) -> ModelVersion:
@@ -270,7 +299,7 @@ class RoundEngine:
             self.bytes_out += n
 
     # ----------------------------------------------------------------- uploads
-    def start_upload(self, *, header: pb.UpdateHeader) -> UploadReceiver:
+    def start_upload(self, *, header: pb.UpdateHeader) -> Upload:
         with self._cond:
             institution = self._touch(header.session_id).institution
             r = self._round
@@ -289,7 +318,7 @@ class RoundEngine:
             if p.status == "done":
                 raise Rejected(code=grpc.StatusCode.ALREADY_EXISTS, reason="DUPLICATE_UPLOAD",
                                message=f"an update from {institution} for round {r.number} was already accepted")
-            if p.status in ("uploading", "folding"):
+            if p.status == "uploading":
                 raise Rejected(code=grpc.StatusCode.ABORTED, reason="UPLOAD_IN_PROGRESS",
                                message="another upload for this task is in progress")
             if p.status != "selected":
@@ -306,45 +335,39 @@ class RoundEngine:
             except Rejected as e:
                 self._fail(r, p, e.reason)
                 raise
+            r.total.add(institution, receiver=receiver, weight=float(header.num_examples))
             p.status = "uploading"
-            return receiver
+            return Upload(receiver, r, institution)
 
-    def count_bytes_in(self, n: int) -> None:
+    def accept_chunk(self, upload: Upload, chunk: tensor_pb2.Chunk) -> None:
+        """Check one chunk and fold it into the round's sum at once."""
+        pieces = upload.receiver.accept(chunk)
+        if not upload.round.total.fold(upload.institution, pieces, upto=upload.receiver.received):
+            raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="ROUND_CLOSED",
+                           message=f"round {upload.round.number} closed during the upload")
         with self._cond:
-            self.bytes_in += n
+            self.bytes_in += len(chunk.data)
+            session = self._sessions.get(upload.receiver.header.session_id)
+            if session is not None:
+                session.last_seen = time.monotonic()
 
-    def finish_upload(self, receiver: UploadReceiver) -> None:
-        """Verify the whole update, then fold it in: all of it or (on any error) none."""
-        header = receiver.header
+    def finish_upload(self, upload: Upload) -> None:
+        """The whole update arrived: it counts only if its SHA-256 matches."""
+        r, header = upload.round, upload.receiver.header
+        p = r.participants[upload.institution]
+        closed = Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="ROUND_CLOSED",
+                          message=f"round {r.number} closed before the upload completed")
         with self._cond:
-            institution = self._sessions[header.session_id].institution if header.session_id in self._sessions else None
-            r = self._round
-            p = r.participants.get(institution) if (r is not None and institution) else None
-            if r is None or r.closed or r.number != header.round or p is None or p.status != "uploading":
-                receiver.discard()
-                raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="ROUND_CLOSED",
-                               message=f"round {header.round} closed before the upload completed")
-            try:
-                receiver.finish()
-            except Rejected as e:
-                receiver.discard()
-                self._fail(r, p, e.reason)
-                raise
-            p.status = "folding"  # the round waits for folds in progress before it closes
+            if r.closed or p.status != "uploading":
+                raise closed
         try:
-            r.aggregator.fold(pieces=receiver.pieces(piece_bytes=self.chunk_bytes), weight=float(header.num_examples))
-            r.aggregator.count(weight=float(header.num_examples))
-        except Exception:
-            # Cannot happen for a verified spool short of a disk error; the sums may be
-            # partly updated, so the round must not commit.
-            with self._cond:
-                self._fail(r, p, "FOLD_FAILED")
-                r.closed = True
-                self._cond.notify_all()
+            upload.receiver.finish()
+        except Rejected as e:
+            self.abort_upload(upload, reason=e.reason)
             raise
-        finally:
-            receiver.discard()
         with self._cond:
+            if r.closed or p.status != "uploading" or not r.total.complete(upload.institution):
+                raise closed
             p.status = "done"
             p.num_examples = header.num_examples
             p.metrics = dict(header.metrics)
@@ -353,16 +376,15 @@ class RoundEngine:
             round_number=r.number, attempt=r.attempt, institution=p.name, status="done",
             num_examples=header.num_examples, update_sha256=header.sha256.hex(), metrics=dict(header.metrics),
         )
-        log.info("round %d: update from %s folded in (%d examples)", r.number, p.name, header.num_examples)
+        log.info("round %d: update from %s accepted (%d examples)", r.number, p.name, header.num_examples)
 
-    def abort_upload(self, receiver: UploadReceiver, *, reason: str) -> None:
-        receiver.discard()
+    def abort_upload(self, upload: Upload, *, reason: str) -> None:
+        """Takes whatever was folded of this upload out of the sum, and records why."""
+        r = upload.round
+        r.total.exclude(upload.institution)
+        upload.receiver.discard()
         with self._cond:
-            r = self._round
-            session = self._sessions.get(receiver.header.session_id)
-            if r is None or session is None or r.number != receiver.header.round:
-                return
-            p = r.participants.get(session.institution)
+            p = r.participants.get(upload.institution)
             if p is not None and p.status == "uploading":
                 self._fail(r, p, reason)
 
@@ -450,7 +472,7 @@ class RoundEngine:
             number=number, attempt=attempt, base=base,
             participants={n: _Participant(n, secrets.token_hex(16)) for n in selected},
             deadline=time.monotonic() + self._study.round_timeout_s,
-            aggregator=StreamingFedAvg(manifest=self.manifest), opened=time.monotonic(),
+            total=RoundSum(manifest=self.manifest, piece_bytes=self.chunk_bytes), opened=time.monotonic(),
         )
         self._store.open_round(round_number=number, attempt=attempt, base_version=base.version, participants=selected)
         bytes_at_open = (self.bytes_in, self.bytes_out)
@@ -463,8 +485,7 @@ class RoundEngine:
                 if all(p.status not in _OPEN for p in r.participants.values()):
                     break
                 now = time.monotonic()
-                folding = any(p.status == "folding" for p in r.participants.values())
-                if (stop.is_set() or now >= r.deadline) and not folding:
+                if stop.is_set() or now >= r.deadline:
                     why = "COORDINATOR_STOPPING" if stop.is_set() else "ROUND_DEADLINE"
                     for p in r.participants.values():
                         if p.status in ("selected", "uploading"):
@@ -477,11 +498,14 @@ class RoundEngine:
                 p.name: {"status": p.status, "num_examples": p.num_examples, "reason": p.reason, **p.metrics}
                 for p in r.participants.values()
             }
+        completed = r.total.close()  # uploads cut off by the close leave the sum here
         done = [p for p in r.participants.values() if p.status == "done"]
+        if sorted(completed) != sorted(p.name for p in done):
+            raise AssertionError(f"round {number}: sum holds {sorted(completed)}, done are {[p.name for p in done]}")
         if stop.is_set() and len(done) < len(r.participants):
             self._store.fail_round(round_number=number, attempt=attempt, reason="coordinator stopped mid-round")
             return
-        if len(done) < self._study.min_institutions or r.aggregator.num_updates != len(done):
+        if len(done) < self._study.min_institutions:
             reason = f"quorum not met: {len(done)} accepted updates, {self._study.min_institutions} needed"
             self._store.fail_round(round_number=number, attempt=attempt, reason=reason)
             log.warning("round %d failed: %s", number, reason)
@@ -503,7 +527,7 @@ class RoundEngine:
 
     def _commit(self, r: _Round, done: list[_Participant], bytes_at_open: tuple[int, int]) -> dict[str, float]:
         base = load_tensors(r.base.path)
-        new = r.aggregator.apply(base)
+        new = r.total.apply(base)
         del base
         total = sum(p.num_examples for p in done)
         metrics: dict[str, float] = {

@@ -86,36 +86,33 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def UploadUpdate(
         self, request_iterator: Iterator[pb.UploadUpdateRequest], context: grpc.ServicerContext
     ) -> pb.UploadUpdateResponse:
-        receiver = None
+        upload = None
         try:
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("part") != "header":
                 raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="HEADER_MISSING",
                                message="an upload starts with exactly one header message")
-            receiver = self._engine.start_upload(header=first.header)
+            upload = self._engine.start_upload(header=first.header)
             for message in request_iterator:
                 if message.WhichOneof("part") != "chunk":
                     raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="UNEXPECTED_HEADER",
                                    message="only chunks may follow the header")
-                self._engine.touch(first.header.session_id)
-                receiver.accept(message.chunk)
-                self._engine.count_bytes_in(len(message.chunk.data))
-            received = receiver.received
-            self._engine.finish_upload(receiver)
-            return pb.UploadUpdateResponse(bytes_received=received)
+                self._engine.accept_chunk(upload, message.chunk)
+            self._engine.finish_upload(upload)
+            return pb.UploadUpdateResponse(bytes_received=upload.receiver.received)
         except Rejected as e:
-            if receiver is not None:
-                self._engine.abort_upload(receiver, reason=e.reason)
+            if upload is not None:
+                self._engine.abort_upload(upload, reason=e.reason)
             context.abort_with_status(to_grpc_status(e))
         except grpc.RpcError:
             # The institution went away mid-stream: its partial update is dropped.
-            if receiver is not None:
-                self._engine.abort_upload(receiver, reason="UPLOAD_INTERRUPTED")
+            if upload is not None:
+                self._engine.abort_upload(upload, reason="UPLOAD_INTERRUPTED")
             context.abort(grpc.StatusCode.CANCELLED, "upload interrupted")
         except Exception:
             log.exception("UploadUpdate failed")
-            if receiver is not None:
-                self._engine.abort_upload(receiver, reason="INTERNAL")
+            if upload is not None:
+                self._engine.abort_upload(upload, reason="INTERNAL")
             context.abort(grpc.StatusCode.INTERNAL, "internal error at the coordinator")
         raise AssertionError("unreachable")  # abort raises
 

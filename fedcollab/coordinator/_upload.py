@@ -1,9 +1,7 @@
 """One institution's upload: every chunk checked as it arrives, spooled to disk.
 
-Why spool instead of folding each chunk into the aggregate at once: a stream that
-breaks off half-way must leave no trace in the aggregate, and floating-point sums
-cannot be undone exactly. The spool keeps memory at one chunk per upload, and the
-verified update is folded from it chunk by chunk.
+The spool lets the round's sum be rebuilt without this upload if it fails after
+some of its chunks were folded in (see _round_sum.py).
 """
 
 from __future__ import annotations
@@ -97,7 +95,8 @@ class UploadReceiver:
     def received(self) -> int:
         return self._decoder.received
 
-    def accept(self, chunk: tensor_pb2.Chunk) -> None:
+    def accept(self, chunk: tensor_pb2.Chunk) -> list[TensorPiece]:
+        """Checks a chunk, spools it, and returns its whole-element pieces to fold."""
         if len(chunk.data) > self._max_chunk:
             raise _reject("CHUNK_TOO_LARGE", f"chunk of {len(chunk.data)} bytes exceeds the limit of {self._max_chunk}",
                           grpc.StatusCode.RESOURCE_EXHAUSTED, limit=self._max_chunk)
@@ -119,6 +118,8 @@ class UploadReceiver:
                               tensor=self._names[p.index])
         self._digest.update(chunk.data)
         self._file.write(chunk.data)
+        self._file.flush()  # a rebuild may read it back before the upload ends
+        return pieces
 
     def finish(self) -> None:
         """Everything arrived and matches the header's hash; the spool is on disk."""
@@ -128,14 +129,15 @@ class UploadReceiver:
         if self._digest.digest() != self.header.sha256:
             raise _reject("UPDATE_HASH_MISMATCH", "the update does not match the SHA-256 in its header",
                           grpc.StatusCode.DATA_LOSS)
-        self._file.flush()
         self._file.close()
 
-    def pieces(self, *, piece_bytes: int) -> Iterator[TensorPiece]:
-        """The verified update, read back from the spool a piece at a time."""
+    def pieces(self, *, piece_bytes: int, limit: int) -> Iterator[TensorPiece]:
+        """The first `limit` bytes of the update, read back from the spool."""
         decoder = TensorStreamDecoder(self._manifest)
+        left = limit
         with self.spool.open("rb") as f:
-            while block := f.read(piece_bytes):
+            while left > 0 and (block := f.read(min(piece_bytes, left))):
+                left -= len(block)
                 yield from decoder.feed(block)
 
     def discard(self) -> None:

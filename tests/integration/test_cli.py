@@ -109,6 +109,23 @@ def test_mistakes_get_a_clear_message_and_exit_code_2(args: list[str], expected:
     assert "Traceback" not in done.stdout + done.stderr
 
 
+def test_errors_keep_their_bracketed_table_names(tmp_path: Path) -> None:
+    path = tmp_path / "institution.toml"
+    path.write_text('[institution]\nname = "a"\n')
+    done = fedcollab("institution", "run", "--config", str(path), "--insecure", timeout=60)
+    assert done.returncode == 2 and "a [data] table is needed" in done.stdout, done.stdout
+
+
+def test_a_model_too_large_for_the_coordinator_is_refused_up_front(tmp_path: Path) -> None:
+    path = tmp_path / "federation.toml"
+    path.write_text(f'[server]\nstate_dir = "{tmp_path}/state"\n'
+                    '[study.model]\nkind = "blob"\nparams = {{ num_parameters = 100000000000 }}\n'.replace("{{", "{")
+                    .replace("}}", "}"))
+    done = fedcollab("coordinator", "serve", "--config", str(path), "--insecure", timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "study.model" in done.stdout and "372.5 GiB" in done.stdout, done.stdout
+
+
 def test_bad_scenario_names_its_key(tmp_path: Path) -> None:
     bad = tmp_path / "scenario.toml"
     bad.write_text('[simulation]\ninstitutions = 0\n[study.model]\nkind = "mlp"\n')
