@@ -174,7 +174,7 @@ class InstitutionDaemon:
             if spec.name not in local:
                 raise RemoteError(code=grpc.StatusCode.FAILED_PRECONDITION, reason="MANIFEST_UNKNOWN_TENSOR",
                                   message=f"the task names tensor {spec.name!r} that the model does not have")
-            delta = local[spec.name].detach().to("cpu", torch.float64) - base[spec.name].to(torch.float64)
+            delta = local[spec.name].detach().to("cpu") - base[spec.name]
             deltas.append(delta.to(torch_dtype(spec.dtype)).contiguous())
         self._client.upload(session_id=self._session or "", task=task, deltas=deltas,
                             num_examples=result.num_examples, metrics=result.metrics)
