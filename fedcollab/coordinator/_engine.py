@@ -312,7 +312,7 @@ class RoundEngine:
             if p is None:
                 raise Rejected(code=grpc.StatusCode.PERMISSION_DENIED, reason="NOT_SELECTED",
                                message=f"{institution} was not selected for round {r.number}")
-            if not secrets.compare_digest(p.nonce, header.nonce):
+            if not secrets.compare_digest(p.nonce.encode(), header.nonce.encode()):
                 raise Rejected(code=grpc.StatusCode.PERMISSION_DENIED, reason="NONCE_MISMATCH",
                                message="the upload's nonce is not the one of this round's task")
             if p.status == "done":
@@ -406,7 +406,7 @@ class RoundEngine:
                 raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="EVALUATION_CLOSED",
                                message=f"no evaluation of round {request.round} is open")
             nonce = e.nonces.get(institution)
-            if nonce is None or not secrets.compare_digest(nonce, request.nonce):
+            if nonce is None or not secrets.compare_digest(nonce.encode(), request.nonce.encode()):
                 raise Rejected(code=grpc.StatusCode.PERMISSION_DENIED, reason="NONCE_MISMATCH",
                                message="the report's nonce is not the one of this evaluation task")
             if request.model_sha256 != e.model.sha256:

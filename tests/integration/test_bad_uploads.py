@@ -118,9 +118,10 @@ class Case:
     code: Code
     reason: str
     ends_participation: bool = True  # False: refused before it touches the round's state
-    # What the coordinator records, where it differs from the reason the client gets:
-    # gRPC refuses an over-limit message before fedcollab sees it, as a broken stream.
-    recorded: str | None = None
+    # What the coordinator may record, where it differs from the reason the client gets:
+    # gRPC refuses an over-limit message before fedcollab sees it, as a broken stream
+    # (seen as cancelled or as ended short, depending on timing).
+    recorded: tuple[str, ...] = ()
 
 
 CASES = [
@@ -137,7 +138,7 @@ CASES = [
     Case("Inf", _poisoned(float("inf")), Code.INVALID_ARGUMENT, "NON_FINITE_VALUES"),
     Case("chunk over the size limit", _giant_chunk(4096), Code.RESOURCE_EXHAUSTED, "CHUNK_TOO_LARGE"),
     Case("message over the transport limit", _giant_chunk(200_000), Code.RESOURCE_EXHAUSTED, "TRANSPORT",
-         recorded="UPLOAD_INTERRUPTED"),
+         recorded=("UPLOAD_INTERRUPTED", "UPDATE_INCOMPLETE")),
     Case("chunk hash mismatch", _corrupt_chunk, Code.DATA_LOSS, "CHUNK_HASH_MISMATCH"),
     Case("chunks out of order", _swap_chunks, Code.INVALID_ARGUMENT, "CHUNK_OUT_OF_ORDER"),
     Case("truncated stream", lambda s, t: messages(s, t, deltas_for(t, .5))[:3],
@@ -151,6 +152,8 @@ CASES = [
     Case("closed round", lambda s, t: messages(s, t, deltas_for(t, .5), round=t.round - 1),
          Code.FAILED_PRECONDITION, "ROUND_CLOSED", ends_participation=False),
     Case("wrong nonce", lambda s, t: messages(s, t, deltas_for(t, .5), nonce="0" * 32),
+         Code.PERMISSION_DENIED, "NONCE_MISMATCH", ends_participation=False),
+    Case("non-ASCII nonce", lambda s, t: messages(s, t, deltas_for(t, .5), nonce="é" * 32),
          Code.PERMISSION_DENIED, "NONCE_MISMATCH", ends_participation=False),
     Case("stale base model", lambda s, t: messages(s, t, deltas_for(t, .5), base_version=t.model.version + 7),
          Code.FAILED_PRECONDITION, "STALE_BASE", ends_participation=False),
@@ -202,8 +205,9 @@ def test_bad_uploads_are_refused_and_never_aggregated(tmp_path: Path) -> None:
         for name, value in models[r].items():
             torch.testing.assert_close(value, models[r - 1][name] + expected_step, rtol=0, atol=1e-6,
                                        msg=f"round {r} ({CASES[r - 1].id}): aggregate is off")
-    reasons = [p["reason"] for p in mallory_rows]
-    assert reasons == [(c.recorded or c.reason) if c.ends_participation else "NON_FINITE_VALUES" for c in CASES]
+    for case, row in zip(CASES, mallory_rows, strict=True):
+        expected = (case.recorded or (case.reason,)) if case.ends_participation else ("NON_FINITE_VALUES",)
+        assert row["reason"] in expected, f"case {case.id!r} recorded {row['reason']}"
     assert all(p["status"] == "failed" for p in mallory_rows)
 
 
@@ -232,3 +236,44 @@ def test_proto_level_garbage_gets_a_clear_status(tmp_path: Path) -> None:
         channel.close()
 
 
+
+
+def test_bad_evaluation_reports_are_refused_and_not_recorded(tmp_path: Path) -> None:
+    config = tiny_federation(tmp_path / "c", rounds=1, min_institutions=2, central_evaluation=None)
+    with Coordinator(config=config) as coordinator:
+        site, other = (Client(f"127.0.0.1:{coordinator.port}", n) for n in ("site", "other"))
+        for c in (site, other):
+            train = c.task(pb.TASK_KIND_TRAIN)
+            c.upload(messages(c.session, train, deltas_for(train, 0.1)))
+        task = site.task(pb.TASK_KIND_EVALUATE)
+        good = dict(session_id=site.session, round=task.round, nonce=task.nonce, model_sha256=task.model.sha256,
+                    num_examples=20, loss=0.5, accuracy=0.75)
+        bad = [
+            ({"nonce": "x" * 32}, Code.PERMISSION_DENIED, "NONCE_MISMATCH"),
+            ({"round": task.round + 1}, Code.FAILED_PRECONDITION, "EVALUATION_CLOSED"),
+            ({"model_sha256": "0" * 64}, Code.INVALID_ARGUMENT, "MODEL_MISMATCH"),
+            ({"loss": float("nan")}, Code.INVALID_ARGUMENT, "INVALID_METRICS"),
+            ({"accuracy": 1.5}, Code.INVALID_ARGUMENT, "INVALID_METRICS"),
+            ({"num_examples": -1}, Code.INVALID_ARGUMENT, "INVALID_METRICS"),
+        ]
+        for change, code, reason in bad:
+            with pytest.raises(grpc.RpcError) as err:
+                site.stub.ReportEvaluation(pb.ReportEvaluationRequest(**{**good, **change}), timeout=5)
+            assert (err.value.code(), from_rpc_error(err.value).reason) == (code, reason), change
+        site.stub.ReportEvaluation(pb.ReportEvaluationRequest(**good), timeout=5)
+        with pytest.raises(grpc.RpcError) as err:  # the phase is still open: "other" has not reported
+            site.stub.ReportEvaluation(pb.ReportEvaluationRequest(**good), timeout=5)
+        assert (err.value.code(), from_rpc_error(err.value).reason) == (Code.ALREADY_EXISTS, "DUPLICATE_REPORT")
+        last = other.task(pb.TASK_KIND_EVALUATE)
+        other.stub.ReportEvaluation(pb.ReportEvaluationRequest(
+            session_id=other.session, round=last.round, nonce=last.nonce, model_sha256=last.model.sha256,
+            num_examples=60, loss=1.5, accuracy=0.25), timeout=5)
+        assert coordinator.wait(timeout=20)
+        evaluations = coordinator.store.evaluations()
+        metrics = coordinator.store.rounds()[0]["metrics"]
+        for c in (site, other):
+            c.channel.close()
+    assert sorted((e["institution"], e["num_examples"], e["loss"], e["accuracy"]) for e in evaluations) == [
+        ("other", 60, 1.5, 0.25), ("site", 20, 0.5, 0.75)]
+    # Example-weighted: (20 * 0.5 + 60 * 1.5) / 80 and (20 * 0.75 + 60 * 0.25) / 80.
+    assert (metrics["eval_loss"], metrics["eval_accuracy"], metrics["eval_examples"]) == (1.25, 0.375, 80.0)
