@@ -3,7 +3,6 @@ of institutions (McMahan et al. 2017)."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -17,7 +16,8 @@ class StreamingFedAvg:
 
     Updates are deltas from the round's base model, so the new model is
     base + sum_i(n_i * delta_i) / sum_i(n_i). Sums are kept in float32 (float64 for
-    float64 tensors): one model's worth of memory.
+    float64 tensors): one model's worth of memory. Not thread-safe: the coordinator's
+    RoundSum serializes every call.
     """
 
     def __init__(self, *, manifest: tensor_pb2.ModelManifest) -> None:
@@ -29,22 +29,19 @@ class StreamingFedAvg:
             )
             for s in self._specs
         ]
-        self._lock = threading.Lock()
         self.total_weight = 0.0
         self.num_updates = 0
 
     def fold(self, *, pieces: Iterable[TensorPiece], weight: float) -> None:
-        """Adds weight * pieces. The caller adds one whole, verified update per call
-        sequence and then calls `count` once."""
-        with self._lock:
-            for p in pieces:
-                acc = self._sums[p.index][p.start : p.start + len(p.values)]
-                acc.add_(p.values.to(acc.dtype), alpha=weight)
+        """Adds weight * pieces (any part of an update, in any order)."""
+        for p in pieces:
+            acc = self._sums[p.index][p.start : p.start + len(p.values)]
+            acc.add_(p.values.to(acc.dtype), alpha=weight)
 
     def count(self, *, weight: float) -> None:
-        with self._lock:
-            self.total_weight += weight
-            self.num_updates += 1
+        """Counts one whole update of this weight, once all of it was folded."""
+        self.total_weight += weight
+        self.num_updates += 1
 
     def apply(self, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """base + weighted mean of the deltas, in each tensor's own dtype.
@@ -55,10 +52,9 @@ class StreamingFedAvg:
         if self.num_updates == 0 or self.total_weight <= 0:
             raise ValueError("no update was aggregated")
         out = {}
-        with self._lock:
-            for spec, acc in zip(self._specs, self._sums, strict=True):
-                b = base[spec.name]
-                acc.div_(self.total_weight).add_(b.reshape(-1).to(acc.dtype))
-                out[spec.name] = acc.reshape(b.shape).to(b.dtype)  # no copy when dtypes match
-            self._sums = []
+        for spec, acc in zip(self._specs, self._sums, strict=True):
+            b = base[spec.name]
+            acc.div_(self.total_weight).add_(b.reshape(-1).to(acc.dtype))
+            out[spec.name] = acc.reshape(b.shape).to(b.dtype)  # no copy when dtypes match
+        self._sums = []
         return out

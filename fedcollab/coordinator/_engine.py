@@ -441,7 +441,7 @@ class RoundEngine:
                     self.failure = f"round {number} failed {attempt - 1} times; giving up (see the rounds table)"
                     log.error(self.failure)
                     break
-                selected = self._wait_for_quorum(stop)
+                selected = self._wait_for_quorum(stop, seed=(self._study.seed, number, attempt))
                 if selected is None:
                     return
                 self._run_round(number, attempt, selected, stop)
@@ -454,14 +454,14 @@ class RoundEngine:
             self._finished = True
             self._cond.notify_all()
 
-    def _wait_for_quorum(self, stop: threading.Event) -> list[str] | None:
+    def _wait_for_quorum(self, stop: threading.Event, *, seed: tuple[int, int, int]) -> list[str] | None:
         with self._cond:
             while not stop.is_set():
                 online = self._online()
                 if len(online) >= self._study.wait_for_institutions:
                     k = self._study.institutions_per_round
                     if k and k < len(online):
-                        online = sorted(random.Random(self._study.seed * 1_000_003 + len(self._store.rounds())).sample(online, k))
+                        online = sorted(random.Random(str(seed)).sample(online, k))  # reproducible per round
                     return online
                 self._cond.wait(0.2)
         return None

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from fedcollab import __version__
 from fedcollab.errors import RemoteError
 from fedcollab.transport import create_channel
 from fedcollab.v1 import coordinator_service_pb2 as pb
@@ -36,8 +37,6 @@ class CoordinatorClient:
         self._channel.close()
 
     def join(self, *, institution: str, num_train_examples: int) -> pb.JoinResponse:
-        from fedcollab import __version__
-
         response = self._call(
             self._stub.Join,
             pb.JoinRequest(institution=institution, num_train_examples=num_train_examples, client_version=__version__),
