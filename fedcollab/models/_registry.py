@@ -66,6 +66,8 @@ def _coerce(value: object, tp: object) -> object | None:
     # bool is an int subclass, but True as a layer width is surely a mistake.
     if tp is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if tp is str:
+        return value if isinstance(value, str) else None
     if tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return float(value) if ok else None
