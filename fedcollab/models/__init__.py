@@ -4,6 +4,7 @@ from fedcollab.models._blob import Blob, BlobConfig
 from fedcollab.models._cnn import CNNConfig, SmallCNN
 from fedcollab.models._mlp import MLP, MLPConfig
 from fedcollab.models._registry import MODEL_KINDS, build_model
+from fedcollab.models._transformer import TinyTransformer, TransformerConfig
 
 __all__ = [
     "MODEL_KINDS",
@@ -13,5 +14,7 @@ __all__ = [
     "CNNConfig",
     "MLPConfig",
     "SmallCNN",
+    "TinyTransformer",
+    "TransformerConfig",
     "build_model",
 ]

@@ -17,7 +17,7 @@ from fedcollab.models import (
 )
 
 SMALL_BLOB = {"num_parameters": 1000, "max_tensor_elements": 300}
-ALL_KINDS = [("mlp", None), ("cnn", None), ("blob", SMALL_BLOB)]
+ALL_KINDS = [("mlp", None), ("cnn", None), ("blob", SMALL_BLOB), ("transformer", None)]
 
 
 def test_mlp_output_shape_and_flattening() -> None:
@@ -104,7 +104,7 @@ def test_params_accept_lists_and_ints_for_floats() -> None:
 
 
 def test_model_kinds_match_registry() -> None:
-    assert MODEL_KINDS == ("mlp", "cnn", "blob")
+    assert MODEL_KINDS == ("mlp", "cnn", "blob", "transformer")
     for kind, params in ALL_KINDS:
         build_model(kind=kind, params=params)
 
