@@ -115,6 +115,57 @@ def cmd_institution_run(args: argparse.Namespace) -> int:
     return 0 if finished else 130
 
 
+def cmd_institution_ledger(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from rich.markup import escape
+
+    from fedcollab.privacy._ledger import PrivacyLedger, ledger_path
+
+    if args.config:
+        path = ledger_path(load_config(InstitutionConfig, args.config).institution.state_dir)
+    else:
+        path = Path(args.ledger)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no privacy ledger yet (an institution writes it when it first "
+                          "trains with differential privacy); check --config or --ledger")
+    with PrivacyLedger(path, readonly=True) as ledger:  # never writes: safe next to a running daemon
+        if args.verify:
+            report = ledger.verify()
+            if args.json:
+                print(json.dumps({"path": str(path), **dataclasses.asdict(report)}, indent=2))
+            elif report.ok:
+                console.print(f"ledger intact: {report.rows} rows, head {report.head_hash[:12]}")
+            else:
+                console.print(f"[red]ledger {escape(str(path))} does not verify:[/] ", end="")
+                console.print(report.problem, style="red", markup=False, highlight=False)
+            return 0 if report.ok else 1
+        entries = ledger.entries(study=args.study)
+    if args.json:
+        print(json.dumps([e.to_dict() for e in entries], indent=2))
+        return 0
+    table = Table(title=escape(f"privacy ledger {path}"), box=None, pad_edge=False, header_style="bold underline")
+    for col in ("seq", "time (UTC)", "study", "round", "epsilon", "budget", "left", "delta", "noise", "rate",
+                "steps", "acct", "update"):
+        table.add_column(col)
+    for e in entries:
+        left = f"{e.remaining_epsilon:.3f}" if e.remaining_epsilon >= 0 else f"[red]{e.remaining_epsilon:.3f}[/]"
+        table.add_row(str(e.seq), e.created_at[:16].replace("T", " "), escape(e.study), str(e.round),
+                      f"{e.epsilon:.3f}", f"{e.budget_epsilon:.3f}", left, f"{e.delta:g}", f"{e.noise_multiplier:g}",
+                      f"{e.sample_rate:g}", str(e.steps), e.accountant, e.update_sha256[:12])
+    console.print(table)
+    if not entries:
+        console.print("no entries" + (f" for study {args.study}" if args.study else ""), markup=False)
+    for study in dict.fromkeys(e.study for e in entries):
+        rows = [e for e in entries if e.study == study]
+        last, rounds = rows[-1], len({e.round for e in rows})
+        console.print(f"study {study}: epsilon {last.epsilon:.2f} of {last.budget_epsilon:.2f} spent "
+                      f"(delta {last.delta:g}, {last.accountant} accountant), "
+                      f"{rounds} round{'' if rounds == 1 else 's'}", markup=False, highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedcollab", description="Federated learning for research institutions.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -140,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="institution.toml")
     run.add_argument("--insecure", action="store_true", help="allow plaintext gRPC when no [tls] is configured")
     run.set_defaults(func=cmd_institution_run)
+    ledger = inst.add_parser("ledger", help="show or verify an institution's privacy ledger (epsilon spent)")
+    where = ledger.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", help="institution.toml (the ledger is in its state_dir)")
+    where.add_argument("--ledger", help="a privacy-ledger.sqlite file")
+    ledger.add_argument("--study", help="only this study's rows")
+    ledger.add_argument("--verify", action="store_true", help="check the hash chain; exit 1 if it is broken")
+    ledger.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ledger.set_defaults(func=cmd_institution_ledger)
     return parser
 
 

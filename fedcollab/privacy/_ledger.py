@@ -1,0 +1,651 @@
+"""The institution's privacy ledger: a durable, append-only, hash-chained record of spend.
+
+Differential privacy is only a guarantee if the institution never forgets what it has
+already spent: a daemon that restarts with a fresh accountant would silently reset
+epsilon to zero. So every round's spend is written here, durably (SQLite in WAL mode
+with synchronous=FULL), *before* the update leaves the institution.
+
+Each row carries the cumulative epsilon of its study after that round and the whole
+accountant history, so a restarted daemon rebuilds its accountant from the newest row
+(`history`) and recognizes an assignment it already paid for (`find`).
+
+Tamper evidence, in layers:
+
+* triggers make UPDATE and DELETE of `ledger` fail, which stops mistakes;
+* each row's `hash` covers its contents and the previous row's hash, so editing,
+  removing or reordering a row breaks the chain;
+* a head file next to the database (`privacy-ledger.head`) records the newest row's
+  seq and hash, so removing the newest rows (which leaves a valid, shorter chain) is
+  detected too.
+
+The chain has no secret key: someone who can write the folder can rebuild the whole
+chain and the head file. What it does is make accidental or naive edits loud; anchoring
+head hashes outside the institution (for example with the coordinator) would be the
+next step against a deliberate adversary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import numbers
+import os
+import re
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from fedcollab.errors import FedcollabError
+
+log = logging.getLogger(__name__)
+
+LEDGER_FILENAME = "privacy-ledger.sqlite"
+FORMAT = "fedcollab-privacy-ledger/1"
+GENESIS_HASH = "0" * 64
+ACCOUNTANTS = ("prv", "rdp", "gdp")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    seq INTEGER PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    study TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    nonce TEXT NOT NULL,
+    epsilon REAL NOT NULL,
+    delta REAL NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    sample_rate REAL NOT NULL,
+    steps INTEGER NOT NULL,
+    accountant TEXT NOT NULL,
+    accountant_state TEXT NOT NULL,
+    budget_epsilon REAL NOT NULL,
+    update_sha256 TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_study ON ledger (study, seq);
+CREATE INDEX IF NOT EXISTS ledger_assignment ON ledger (study, round, nonce);
+CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
+BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only: rows cannot be updated'); END;
+CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
+BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only: rows cannot be deleted'); END;
+CREATE TRIGGER IF NOT EXISTS ledger_meta_no_update BEFORE UPDATE ON ledger_meta
+BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS ledger_meta_no_delete BEFORE DELETE ON ledger_meta
+BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
+"""
+
+# Columns in table order; the hash covers all of them but prev_hash and hash.
+_COLUMNS = ("seq", "created_at", "study", "round", "nonce", "epsilon", "delta", "noise_multiplier",
+            "sample_rate", "steps", "accountant", "accountant_state", "budget_epsilon", "update_sha256",
+            "prev_hash", "hash")
+_TEXT = {"created_at", "study", "nonce", "accountant", "accountant_state", "update_sha256", "prev_hash", "hash"}
+_INT = {"seq", "round", "steps"}
+_REAL = {"epsilon", "delta", "noise_multiplier", "sample_rate", "budget_epsilon"}
+
+
+class LedgerError(FedcollabError):
+    """The ledger refuses an append, or its file cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One row: the privacy spent in one round of one study, and where the chain stood."""
+
+    seq: int
+    created_at: str
+    study: str
+    round: int
+    nonce: str
+    epsilon: float
+    """Cumulative epsilon spent in this study after this round (not this round's share)."""
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    """Optimizer steps taken in this round."""
+    accountant: str
+    history: tuple[tuple[float, float, int], ...]
+    """The accountant's history for the whole study so far: (noise_multiplier, sample_rate, steps)."""
+    budget_epsilon: float
+    update_sha256: str
+    prev_hash: str
+    hash: str
+
+    @property
+    def remaining_epsilon(self) -> float:
+        """Budget left in this study after this row (negative when over budget)."""
+        return self.budget_epsilon - self.epsilon
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (history as lists)."""
+        d = dataclasses.asdict(self)
+        d["history"] = [list(h) for h in self.history]
+        return d
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What `PrivacyLedger.verify` found. It reports tampering; it never raises for it."""
+
+    ok: bool
+    rows: int
+    head_hash: str
+    """Hash of the newest row (64 zeros for an empty ledger)."""
+    first_bad_seq: int | None = None
+    """The first row that is wrong or missing; None when ok, or when the problem is not one row's."""
+    problem: str = ""
+
+
+def ledger_path(state_dir: Path) -> Path:
+    """Where an institution's ledger lives: in its own state folder, next to its model cache."""
+    return Path(state_dir) / LEDGER_FILENAME
+
+
+def canonical_json(obj: Any) -> str:
+    """One spelling per value, so hashes are reproducible; floats as repr (exact round-trip)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def row_hash(prev_hash: str, fields: dict[str, Any]) -> str:
+    """sha256(prev_hash + "\\n" + canonical JSON of the row without prev_hash and hash)."""
+    body = {k: v for k, v in fields.items() if k not in ("prev_hash", "hash")}
+    return hashlib.sha256((prev_hash + "\n" + canonical_json(body)).encode()).hexdigest()
+
+
+class PrivacyLedger:
+    """An institution's privacy ledger in one SQLite file, safe to share between threads.
+
+    `readonly=True` (for inspection, e.g. the CLI next to a running daemon) requires the
+    file to exist and never writes: no schema creation, no head repair, no append.
+    """
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.head_path = self.path.with_suffix(".head")
+        self.readonly = readonly
+        self._lock = threading.RLock()
+        self._db: sqlite3.Connection | None = None
+        if readonly and not self.path.is_file():
+            raise LedgerError(f"{self.path}: no privacy ledger here")
+        if not readonly:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE), so the chain
+            # check and the insert it guards happen under one write lock, across processes.
+            db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        except sqlite3.Error as e:
+            raise self._unusable(e) from None
+        self._db = db
+        try:
+            self._open(db)
+        except BaseException:
+            self.close()
+            raise
+
+    def _unusable(self, e: Exception) -> LedgerError:
+        return LedgerError(
+            f"{self.path}: not a usable privacy ledger ({e}). It may be corrupted or another kind of "
+            "file. Do not delete it: it records privacy already spent. Move it aside and restore the "
+            "ledger from a backup (with its .head file), or point state_dir at the right folder."
+        )
+
+    def _open(self, db: sqlite3.Connection) -> None:
+        try:
+            check = db.execute("PRAGMA quick_check").fetchone()
+            if check is None or check[0] != "ok":
+                raise sqlite3.DatabaseError(f"integrity check: {check[0] if check else 'no answer'}")
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not self.readonly:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+            if not tables and not self.readonly:
+                db.execute("BEGIN IMMEDIATE")  # not executescript: it would COMMIT halfway
+                try:
+                    for statement in _split_sql(_SCHEMA):
+                        db.execute(statement)
+                    db.execute("INSERT OR IGNORE INTO ledger_meta (key, value) VALUES ('format', ?)", (FORMAT,))
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            else:
+                meta = None
+                if "ledger_meta" in tables:
+                    meta = db.execute("SELECT value FROM ledger_meta WHERE key='format'").fetchone()
+                if meta is None or meta[0] != FORMAT or "ledger" not in tables:
+                    raise LedgerError(
+                        f"{self.path}: this SQLite file is not a fedcollab privacy ledger "
+                        f"(format {meta[0] if meta else 'unknown'!r}, expected {FORMAT!r}); "
+                        "check the path, or move the file aside so a new ledger can be created"
+                    )
+                if not self.readonly:
+                    # Someone may have dropped them; the chain still catches edits, but put the
+                    # guard rails back.
+                    for statement in _split_sql(_SCHEMA):
+                        if statement.lstrip().upper().startswith("CREATE TRIGGER"):
+                            db.execute(statement)
+        except sqlite3.Error as e:
+            raise self._unusable(e) from None
+        if not self.readonly:
+            report = self._inspect(repair=True)  # repairs a head left one row behind by a crash
+            if not report.ok:  # still opens, so the spend can be read and the damage inspected
+                log.error("%s does not verify: %s; appends are refused until it is restored",
+                          self.path, report.problem)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise LedgerError(f"{self.path}: the ledger is closed")
+        return self._db
+
+    @contextlib.contextmanager
+    def _tx(self, *, write: bool, convert: bool = True) -> Iterator[sqlite3.Connection]:
+        """A transaction under the thread lock; `write` takes SQLite's write lock up front.
+
+        SQLite errors (disk full, I/O, a locked file) become LedgerError unless `convert`
+        is false, so callers such as the trainer handle one exception type.
+        """
+        with self._lock:
+            db = self._conn()
+            try:
+                db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    yield db
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            except sqlite3.Error as e:
+                if not convert:
+                    raise
+                with contextlib.suppress(sqlite3.Error):
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                raise LedgerError(f"{self.path}: {e}") from e
+
+    # -- writing ------------------------------------------------------------------------
+
+    def append(
+        self,
+        *,
+        study: str,
+        round: int,
+        nonce: str,
+        epsilon: float,
+        delta: float,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        accountant: str,
+        history: Iterable[Sequence[float | int]],
+        budget_epsilon: float,
+        update_sha256: str = "",
+    ) -> LedgerEntry:
+        """Record one round's spend durably; returns the committed row.
+
+        Call it before the update is sent: when it returns, the row is on disk. It
+        refuses (LedgerError) invalid values, a cumulative epsilon below the study's
+        previous one (spend never decreases), and a ledger whose chain does not verify
+        (a tampered ledger is never built upon).
+        """
+        if self.readonly:
+            raise LedgerError(f"{self.path}: opened read-only")
+        values = _validate(study=study, round=round, nonce=nonce, epsilon=epsilon, delta=delta,
+                           noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
+                           accountant=accountant, history=history, budget_epsilon=budget_epsilon,
+                           update_sha256=update_sha256)
+        with self._lock:
+            with self._tx(write=True) as db:
+                report = self._inspect_locked(db, repair=True)
+                if not report.ok:
+                    raise LedgerError(f"{self.path}: refusing to append to a ledger that does not verify: "
+                                      f"{report.problem}")
+                previous = self._latest_locked(db, values["study"])
+                if previous is not None and values["epsilon"] < previous.epsilon:
+                    raise LedgerError(
+                        f"epsilon {values['epsilon']!r} for study {values['study']!r} is below the "
+                        f"{previous.epsilon!r} already recorded at row {previous.seq}: epsilon is the "
+                        "cumulative spend of the study, and spend never decreases"
+                    )
+                fields: dict[str, Any] = {
+                    "seq": report.rows + 1,
+                    "created_at": datetime.now(UTC).isoformat(timespec="microseconds"),
+                    **values,
+                }
+                fields["prev_hash"] = report.head_hash
+                fields["hash"] = row_hash(report.head_hash, fields)
+                db.execute(f"INSERT INTO ledger ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                           tuple(fields[c] for c in _COLUMNS))
+            entry = _entry(fields)
+            # The row is committed and durable. Now move the head, under SQLite's write lock
+            # so that concurrent writers (another process on the same folder) cannot move it
+            # backwards: it always records the newest committed row.
+            try:
+                with self._tx(write=True) as db:
+                    newest = db.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
+                    self._write_head(int(newest[0]), str(newest[1]))
+            except OSError as e:
+                # Not raised: the spend *is* recorded, and a caller that saw an exception
+                # might record it twice. A head one row behind is repaired on the next open
+                # or append; if the folder stays unwritable the next append raises.
+                log.error("%s: row %d recorded, but the head file could not be written: %s",
+                          self.path, entry.seq, e)
+            return entry
+
+    def _write_head(self, seq: int, hash_: str) -> None:
+        """Replace the head file atomically and durably (temp file, fsync, rename, fsync folder)."""
+        folder = self.head_path.parent
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.head_path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(canonical_json({"seq": seq, "hash": hash_}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.head_path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if os.name == "posix":
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def entries(self, *, study: str | None = None) -> list[LedgerEntry]:
+        """All rows (of one study if given), oldest first. Does not verify: call verify() for that."""
+        with self._tx(write=False) as db:
+            if study is None:
+                rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger ORDER BY seq").fetchall()
+            else:
+                rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger WHERE study=? ORDER BY seq",
+                                  (study,)).fetchall()
+        return [_read_entry(row) for row in rows]
+
+    def latest(self, *, study: str) -> LedgerEntry | None:
+        """The newest row of a study: its cumulative spend and accountant history."""
+        with self._tx(write=False) as db:
+            return self._latest_locked(db, study)
+
+    @staticmethod
+    def _latest_locked(db: sqlite3.Connection, study: str) -> LedgerEntry | None:
+        row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger WHERE study=? ORDER BY seq DESC LIMIT 1",
+                         (study,)).fetchone()
+        return None if row is None else _read_entry(row)
+
+    def find(self, *, study: str, round: int, nonce: str) -> LedgerEntry | None:
+        """The spend recorded for exactly this assignment, so a restarted daemon does not count it twice.
+
+        If the same assignment was recorded more than once (it was trained again, which
+        spends again), the newest row is returned.
+        """
+        with self._tx(write=False) as db:
+            row = db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM ledger WHERE study=? AND round=? AND nonce=? "
+                "ORDER BY seq DESC LIMIT 1", (study, round, nonce)).fetchone()
+        return None if row is None else _read_entry(row)
+
+    def spent(self, *, study: str) -> float:
+        """Cumulative epsilon spent in a study so far (0.0 before its first row)."""
+        entry = self.latest(study=study)
+        return 0.0 if entry is None else entry.epsilon
+
+    def history(self, *, study: str) -> list[tuple[float, float, int]]:
+        """The accountant history to restore after a restart (opacus' `accountant.history`)."""
+        entry = self.latest(study=study)
+        return [] if entry is None else list(entry.history)
+
+    # -- verification -------------------------------------------------------------------
+
+    def verify(self) -> VerifyReport:
+        """Check the whole chain and the head file. Reports tampering; never raises for it.
+
+        A head file exactly one row behind is the trace of a crash between the commit and
+        the head write (or of an append in flight in another process): it is not reported,
+        and a writable ledger repairs it.
+        """
+        return self._inspect(repair=not self.readonly)
+
+    def _inspect(self, *, repair: bool) -> VerifyReport:
+        with self._lock:
+            try:
+                if self.readonly:
+                    # No write lock: read the head before the rows, so that an append in
+                    # another process can only make the head look behind, never ahead.
+                    head = self._read_head()
+                    with self._tx(write=False, convert=False) as db:
+                        return self._check(db, head, repair=False)
+                with self._tx(write=True, convert=False) as db:
+                    return self._inspect_locked(db, repair=repair)
+            except sqlite3.Error as e:
+                return VerifyReport(ok=False, rows=0, head_hash="", problem=f"cannot read the ledger: {e}")
+
+    def _inspect_locked(self, db: sqlite3.Connection, *, repair: bool) -> VerifyReport:
+        return self._check(db, self._read_head(), repair=repair)
+
+    def _read_head(self) -> tuple[int, str] | str | None:
+        """(seq, hash), None when the file is missing, or a description of what is wrong with it."""
+        try:
+            text = self.head_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            return f"head file {self.head_path.name} cannot be read: {e}"
+        try:
+            data = json.loads(text)
+            seq, hash_ = data["seq"], data["hash"]
+            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0 or not isinstance(hash_, str):
+                raise ValueError("wrong types")
+        except (ValueError, KeyError, TypeError) as e:
+            return f"head file {self.head_path.name} is not valid ({e})"
+        return seq, hash_
+
+    def _check(self, db: sqlite3.Connection, head: tuple[int, str] | str | None, *, repair: bool) -> VerifyReport:
+        rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger ORDER BY seq").fetchall()
+        n = len(rows)
+        hashes = [GENESIS_HASH]  # hashes[k] = hash of row k (row 0: the genesis)
+        expected_prev = GENESIS_HASH
+        for index, raw in enumerate(rows, start=1):
+            seq = raw[0]
+            if seq != index:
+                if index == 1:
+                    problem = f"seq gap: the ledger starts at row {seq} (rows deleted?)"
+                else:
+                    problem = f"seq gap after row {index - 1} (rows deleted?)"
+                return VerifyReport(ok=False, rows=n, head_hash=expected_prev, first_bad_seq=seq, problem=problem)
+            try:
+                fields = _typed(raw)
+                _entry(fields)
+            except (TypeError, ValueError) as e:
+                return VerifyReport(ok=False, rows=n, head_hash=expected_prev, first_bad_seq=seq,
+                                    problem=f"row {seq}: malformed ({e}) (edited?)")
+            if row_hash(fields["prev_hash"], fields) != fields["hash"]:
+                return VerifyReport(ok=False, rows=n, head_hash=expected_prev, first_bad_seq=seq,
+                                    problem=f"row {seq}: hash does not match its contents (edited?)")
+            if fields["prev_hash"] != expected_prev:
+                link = "the start of the chain" if seq == 1 else f"row {seq - 1}"
+                return VerifyReport(ok=False, rows=n, head_hash=expected_prev, first_bad_seq=seq,
+                                    problem=f"row {seq}: prev_hash does not link to {link} "
+                                            "(row removed or reordered?)")
+            expected_prev = fields["hash"]
+            hashes.append(expected_prev)
+        newest = hashes[-1]
+
+        def bad(problem: str, first_bad: int | None = None) -> VerifyReport:
+            return VerifyReport(ok=False, rows=n, head_hash=newest, first_bad_seq=first_bad, problem=problem)
+
+        if isinstance(head, str):
+            return bad(head)
+        if head is None:
+            if n == 0:  # a fresh ledger whose genesis head was not written yet
+                if repair:
+                    self._repair_head(0, GENESIS_HASH, n)
+                return VerifyReport(ok=True, rows=0, head_hash=newest)
+            return bad(f"head file {self.head_path.name} missing (deleted, or the ledger copied without it?)")
+        head_seq, head_hash = head
+        if head_seq > n:
+            return bad(f"head file says {head_seq} rows, the ledger has {n} (newest rows removed?)", n + 1)
+        if head_hash != hashes[head_seq]:
+            return bad(f"head file's hash does not match row {head_seq} (rows rewritten?)", head_seq or None)
+        if head_seq == n - 1:
+            if repair:
+                self._repair_head(n, newest, n)
+            return VerifyReport(ok=True, rows=n, head_hash=newest)
+        if head_seq < n:
+            return bad(f"head file says {head_seq} rows, the ledger has {n} "
+                       "(head file replaced with an older copy?)", head_seq + 1)
+        return VerifyReport(ok=True, rows=n, head_hash=newest)
+
+    def _repair_head(self, seq: int, hash_: str, rows: int) -> None:
+        """Bring a head one row behind up to date (called under SQLite's write lock)."""
+        if rows:
+            log.warning("%s: head file was one row behind (a crash between recording row %d and "
+                        "writing the head?); repaired", self.path, seq)
+        try:
+            self._write_head(seq, hash_)
+        except OSError as e:
+            raise LedgerError(f"{self.head_path}: cannot write the ledger's head file: {e}") from None
+
+
+def _split_sql(script: str) -> list[str]:
+    """The schema's statements (triggers contain ';' inside BEGIN ... END)."""
+    statements, current = [], ""
+    for line in script.strip().splitlines():
+        current += line + "\n"
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return statements
+
+
+def _typed(row: Sequence[Any]) -> dict[str, Any]:
+    """A row as a dict, refusing values whose type is not the column's (a sign of editing)."""
+    fields = dict(zip(_COLUMNS, row, strict=True))
+    for k, v in fields.items():
+        if k in _TEXT and not isinstance(v, str):
+            raise TypeError(f"{k} is {type(v).__name__}, not text")
+        if k in _INT and (not isinstance(v, int) or isinstance(v, bool)):
+            raise TypeError(f"{k} is {type(v).__name__}, not an integer")
+        if k in _REAL:
+            if not isinstance(v, float):
+                raise TypeError(f"{k} is {type(v).__name__}, not a real number")
+            if not math.isfinite(v):
+                raise ValueError(f"{k} is not finite")
+    return fields
+
+
+def _read_entry(row: Sequence[Any]) -> LedgerEntry:
+    try:
+        return _entry(_typed(row))
+    except (TypeError, ValueError) as e:
+        raise LedgerError(f"row {row[0]}: malformed ({e}); the ledger was edited: run verify()") from None
+
+
+def _entry(fields: dict[str, Any]) -> LedgerEntry:
+    state = json.loads(fields["accountant_state"])
+    if not isinstance(state, list):
+        raise TypeError("accountant_state is not a list")
+    history = tuple((float(nm), float(sr), int(st)) for nm, sr, st in state)
+    values = {k: v for k, v in fields.items() if k != "accountant_state"}
+    return LedgerEntry(**values, history=history)
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise LedgerError(f"{name} must be a number, got {value!r}")
+    f = float(value)
+    if not math.isfinite(f):
+        raise LedgerError(f"{name} must be finite, got {f!r}")
+    return f
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise LedgerError(f"{name} must be an integer, got {value!r}")
+    i = int(value)
+    if i < 0:
+        raise LedgerError(f"{name} must be >= 0, got {i}")
+    return i
+
+
+def _validate(*, study: Any, round: Any, nonce: Any, epsilon: Any, delta: Any, noise_multiplier: Any,
+              sample_rate: Any, steps: Any, accountant: Any, history: Any, budget_epsilon: Any,
+              update_sha256: Any) -> dict[str, Any]:
+    """Typed, checked column values; LedgerError names the first wrong argument and why."""
+    if not isinstance(study, str) or not study:
+        raise LedgerError(f"study must be a non-empty string, got {study!r}")
+    if not isinstance(nonce, str) or not nonce:
+        raise LedgerError(f"nonce must be the task's non-empty nonce string, got {nonce!r}")
+    eps = _real("epsilon", epsilon)
+    if eps < 0:
+        raise LedgerError(f"epsilon must be >= 0, got {eps!r}")
+    d = _real("delta", delta)
+    if not 0 < d < 1:
+        raise LedgerError(f"delta must be in (0, 1), got {d!r}")
+    sigma = _real("noise_multiplier", noise_multiplier)
+    if sigma < 0:
+        raise LedgerError(f"noise_multiplier must be >= 0, got {sigma!r}")
+    q = _real("sample_rate", sample_rate)
+    if not 0 < q <= 1:
+        raise LedgerError(f"sample_rate must be in (0, 1], got {q!r}")
+    if accountant not in ACCOUNTANTS:
+        raise LedgerError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
+    budget = _real("budget_epsilon", budget_epsilon)
+    if budget <= 0:
+        raise LedgerError(f"budget_epsilon must be > 0, got {budget!r}")
+    if not isinstance(update_sha256, str) or not (update_sha256 == "" or _SHA256_HEX.fullmatch(update_sha256)):
+        raise LedgerError(f"update_sha256 must be 64 lowercase hex digits or empty, got {update_sha256!r}")
+    if isinstance(history, (str, bytes)) or not isinstance(history, Iterable):
+        raise LedgerError(f"history must be a list of (noise_multiplier, sample_rate, steps), got {history!r}")
+    state: list[list[float | int]] = []
+    for i, raw in enumerate(history):
+        item = tuple(raw) if isinstance(raw, Iterable) and not isinstance(raw, (str, bytes)) else ()
+        if len(item) != 3:
+            raise LedgerError(f"history[{i}] must be (noise_multiplier, sample_rate, steps), got {raw!r}")
+        h_sigma = _real(f"history[{i}] noise_multiplier", item[0])
+        h_q = _real(f"history[{i}] sample_rate", item[1])
+        h_steps = _integer(f"history[{i}] steps", item[2])
+        if h_sigma < 0 or not 0 < h_q <= 1:
+            raise LedgerError(f"history[{i}] must have noise_multiplier >= 0 and sample_rate in (0, 1], "
+                              f"got {item!r}")
+        state.append([h_sigma, h_q, h_steps])
+    return {
+        "study": study, "round": _integer("round", round), "nonce": nonce, "epsilon": eps, "delta": d,
+        "noise_multiplier": sigma, "sample_rate": q, "steps": _integer("steps", steps),
+        "accountant": accountant, "accountant_state": canonical_json(state), "budget_epsilon": budget,
+        "update_sha256": update_sha256,
+    }
