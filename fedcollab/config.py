@@ -57,6 +57,45 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(default=0.0, ge=0)
 
 
+Accountant = Literal["prv", "rdp", "gdp"]
+
+
+class AdaptiveClippingConfig(_Strict):
+    """Clip to a quantile of the update norms instead of a fixed bound (Andrew et al.
+    2021): the bound moves geometrically each round, from a noised count of the
+    institutions whose update fell under it."""
+
+    target_quantile: float = Field(default=0.5, gt=0, lt=1)
+    learning_rate: float = Field(default=0.2, gt=0, le=10)
+    # Noise on the count of unclipped updates; Andrew et al. suggest
+    # institutions per round / 20. It takes a share of the privacy: the updates' noise
+    # multiplier becomes (z^-2 - (2 * this)^-2)^-1/2.
+    count_noise_multiplier: float = Field(gt=0)
+
+
+class CentralDPConfig(_Strict):
+    """Institution-level DP at the coordinator (DP-FedAvg, McMahan et al. 2018): each
+    update is clipped to `clip_norm`, the average is uniform over institutions, and
+    Gaussian noise of std noise_multiplier * clip_norm / (updates) is added to it."""
+
+    clip_norm: float = Field(gt=0)
+    noise_multiplier: float = Field(ge=0, le=1000)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    accountant: Accountant = "rdp"
+    adaptive: AdaptiveClippingConfig | None = None
+
+    @model_validator(mode="after")
+    def _count_noise_leaves_room(self) -> CentralDPConfig:
+        a = self.adaptive
+        if a is not None and self.noise_multiplier > 0 and 2 * a.count_noise_multiplier <= self.noise_multiplier:
+            raise ValueError(
+                f"adaptive.count_noise_multiplier ({a.count_noise_multiplier}) must exceed half of noise_multiplier "
+                f"({self.noise_multiplier / 2}): the count's noise takes a share of the privacy, and this share "
+                "would leave none for the updates. Raise count_noise_multiplier or noise_multiplier"
+            )
+        return self
+
+
 class CentralEvaluationConfig(_Strict):
     """Server-side evaluation of each committed model on a dataset's test split."""
 
@@ -82,6 +121,7 @@ class StudyConfig(_Strict):
     model: ModelConfig
     train: TrainConfig = TrainConfig()
     central_evaluation: CentralEvaluationConfig | None = None
+    central_dp: CentralDPConfig | None = None
 
     @property
     def wait_for_institutions(self) -> int:
@@ -149,6 +189,33 @@ class DataConfig(_Strict):
         return self
 
 
+class PrivacyConfig(_Strict):
+    """The institution's own sample-level DP (Opacus DP-SGD). The noise multiplier is
+    calibrated so the study's planned rounds spend `target_epsilon`; the daemon refuses
+    any task that would take it past `budget_epsilon` (default: the target)."""
+
+    target_epsilon: float = Field(gt=0, le=100)
+    target_delta: float = Field(default=1e-5, gt=0, lt=0.1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    accountant: Accountant = "prv"
+    # Opacus' per-sample-gradient mode; "auto" measures which is fastest for the model.
+    grad_sample_mode: Literal["auto", "hooks", "ghost", "functorch"] = "auto"
+    budget_epsilon: float | None = Field(default=None, gt=0, le=100)
+
+    @property
+    def budget(self) -> float:
+        return self.budget_epsilon if self.budget_epsilon is not None else self.target_epsilon
+
+    @model_validator(mode="after")
+    def _budget_covers_target(self) -> PrivacyConfig:
+        if self.budget < self.target_epsilon:
+            raise ValueError(
+                f"budget_epsilon ({self.budget}) is below target_epsilon ({self.target_epsilon}): noise calibrated "
+                "for the target would exhaust the budget part-way through the study; lower target_epsilon"
+            )
+        return self
+
+
 class ReconnectConfig(_Strict):
     initial_backoff_s: float = Field(default=0.5, gt=0)
     max_backoff_s: float = Field(default=30.0, gt=0)
@@ -172,6 +239,7 @@ class InstitutionConfig(_Strict):
 
     institution: InstitutionInfo
     data: DataConfig | None = None
+    privacy: PrivacyConfig | None = None
     reconnect: ReconnectConfig = ReconnectConfig()
     tls: TlsConfig | None = None
 
@@ -179,6 +247,8 @@ class InstitutionConfig(_Strict):
     def _torch_needs_data(self) -> InstitutionConfig:
         if self.institution.trainer == "torch" and self.data is None:
             raise ValueError("a [data] table is needed to train (or set institution.trainer)")
+        if self.privacy is not None and self.institution.trainer != "torch":
+            raise ValueError("[privacy] needs institution.trainer = \"torch\": DP-SGD trains on data")
         return self
 
 
@@ -198,6 +268,8 @@ class SimulationConfig(_Strict):
 
 class Scenario(_Strict):
     simulation: SimulationConfig = SimulationConfig()
+    # Each simulated institution's own [privacy] table (the same for all of them).
+    privacy: PrivacyConfig | None = None
     federation: FederationInfo = FederationInfo()
     server: ServerConfig = ServerConfig()
     study: StudyConfig

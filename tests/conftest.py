@@ -67,8 +67,8 @@ class RecordingTrainer:
     def num_train_examples(self) -> int:
         return self._inner.num_train_examples
 
-    def train(self, *, model: torch.nn.Module, plan: Any, round_number: int) -> TrainResult:
-        result = self._inner.train(model=model, plan=plan, round_number=round_number)
+    def train(self, *, model: torch.nn.Module, plan: Any, round_number: int, privacy: Any = None) -> TrainResult:
+        result = self._inner.train(model=model, plan=plan, round_number=round_number, privacy=privacy)
         self.sent[round_number] = (result.num_examples, {k: v.detach().clone() for k, v in model.state_dict().items()})
         return result
 

@@ -37,7 +37,7 @@ from fedcollab.coordinator._checkpoints import (
 )
 from fedcollab.coordinator._store import Store
 from fedcollab.coordinator._round_sum import RoundSum
-from fedcollab.coordinator._upload import UploadReceiver
+from fedcollab.coordinator._upload import UploadReceiver, check_privacy_spend, spend_dict
 from fedcollab.errors import ConfigError, Rejected
 from fedcollab.v1 import coordinator_service_pb2 as pb
 from fedcollab.v1 import tensor_pb2
@@ -47,6 +47,7 @@ log = logging.getLogger("fedcollab.coordinator")
 
 Evaluator = Callable[[Mapping[str, torch.Tensor]], dict[str, float]]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_REASON = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 _OPEN = ("selected", "uploading")
 
 
@@ -61,10 +62,11 @@ class _Session:
 class _Participant:
     name: str
     nonce: str
-    status: str = "selected"  # selected | uploading | done | failed | vanished
+    status: str = "selected"  # selected | uploading | done | declined | failed | vanished
     reason: str = ""
     num_examples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None
 
 
 @dataclass
@@ -134,6 +136,9 @@ class RoundEngine:
         self._round: _Round | None = None
         self._eval: _Evaluation | None = None
         self._finished = False
+        # Institutions that declined with BUDGET_EXHAUSTED: not selected again in this
+        # study (they would only decline again).
+        self._exhausted: set[str] = set()
         self.failure: str | None = None
         self.bytes_in = 0
         self.bytes_out = 0
@@ -371,10 +376,12 @@ class RoundEngine:
             p.status = "done"
             p.num_examples = header.num_examples
             p.metrics = dict(header.metrics)
+            p.privacy = spend_dict(header.privacy) if header.HasField("privacy") else None
             self._cond.notify_all()
         self._store.record_participation(
             round_number=r.number, attempt=r.attempt, institution=p.name, status="done",
             num_examples=header.num_examples, update_sha256=header.sha256.hex(), metrics=dict(header.metrics),
+            privacy=p.privacy,
         )
         log.info("round %d: update from %s accepted (%d examples)", r.number, p.name, header.num_examples)
 
@@ -388,13 +395,45 @@ class RoundEngine:
             if p is not None and p.status == "uploading":
                 self._fail(r, p, reason)
 
-    def _fail(self, r: _Round, p: _Participant, reason: str, status: str = "failed") -> None:
+    def decline(self, *, request: pb.DeclineTaskRequest) -> None:
+        """The institution will not train this round, and why. Its word is final: the
+        coordinator records it and goes on without it."""
+        if not _REASON.match(request.reason):
+            raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="INVALID_REASON",
+                           message="a decline's reason is UPPER_SNAKE, 1-64 characters, e.g. BUDGET_EXHAUSTED")
+        if len(request.message) > 1024:
+            raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="METADATA_TOO_LARGE",
+                           message="a decline's message is at most 1024 characters")
+        privacy = None
+        if request.HasField("privacy"):
+            check_privacy_spend(request.privacy)
+            privacy = spend_dict(request.privacy)
+        with self._cond:
+            institution = self._touch(request.session_id).institution
+            r = self._round
+            if r is None or r.closed or request.round != r.number:
+                raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="ROUND_CLOSED",
+                               message=f"round {request.round} is not open")
+            p = r.participants.get(institution)
+            if p is None or not secrets.compare_digest(p.nonce.encode(), request.nonce.encode()):
+                raise Rejected(code=grpc.StatusCode.PERMISSION_DENIED, reason="NONCE_MISMATCH",
+                               message="the decline's nonce is not the one of this round's task")
+            if p.status != "selected":
+                raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="PARTICIPATION_ENDED",
+                               message=f"{institution}'s part in round {r.number} is already {p.status}")
+            p.privacy = privacy
+            if request.reason == "BUDGET_EXHAUSTED":
+                self._exhausted.add(institution)
+            self._fail(r, p, request.reason, status="declined", message=request.message)
+
+    def _fail(self, r: _Round, p: _Participant, reason: str, status: str = "failed", message: str = "") -> None:
         """Caller holds the lock."""
         p.status, p.reason = status, reason
         self._cond.notify_all()
-        log.warning("round %d: %s %s (%s)", r.number, p.name, status, reason)
+        log.warning("round %d: %s %s (%s)%s", r.number, p.name, status, reason, f": {message}" if message else "")
         self._store.record_participation(
-            round_number=r.number, attempt=r.attempt, institution=p.name, status=status, reason=reason
+            round_number=r.number, attempt=r.attempt, institution=p.name, status=status,
+            reason=f"{reason}: {message}" if message else reason, privacy=p.privacy,
         )
 
     # ----------------------------------------------------------------- evaluation
@@ -443,6 +482,8 @@ class RoundEngine:
                     break
                 selected = self._wait_for_quorum(stop, seed=(self._study.seed, number, attempt))
                 if selected is None:
+                    if self.failure:
+                        break
                     return
                 self._run_round(number, attempt, selected, stop)
             else:
@@ -457,7 +498,16 @@ class RoundEngine:
     def _wait_for_quorum(self, stop: threading.Event, *, seed: tuple[int, int, int]) -> list[str] | None:
         with self._cond:
             while not stop.is_set():
-                online = self._online()
+                online = [n for n in self._online() if n not in self._exhausted]
+                if self._exhausted:
+                    known = {i["name"] for i in self._store.institutions()} - self._exhausted
+                    if len(known) < self._study.min_institutions:
+                        self.failure = (
+                            f"too few institutions have privacy budget left for a quorum of "
+                            f"{self._study.min_institutions}: {', '.join(sorted(self._exhausted))} exhausted theirs"
+                        )
+                        log.error(self.failure)
+                        return None
                 if len(online) >= self._study.wait_for_institutions:
                     k = self._study.institutions_per_round
                     if k and k < len(online):
@@ -495,7 +545,8 @@ class RoundEngine:
             r.closed = True
             self._cond.notify_all()
             participants = {
-                p.name: {"status": p.status, "num_examples": p.num_examples, "reason": p.reason, **p.metrics}
+                p.name: {"status": p.status, "num_examples": p.num_examples, "reason": p.reason, **p.metrics,
+                         **({"epsilon": p.privacy["epsilon"]} if p.privacy else {})}
                 for p in r.participants.values()
             }
         completed = r.total.close()  # uploads cut off by the close leave the sum here

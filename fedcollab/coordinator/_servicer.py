@@ -124,5 +124,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         return pb.ReportEvaluationResponse()
 
     @_translated
+    def DeclineTask(self, request: pb.DeclineTaskRequest, context: grpc.ServicerContext) -> pb.DeclineTaskResponse:
+        self._engine.decline(request=request)
+        return pb.DeclineTaskResponse()
+
+    @_translated
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         return pb.HeartbeatResponse(lease_seconds=self._engine.heartbeat(session_id=request.session_id))

@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS participations (
     update_sha256 TEXT,
     reason TEXT,
     metrics TEXT NOT NULL DEFAULT '{}',
+    privacy TEXT,
     PRIMARY KEY (round, attempt, institution)
 );
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -77,6 +78,9 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(participations)")}
+            if "privacy" not in columns:  # state written before privacy spend was recorded
+                self._db.execute("ALTER TABLE participations ADD COLUMN privacy TEXT")
             # Rounds left open by a crash never committed: say so instead of leaving them open.
             self._db.execute(
                 "UPDATE rounds SET status='abandoned', closed_at=?, reason='coordinator stopped' "
@@ -171,13 +175,15 @@ class Store:
         update_sha256: str | None = None,
         reason: str | None = None,
         metrics: dict[str, float] | None = None,
+        privacy: dict[str, Any] | None = None,
     ) -> None:
+        """`privacy` is the institution's reported DP spend (PrivacySpend as a dict)."""
         with self._tx() as db:
             db.execute(
-                "UPDATE participations SET status=?, num_examples=?, update_sha256=?, reason=?, metrics=? "
+                "UPDATE participations SET status=?, num_examples=?, update_sha256=?, reason=?, metrics=?, privacy=? "
                 "WHERE round=? AND attempt=? AND institution=?",
                 (status, num_examples, update_sha256, reason, json.dumps(metrics or {}),
-                 round_number, attempt, institution),
+                 json.dumps(privacy) if privacy is not None else None, round_number, attempt, institution),
             )
 
     def commit_round(
@@ -231,8 +237,18 @@ class Store:
         for r in self._query(sql + " ORDER BY round, attempt, institution", args):
             d = dict(r)
             d["metrics"] = json.loads(d["metrics"])
+            d["privacy"] = json.loads(d["privacy"]) if d["privacy"] else None
             out.append(d)
         return out
+
+    def privacy_spend(self) -> list[dict[str, Any]]:
+        """Each institution's reported DP spend per round, in round order: what it
+        declared with its upload or decline (its own ledger is authoritative)."""
+        return [
+            {"round": p["round"], "attempt": p["attempt"], "institution": p["institution"], "status": p["status"],
+             **p["privacy"]}
+            for p in self.participations() if p["privacy"]
+        ]
 
     # evaluations
     def record_evaluation(

@@ -61,6 +61,30 @@ def check_manifest(*, got: tensor_pb2.ModelManifest, expected: tensor_pb2.ModelM
             )
 
 
+ACCOUNTANTS = ("prv", "rdp", "gdp")
+
+
+def check_privacy_spend(spend: pb.PrivacySpend) -> None:
+    """An institution's reported spend is recorded as it says, but only if it is a
+    well-formed figure: finite, non-negative, with a delta in (0, 1)."""
+    numbers = (spend.epsilon, spend.delta, spend.budget_epsilon, spend.noise_multiplier, spend.sample_rate,
+               spend.max_grad_norm)
+    if any(not math.isfinite(v) or v < 0 for v in numbers) or spend.steps < 0:
+        raise _reject("INVALID_PRIVACY_SPEND", "privacy spend figures must be finite and non-negative")
+    if not 0 < spend.delta < 1 or spend.sample_rate > 1:
+        raise _reject("INVALID_PRIVACY_SPEND", "privacy.delta must be in (0, 1) and sample_rate at most 1")
+    if spend.accountant not in ACCOUNTANTS:
+        raise _reject("INVALID_PRIVACY_SPEND", f"privacy.accountant must be one of {', '.join(ACCOUNTANTS)}")
+
+
+def spend_dict(spend: pb.PrivacySpend) -> dict[str, object]:
+    return {
+        "epsilon": spend.epsilon, "delta": spend.delta, "budget_epsilon": spend.budget_epsilon,
+        "noise_multiplier": spend.noise_multiplier, "sample_rate": spend.sample_rate, "steps": spend.steps,
+        "accountant": spend.accountant, "max_grad_norm": spend.max_grad_norm,
+    }
+
+
 def check_header_values(header: pb.UpdateHeader, *, max_examples: int = 10**12) -> None:
     if not 0 < header.num_examples <= max_examples:
         raise _reject("INVALID_EXAMPLE_COUNT", f"num_examples must be in 1..{max_examples}, got {header.num_examples}")
@@ -70,6 +94,8 @@ def check_header_values(header: pb.UpdateHeader, *, max_examples: int = 10**12) 
         raise _reject("METADATA_TOO_LARGE", f"at most {MAX_METRICS} metrics with keys up to {MAX_METRIC_KEY} characters")
     if any(not math.isfinite(v) for v in header.metrics.values()):
         raise _reject("NON_FINITE_VALUES", "metrics must be finite numbers")
+    if header.HasField("privacy"):
+        check_privacy_spend(header.privacy)
 
 
 class UploadReceiver:

@@ -54,6 +54,13 @@ class CoordinatorClient:
     def report_evaluation(self, request: pb.ReportEvaluationRequest) -> None:
         self._call(self._stub.ReportEvaluation, request)
 
+    def decline(self, *, session_id: str, task: pb.Task, reason: str, message: str,
+                privacy: pb.PrivacySpend | None = None) -> None:
+        self._call(self._stub.DeclineTask, pb.DeclineTaskRequest(
+            session_id=session_id, round=task.round, nonce=task.nonce, reason=reason, message=message[:1024],
+            privacy=privacy,
+        ))
+
     def download(self, *, session_id: str, model: pb.ModelRef, cache_dir: Path) -> Path:
         """The model's safetensors file, from the cache or downloaded (resuming a partial
         file), verified chunk by chunk and as a whole against its SHA-256."""
@@ -103,6 +110,7 @@ class CoordinatorClient:
         deltas: Sequence[torch.Tensor],
         num_examples: int,
         metrics: dict[str, float],
+        privacy: pb.PrivacySpend | None = None,
     ) -> pb.UploadUpdateResponse:
         names = [s.name for s in task.manifest.tensors]
         header = pb.UpdateHeader(
@@ -115,6 +123,7 @@ class CoordinatorClient:
             sha256=stream_sha256(deltas),
             num_examples=num_examples,
             metrics=metrics,
+            privacy=privacy,
         )
 
         def requests() -> Iterator[pb.UploadUpdateRequest]:

@@ -3,7 +3,9 @@ reconnect with backoff while the coordinator is away."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import zlib
 from collections.abc import Callable
@@ -13,7 +15,9 @@ from pathlib import Path
 import grpc
 import torch
 from google.protobuf import json_format
-from safetensors.torch import load_file
+import safetensors
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from fedcollab import models
 from fedcollab.config import InstitutionConfig
@@ -22,9 +26,11 @@ from fedcollab.institution._backoff import Backoff
 from fedcollab.institution._client import CoordinatorClient
 from fedcollab.institution._data import load_local_data
 from fedcollab.institution._trainer import SyntheticTrainer, TorchTrainer, Trainer, pick_device
+from fedcollab.privacy import BudgetExhausted, InstitutionPrivacy, PrivacyError, RoundPrivacy, validate_model
+from fedcollab.privacy._ledger import PrivacyLedger, ledger_path
 from fedcollab.transport import channel_credentials_from
 from fedcollab.v1 import coordinator_service_pb2 as pb
-from fedcollab.wire import torch_dtype
+from fedcollab.wire import stream_sha256, torch_dtype
 
 log = logging.getLogger("fedcollab.institution")
 
@@ -44,14 +50,19 @@ _TRANSIENT = {
 class DaemonEvent:
     """What the daemon just did, for observers (progress displays, tests)."""
 
-    kind: str  # joined | trained | uploaded | evaluated | rejected | disconnected | finished
+    kind: str  # joined | trained | uploaded | declined | evaluated | rejected | disconnected | finished
     round: int = 0
     detail: str = ""
 
 
 class InstitutionDaemon:
     """One institution. `credentials` are the gRPC channel credentials (TLS); None
-    connects in plaintext, logged as a warning. When not given, `config.tls` is used."""
+    connects in plaintext, logged as a warning. When not given, `config.tls` is used.
+
+    With `privacy`, every round trains with DP-SGD, and its spend is written to the
+    institution's ledger, together with the update kept on disk, before the upload
+    starts. A restart that finds that row re-sends the same update instead of training
+    again, so a crash between spending and sending neither loses nor double-counts."""
 
     def __init__(
         self,
@@ -62,6 +73,7 @@ class InstitutionDaemon:
         credentials: grpc.ChannelCredentials | None = None,
         poll_wait_s: float = 10.0,
         on_event: Callable[[DaemonEvent], None] | None = None,
+        privacy: InstitutionPrivacy | None = None,
     ) -> None:
         self.config = config
         self.name = config.institution.name
@@ -71,6 +83,8 @@ class InstitutionDaemon:
             credentials = channel_credentials_from(config.tls)
         self._client = CoordinatorClient(address=config.institution.coordinator, credentials=credentials)
         self._cache_dir = Path(config.institution.state_dir) / "models"
+        self._pending_dir = Path(config.institution.state_dir) / "pending-updates"
+        self.privacy = privacy
         self._poll_wait = poll_wait_s
         self._on_event = on_event
         self._session: str | None = None
@@ -159,14 +173,37 @@ class InstitutionDaemon:
         assert self._study is not None
         if self._model is None:
             spec = self._study.model
-            self._model = models.build_model(kind=spec.kind, params=_integral(json_format.MessageToDict(spec.params)))
+            model = models.build_model(kind=spec.kind, params=_integral(json_format.MessageToDict(spec.params)))
+            if self.privacy is not None:
+                validate_model(model)
+            self._model = model
         state = load_file(str(path))
         self._model.load_state_dict(state, strict=True)
         return self._model, state
 
     def _train(self, task: pb.Task) -> None:
-        model, base = self._load_model(task.model)
-        result = self._trainer.train(model=model, plan=task.train, round_number=task.round)
+        assert self._study is not None
+        study = self._study.name
+        rp: RoundPrivacy | None = None
+        if self.privacy is not None:
+            if self._resend_recorded(task):
+                return
+            try:
+                rp = self.privacy.plan(study=study, total_rounds=int(self._study.total_rounds),
+                                       round_number=task.round, nonce=task.nonce,
+                                       epochs=int(task.train.local_epochs), batch_size=int(task.train.batch_size))
+            except BudgetExhausted as e:
+                self._decline(task, "BUDGET_EXHAUSTED", str(e), spent=e.spent)
+                return
+            except PrivacyError as e:
+                self._decline(task, "PRIVACY_SETTINGS_INVALID", str(e))
+                return
+        try:
+            model, base = self._load_model(task.model)
+        except PrivacyError as e:
+            self._decline(task, "MODEL_NOT_PRIVATE_TRAINABLE", str(e))
+            return
+        result = self._trainer.train(model=model, plan=task.train, round_number=task.round, privacy=rp)
         self._emit("trained", task.round, f"{result.metrics}")
         local = model.state_dict()
         deltas = []
@@ -176,9 +213,86 @@ class InstitutionDaemon:
                                   message=f"the task names tensor {spec.name!r} that the model does not have")
             delta = local[spec.name].detach().to("cpu") - base[spec.name]
             deltas.append(delta.to(torch_dtype(spec.dtype)).contiguous())
+        spend = None
+        if rp is not None:
+            assert self.privacy is not None
+            self._keep_pending(task, deltas, num_examples=result.num_examples, metrics=result.metrics)
+            self.privacy.record(rp, update_sha256=stream_sha256(deltas).hex())  # durable before it leaves
+            spend = _spend_message(rp)
+        self._send(task, deltas, num_examples=result.num_examples, metrics=result.metrics, privacy=spend)
+
+    def _send(self, task: pb.Task, deltas: list[torch.Tensor], *, num_examples: int, metrics: dict[str, float],
+              privacy: pb.PrivacySpend | None) -> None:
         self._client.upload(session_id=self._session or "", task=task, deltas=deltas,
-                            num_examples=result.num_examples, metrics=result.metrics)
+                            num_examples=num_examples, metrics=metrics, privacy=privacy)
+        self._drop_pending()
         self._emit("uploaded", task.round)
+
+    # ------------------------------------------------------------ privacy
+    def _decline(self, task: pb.Task, reason: str, message: str, *, spent: float | None = None) -> None:
+        privacy = None
+        if spent is not None and self.privacy is not None:
+            c = self.privacy.config
+            privacy = pb.PrivacySpend(epsilon=spent, delta=c.target_delta, budget_epsilon=c.budget,
+                                      accountant=c.accountant, max_grad_norm=c.max_grad_norm)
+        log.warning("%s: declined round %d: %s: %s", self.name, task.round, reason, message)
+        self._client.decline(session_id=self._session or "", task=task, reason=reason, message=message,
+                             privacy=privacy)
+        self._emit("declined", task.round, f"{reason}: {message}")
+
+    def _pending_path(self, nonce: str) -> Path:
+        return self._pending_dir / f"{''.join(c for c in nonce if c.isalnum())[:64]}.safetensors"
+
+    def _keep_pending(self, task: pb.Task, deltas: list[torch.Tensor], *, num_examples: int,
+                      metrics: dict[str, float]) -> None:
+        """The update as it will be sent, kept until the coordinator has it."""
+        self._drop_pending()
+        self._pending_dir.mkdir(parents=True, exist_ok=True)
+        path = self._pending_path(task.nonce)
+        tmp = path.with_suffix(".tmp")
+        names = [s.name for s in task.manifest.tensors]
+        save_file(dict(zip(names, deltas, strict=True)), str(tmp),
+                  metadata={"round": str(task.round), "nonce": task.nonce, "num_examples": str(num_examples),
+                            "metrics": json.dumps(metrics)})
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _drop_pending(self) -> None:
+        if self._pending_dir.is_dir():
+            for f in self._pending_dir.iterdir():
+                f.unlink(missing_ok=True)
+
+    def _resend_recorded(self, task: pb.Task) -> bool:
+        """True if this assignment's spend is already in the ledger and its update was
+        re-sent; spending again for the same update would double-count."""
+        assert self.privacy is not None and self._study is not None
+        entry = self.privacy.recorded(study=self._study.name, round_number=task.round, nonce=task.nonce)
+        if entry is None:
+            return False
+        path = self._pending_path(task.nonce)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                deltas = [f.get_tensor(s.name) for s in task.manifest.tensors]
+        except (OSError, safetensors.SafetensorError, KeyError) as e:
+            log.warning("%s: round %d was already paid for (ledger row %d) but its update is gone (%s); "
+                        "training again spends again", self.name, task.round, entry.seq, e)
+            return False
+        if stream_sha256(deltas).hex() != entry.update_sha256:
+            log.warning("%s: kept update for round %d does not match the ledger; training again", self.name, task.round)
+            return False
+        log.info("%s: round %d already recorded in the ledger (epsilon %.3f); re-sending the same update",
+                 self.name, task.round, entry.epsilon)
+        c = self.privacy.config
+        spend = pb.PrivacySpend(
+            epsilon=entry.epsilon, delta=entry.delta, budget_epsilon=entry.budget_epsilon,
+            noise_multiplier=entry.noise_multiplier, sample_rate=entry.sample_rate, steps=entry.steps,
+            accountant=entry.accountant, max_grad_norm=c.max_grad_norm,
+        )
+        self._send(task, deltas, num_examples=int(meta.get("num_examples", "1")),
+                   metrics=json.loads(meta.get("metrics", "{}")), privacy=spend)
+        return True
 
     def _evaluate(self, task: pb.Task) -> None:
         model, _ = self._load_model(task.model)
@@ -208,6 +322,7 @@ def daemon_from_config(
 ) -> InstitutionDaemon:
     """The daemon as `fedcollab institution run` builds it: data, trainer and all."""
     trainer: Trainer
+    privacy: InstitutionPrivacy | None = None
     if config.institution.threads:
         torch.set_num_threads(config.institution.threads)
     if config.institution.trainer == "synthetic":
@@ -216,11 +331,25 @@ def daemon_from_config(
     else:
         assert config.data is not None  # enforced by InstitutionConfig
         train, val = load_local_data(config.data)
+        state_dir = Path(config.institution.state_dir)
+        mode = config.privacy.grad_sample_mode if config.privacy is not None else "auto"
         trainer = TorchTrainer(train=train, val=val, device=pick_device(config.institution.device),
-                               seed=config.data.seed)
+                               seed=config.data.seed, grad_sample_mode=mode, cache_dir=state_dir)
         num_train = len(train)
+        if config.privacy is not None:
+            privacy = InstitutionPrivacy(config=config.privacy, ledger=PrivacyLedger(ledger_path(state_dir)),
+                                         num_examples=num_train)
+        else:
+            log.warning("%s: no [privacy] table: training WITHOUT differential privacy", config.institution.name)
     return InstitutionDaemon(config=config, trainer=trainer, num_train_examples=num_train,
-                             credentials=credentials, on_event=on_event)
+                             credentials=credentials, on_event=on_event, privacy=privacy)
+
+
+def _spend_message(rp: RoundPrivacy) -> pb.PrivacySpend:
+    return pb.PrivacySpend(
+        epsilon=rp.epsilon_after, delta=rp.delta, budget_epsilon=rp.budget, noise_multiplier=rp.noise_multiplier,
+        sample_rate=rp.sample_rate, steps=rp.steps, accountant=rp.accountant, max_grad_norm=rp.max_grad_norm,
+    )
 
 
 def _integral(value: object) -> object:

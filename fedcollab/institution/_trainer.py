@@ -3,8 +3,10 @@ turns the change into the update it sends."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,11 @@ from torch import nn
 
 from fedcollab.data import ArrayDataset
 from fedcollab.v1 import coordinator_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from fedcollab.privacy import RoundPrivacy
+
+log = logging.getLogger("fedcollab.institution")
 
 
 @dataclass(frozen=True)
@@ -28,7 +35,8 @@ class EvalResult:
 
 
 class Trainer(Protocol):
-    def train(self, *, model: nn.Module, plan: pb.TrainPlan, round_number: int) -> TrainResult: ...
+    def train(self, *, model: nn.Module, plan: pb.TrainPlan, round_number: int,
+              privacy: RoundPrivacy | None = None) -> TrainResult: ...
 
     def evaluate(self, *, model: nn.Module) -> EvalResult: ...
 
@@ -42,15 +50,24 @@ def pick_device(preference: str) -> torch.device:
 
 
 class TorchTrainer:
-    """Plain supervised training with cross-entropy (classification)."""
+    """Supervised training with cross-entropy (classification); with a RoundPrivacy,
+    DP-SGD through Opacus (Poisson sampling, per-sample clipping, Gaussian noise).
 
-    def __init__(self, *, train: ArrayDataset, val: ArrayDataset, device: torch.device, seed: int = 0) -> None:
+    `grad_sample_mode` "auto" measures Opacus' modes once per model on synthetic
+    inputs and keeps the fastest (cached in `cache_dir`)."""
+
+    def __init__(self, *, train: ArrayDataset, val: ArrayDataset, device: torch.device, seed: int = 0,
+                 grad_sample_mode: str = "auto", cache_dir: Path | None = None) -> None:
         if len(train) == 0:
             raise ValueError("the institution has no training examples")
         self._device = device
         self._seed = seed
+        self._mode = grad_sample_mode
+        self._cache_dir = cache_dir
+        self.last_mode: str | None = None
         self._x = torch.from_numpy(train.x).to(device)
         self._y = torch.from_numpy(train.y).to(device)
+        self._num_classes = train.num_classes
         self._vx = torch.from_numpy(val.x).to(device)
         self._vy = torch.from_numpy(val.y).to(device)
 
@@ -58,8 +75,11 @@ class TorchTrainer:
     def num_train_examples(self) -> int:
         return len(self._y)
 
-    def train(self, *, model: nn.Module, plan: pb.TrainPlan, round_number: int) -> TrainResult:
+    def train(self, *, model: nn.Module, plan: pb.TrainPlan, round_number: int,
+              privacy: RoundPrivacy | None = None) -> TrainResult:
         model.to(self._device).train()
+        if privacy is not None:
+            return self._train_private(model=model, plan=plan, privacy=privacy)
         params = [p for p in model.parameters() if p.requires_grad]
         if plan.optimizer == "adam":
             opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
@@ -82,6 +102,34 @@ class TorchTrainer:
                 total_loss += float(loss.detach()) * len(idx)
                 seen += len(idx)
         return TrainResult(num_examples=n, metrics={"train_loss": total_loss / max(seen, 1)})
+
+    def _train_private(self, *, model: nn.Module, plan: pb.TrainPlan, privacy: RoundPrivacy) -> TrainResult:
+        from fedcollab.privacy import train_private
+
+        mode = self._grad_sample_mode(model=model, batch_size=max(1, plan.batch_size))
+        done = train_private(
+            model=model, x=self._x, y=self._y, epochs=max(1, plan.local_epochs), batch_size=max(1, plan.batch_size),
+            optimizer=plan.optimizer, learning_rate=plan.learning_rate, momentum=plan.momentum,
+            weight_decay=plan.weight_decay, noise_multiplier=privacy.noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm, mode=mode,
+        )
+        if done.steps != privacy.steps:  # the ledger must hold what really ran
+            raise RuntimeError(f"DP-SGD ran {done.steps} steps where {privacy.steps} were accounted")
+        return TrainResult(num_examples=len(self._y), metrics={"train_loss": done.mean_loss})
+
+    def _grad_sample_mode(self, *, model: nn.Module, batch_size: int) -> str:
+        if self._mode != "auto":
+            self.last_mode = self._mode
+            return self._mode
+        from fedcollab.privacy._modes import choose_grad_sample_mode
+
+        choice = choose_grad_sample_mode(model=model, example_x=self._x[:1], num_classes=self._num_classes,
+                                         batch_size=batch_size, cache_dir=self._cache_dir, device=self._device)
+        if not choice.cached:
+            log.info("DP-SGD per-sample gradients: %s is fastest for this model (%s)", choice.mode,
+                     ", ".join(f"{m} {t * 1e3:.1f} ms/step" for m, t in sorted(choice.seconds_per_step.items())))
+        self.last_mode = choice.mode
+        return choice.mode
 
     @torch.no_grad()
     def evaluate(self, *, model: nn.Module) -> EvalResult:
@@ -106,7 +154,8 @@ class SyntheticTrainer:
         return 1
 
     @torch.no_grad()
-    def train(self, *, model: nn.Module, plan: pb.TrainPlan, round_number: int) -> TrainResult:
+    def train(self, *, model: nn.Module, plan: pb.TrainPlan, round_number: int,
+              privacy: RoundPrivacy | None = None) -> TrainResult:
         gen = torch.Generator().manual_seed(self._seed * 100_003 + round_number)
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype), alpha=self._scale)

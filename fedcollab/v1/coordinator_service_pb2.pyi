@@ -141,7 +141,7 @@ class DownloadModelResponse(_message.Message):
     def __init__(self, chunk: _Optional[_Union[_tensor_pb2.Chunk, _Mapping]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("session_id", "round", "nonce", "base_version", "manifest", "total_bytes", "sha256", "num_examples", "metrics")
+    __slots__ = ("session_id", "round", "nonce", "base_version", "manifest", "total_bytes", "sha256", "num_examples", "metrics", "privacy")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,7 @@ class UpdateHeader(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     round: int
     nonce: str
@@ -167,7 +168,28 @@ class UpdateHeader(_message.Message):
     sha256: bytes
     num_examples: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, session_id: _Optional[str] = ..., round: _Optional[int] = ..., nonce: _Optional[str] = ..., base_version: _Optional[int] = ..., manifest: _Optional[_Union[_tensor_pb2.ModelManifest, _Mapping]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    privacy: PrivacySpend
+    def __init__(self, session_id: _Optional[str] = ..., round: _Optional[int] = ..., nonce: _Optional[str] = ..., base_version: _Optional[int] = ..., manifest: _Optional[_Union[_tensor_pb2.ModelManifest, _Mapping]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., privacy: _Optional[_Union[PrivacySpend, _Mapping]] = ...) -> None: ...
+
+class PrivacySpend(_message.Message):
+    __slots__ = ("epsilon", "delta", "budget_epsilon", "noise_multiplier", "sample_rate", "steps", "accountant", "max_grad_norm")
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNTANT_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    epsilon: float
+    delta: float
+    budget_epsilon: float
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    accountant: str
+    max_grad_norm: float
+    def __init__(self, epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., budget_epsilon: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ..., accountant: _Optional[str] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class UploadUpdateRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -202,6 +224,26 @@ class ReportEvaluationRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., round: _Optional[int] = ..., nonce: _Optional[str] = ..., model_sha256: _Optional[str] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ...) -> None: ...
 
 class ReportEvaluationResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DeclineTaskRequest(_message.Message):
+    __slots__ = ("session_id", "round", "nonce", "reason", "message", "privacy")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    round: int
+    nonce: str
+    reason: str
+    message: str
+    privacy: PrivacySpend
+    def __init__(self, session_id: _Optional[str] = ..., round: _Optional[int] = ..., nonce: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., privacy: _Optional[_Union[PrivacySpend, _Mapping]] = ...) -> None: ...
+
+class DeclineTaskResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

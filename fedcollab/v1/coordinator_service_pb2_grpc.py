@@ -66,6 +66,11 @@ class CoordinatorServiceStub:
                 request_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.ReportEvaluationRequest.SerializeToString,
                 response_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.ReportEvaluationResponse.FromString,
                 _registered_method=True)
+        self.DeclineTask = channel.unary_unary(
+                '/fedcollab.v1.CoordinatorService/DeclineTask',
+                request_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.DeclineTaskRequest.SerializeToString,
+                response_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.DeclineTaskResponse.FromString,
+                _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/fedcollab.v1.CoordinatorService/Heartbeat',
                 request_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.HeartbeatRequest.SerializeToString,
@@ -127,6 +132,15 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeclineTask(self, request, context):
+        """The institution will not do this task, and says why (reason UPPER_SNAKE, e.g.
+        BUDGET_EXHAUSTED when training would take it past its own privacy budget). The
+        coordinator records the decline; it cannot override it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Heartbeat(self, request, context):
         """Liveness lease. An institution that sends nothing for `lease_seconds` is taken
         as gone, and a round it was part of goes on without it if the quorum holds.
@@ -162,6 +176,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ReportEvaluation,
                     request_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.ReportEvaluationRequest.FromString,
                     response_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.ReportEvaluationResponse.SerializeToString,
+            ),
+            'DeclineTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineTask,
+                    request_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.DeclineTaskRequest.FromString,
+                    response_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.DeclineTaskResponse.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
@@ -311,6 +330,33 @@ class CoordinatorService:
             '/fedcollab.v1.CoordinatorService/ReportEvaluation',
             fedcollab_dot_v1_dot_coordinator__service__pb2.ReportEvaluationRequest.SerializeToString,
             fedcollab_dot_v1_dot_coordinator__service__pb2.ReportEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcollab.v1.CoordinatorService/DeclineTask',
+            fedcollab_dot_v1_dot_coordinator__service__pb2.DeclineTaskRequest.SerializeToString,
+            fedcollab_dot_v1_dot_coordinator__service__pb2.DeclineTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

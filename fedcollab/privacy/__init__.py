@@ -1,0 +1,7 @@
+"""Differential privacy owned by the institution (Opacus DP-SGD, a durable ledger) and
+institution-level DP at the coordinator (DP-FedAvg)."""
+
+from fedcollab.privacy._accounting import ACCOUNTANTS, calibrate_noise, compose, epsilon_of
+from fedcollab.privacy._budget import BudgetExhausted, InstitutionPrivacy, RoundPrivacy
+from fedcollab.privacy._ledger import LedgerEntry, LedgerError, PrivacyLedger, VerifyReport, ledger_path
+from fedcollab.privacy._opacus import GRAD_SAMPLE_MODES, PrivacyError, train_private, validate_model
