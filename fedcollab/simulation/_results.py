@@ -42,3 +42,42 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path, *, title: str) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_privacy(results: dict[str, Any], path: Path, *, title: str) -> None:
+    """Left: global test accuracy against the epsilon spent so far (per institution,
+    and federation-level under DP-FedAvg). Right: each institution's spend per round
+    against its budget."""
+    committed = {r["round"]: r["metrics"] for r in results["rounds"] if r["status"] == "committed"}
+    spend: dict[str, dict[int, float]] = {}
+    for p in results["privacy"]["per_round"]:
+        if p["round"] in committed:
+            spend.setdefault(p["institution"], {})[p["round"]] = p["epsilon"]
+    fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, by_round in sorted(spend.items()):
+        rounds = sorted(by_round)
+        ax_acc.plot([by_round[r] for r in rounds], [committed[r].get("central_accuracy", float("nan")) for r in rounds],
+                    marker="o", ms=3, label=name)
+        ax_eps.plot(rounds, [by_round[r] for r in rounds], marker="o", ms=3, label=name)
+    central = [(r, m["central_dp_epsilon"]) for r, m in sorted(committed.items()) if "central_dp_epsilon" in m]
+    if central:
+        ax_acc.plot([e for _, e in central], [committed[r].get("central_accuracy", float("nan")) for r, _ in central],
+                    ls="--", color="black", label="federation (DP-FedAvg)")
+        ax_eps.plot([r for r, _ in central], [e for _, e in central], ls="--", color="black",
+                    label="federation (DP-FedAvg)")
+    budgets = {led["budget_epsilon"] for led in results["privacy"]["institutions"].values()}
+    for b in sorted(budgets):
+        ax_eps.axhline(b, color="red", alpha=0.4, lw=1)
+        ax_eps.annotate(f"budget {b:g}", (0.01, b), xycoords=("axes fraction", "data"), va="bottom", color="red",
+                        fontsize=8)
+    ax_acc.set(xlabel="epsilon spent (cumulative)", ylabel="global test accuracy", title="Accuracy against epsilon")
+    ax_eps.set(xlabel="round", ylabel="epsilon spent (cumulative)", title="Privacy spend per round")
+    ax_eps.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (ax_acc, ax_eps):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -27,7 +27,7 @@ from fedcollab.config import (
 from fedcollab.coordinator import Coordinator, RoundResult
 from fedcollab.errors import ConfigError, FedcollabError
 from fedcollab.institution import InstitutionDaemon, daemon_from_config
-from fedcollab.simulation._results import plot_rounds, write_json
+from fedcollab.simulation._results import plot_privacy, plot_rounds, write_json
 
 log = logging.getLogger("fedcollab.simulation")
 
@@ -50,6 +50,7 @@ def institution_configs(scenario: Scenario, *, address: str, state_root: Path) -
         InstitutionConfig(
             institution=InstitutionInfo(name=f"institution-{i}", coordinator=address,
                                         state_dir=state_root / f"institution-{i}"),
+            privacy=scenario.privacy,
             data=DataConfig(
                 dataset=sim.dataset, data_dir=sim.data_dir, seed=central.seed,
                 test_fraction=central.test_fraction, val_fraction=sim.val_fraction,
@@ -104,12 +105,19 @@ def run_simulation(
         m = r.metrics
         if r.status == "committed":
             nan = float("nan")
+            eps = [p["epsilon"] for p in r.participants.values() if "epsilon" in p]
+            spent = f"  eps {max(eps):.2f}" if eps else ""
+            if "central_dp_epsilon" in m:
+                spent += f"  federation eps {m['central_dp_epsilon']:.2f}"
             progress.console.print(
                 f"round {r.round:>3}/{total}  loss {m.get('train_loss', nan):.3f}  "
                 f"fed-eval {m.get('eval_loss', nan):.3f}/{m.get('eval_accuracy', nan):.1%}  "
-                f"test {m.get('central_loss', nan):.3f}/{m.get('central_accuracy', nan):.1%}",
+                f"test {m.get('central_loss', nan):.3f}/{m.get('central_accuracy', nan):.1%}{spent}",
                 highlight=False,
             )
+            for name, p in sorted(r.participants.items()):
+                if p["status"] == "declined":
+                    progress.console.print(f"[yellow]  {name} declined: {p['reason']}", highlight=False)
             progress.update(bar, completed=r.round, description=f"central acc {m.get('central_accuracy', 0):.3f}")
         else:
             progress.console.print(f"[yellow]round {r.round} attempt {r.attempt} failed: {r.reason}")
@@ -139,10 +147,45 @@ def run_simulation(
             stop.set()
             coordinator.stop()
     write_json(results, run_dir / "results.json")
+    dp = _dp_label(scenario)
     plot_rounds(results["rounds"], run_dir / "rounds.png", title=f"{sim.name}: {sim.institutions} institutions, "
-                f"{sim.partition} (alpha={sim.alpha}), FedAvg")
+                f"{sim.partition} (alpha={sim.alpha}), FedAvg{dp}")
+    if results["privacy"]["per_round"] or scenario.study.central_dp is not None:
+        plot_privacy(results, run_dir / "privacy.png", title=f"{sim.name}: accuracy against epsilon{dp}")
     _print_summary(console, results, run_dir)
     return SimulationResult(run_dir=run_dir, results=results)
+
+
+def _dp_label(scenario: Scenario) -> str:
+    parts = []
+    if scenario.privacy is not None:
+        parts.append(f"DP-SGD eps={scenario.privacy.target_epsilon:g} per institution")
+    if scenario.study.central_dp is not None:
+        parts.append(f"DP-FedAvg z={scenario.study.central_dp.noise_multiplier:g}")
+    return f", {', '.join(parts)}" if parts else ""
+
+
+def _privacy_summary(coordinator: Coordinator, daemons: list[InstitutionDaemon]) -> dict[str, Any]:
+    """Each institution's spend as its own ledger has it (authoritative), next to what
+    the coordinator recorded per round from the institutions' reports."""
+    ledgers = {}
+    for d in daemons:
+        if d.privacy is None:
+            continue
+        report = d.privacy.ledger.verify()
+        entries = d.privacy.ledger.entries()
+        ledgers[d.name] = {
+            "budget_epsilon": d.privacy.config.budget,
+            "target_epsilon": d.privacy.config.target_epsilon,
+            "delta": d.privacy.config.target_delta,
+            "accountant": d.privacy.config.accountant,
+            "spent_epsilon": entries[-1].epsilon if entries else 0.0,
+            "noise_multiplier": entries[-1].noise_multiplier if entries else None,
+            "rounds_trained": len(entries),
+            "ledger_intact": report.ok,
+            "ledger_problem": report.problem,
+        }
+    return {"institutions": ledgers, "per_round": coordinator.store.privacy_spend()}
 
 
 def _collect(coordinator: Coordinator, daemons: list[InstitutionDaemon], *, scenario: Scenario,
@@ -164,6 +207,7 @@ def _collect(coordinator: Coordinator, daemons: list[InstitutionDaemon], *, scen
             for n in sorted(examples)
         ],
         "rounds": rounds,
+        "privacy": _privacy_summary(coordinator, daemons),
         "final": {"round": committed[-1]["round"] if committed else 0, **final},
     }
 
@@ -173,10 +217,19 @@ def _print_summary(console: Console, results: dict[str, Any], run_dir: Path) -> 
     table.add_column("institution")
     table.add_column("train examples", justify="right")
     table.add_column("final model on its held-out data", justify="right")
+    ledgers = results["privacy"]["institutions"]
+    if ledgers:
+        table.add_column("epsilon spent / budget", justify="right")
+        table.add_column("ledger", justify="center")
     for inst in results["institutions"]:
         acc = inst["final_local_accuracy"]
         shown = f"{acc:.1%} of {inst['local_eval_examples']}" if acc is not None else "-"
-        table.add_row(inst["name"], str(inst["train_examples"]), shown)
+        row = [inst["name"], str(inst["train_examples"]), shown]
+        if ledgers:
+            led = ledgers.get(inst["name"])
+            row += [f"{led['spent_epsilon']:.2f} / {led['budget_epsilon']:g}" if led else "no DP",
+                    ("intact" if led["ledger_intact"] else "[red]BROKEN") if led else "-"]
+        table.add_row(*row)
     console.print(table)
     final = results["final"]
     acc = final.get("central_accuracy")
@@ -185,4 +238,9 @@ def _print_summary(console: Console, results: dict[str, Any], run_dir: Path) -> 
         f"[bold]{acc:.2%}[/bold] on {int(final.get('central_examples', 0))} held-out examples"
         if acc is not None else "no round committed"
     )
+    if "central_dp_epsilon" in final:
+        console.print(f"federation-level DP (DP-FedAvg): epsilon {final['central_dp_epsilon']:.2f} at delta "
+                      f"{final.get('central_dp_delta', float('nan')):g}")
     console.print(f"results: {run_dir / 'results.json'}\nplot:    {run_dir / 'rounds.png'}")
+    if (run_dir / "privacy.png").is_file():
+        console.print(f"privacy: {run_dir / 'privacy.png'}")
