@@ -38,6 +38,8 @@ log = logging.getLogger("fedcollab.privacy")
 
 CACHE_FILE = "dp-grad-sample-modes.json"
 _CACHE_FORMAT = 1
+# Modes measured within this factor of the fastest are measured a second time.
+RECHECK_WITHIN = 1.25
 
 
 @dataclass(frozen=True)
@@ -99,16 +101,20 @@ def measure_modes(
     modes: Sequence[str] = GRAD_SAMPLE_MODES,
     steps: int = 3,
     warmup: int = 1,
+    recheck_within: float = RECHECK_WITHIN,
 ) -> dict[str, float]:
-    """Seconds per DP-SGD step in each mode that works on `model` (median of `steps` steps
-    after `warmup` untimed ones). A mode that raises (a layer it cannot handle, ...) is left
-    out and logged at debug level; an empty dict means none worked.
+    """Seconds per DP-SGD step in each mode that works on `model`. A mode that raises (a
+    layer it cannot handle, ...) is left out and logged at debug level; an empty dict
+    means none worked.
 
     `example_x` is a batch of real inputs, e.g. `x[:1]`: its first dimension is the batch,
     and only its shape[1:], dtype and device are used. Each mode trains a deep copy of
     `model` with `train_private` (what is timed is what trains) on batch_size x (warmup +
     steps + 1) synthetic examples with random labels, Poisson-sampled to batches of
-    batch_size on average, the same batches for every mode.
+    batch_size on average, the same batches for every mode; its figure is the median of
+    `steps` steps after `warmup` untimed ones. Modes within `recheck_within` x the fastest
+    are then timed again, in reverse order, and keep the lower figure (other load on the
+    machine only ever adds time), so a close call is not settled by one hiccup.
     """
     if batch_size < 1 or steps < 1 or warmup < 0 or num_classes < 1:
         raise ValueError(f"need batch_size >= 1, steps >= 1, warmup >= 0, num_classes >= 1; got "
@@ -123,31 +129,47 @@ def measure_modes(
     y = torch.randint(0, num_classes, (n,), generator=seed_gen).to(device)
     results: dict[str, float] = {}
     for mode in modes:
-        stamps: list[float] = []
-        clocked = _StepClock(copy.deepcopy(model), lambda: stamps.append(time.perf_counter()))
-        # A seeded generator draws the same batches (and noise) in every mode; Opacus
-        # wants the noise generator on the parameters' device, so none off the CPU.
-        generator = torch.Generator().manual_seed(1) if device.type == "cpu" else None
-        start = time.perf_counter()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Opacus' hook and autocast chatter
-                train_private(
-                    model=clocked, x=x, y=y, epochs=1, batch_size=batch_size, optimizer="sgd",
-                    learning_rate=1e-3, noise_multiplier=1.0, max_grad_norm=1.0, mode=mode, generator=generator,
-                )
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        except Exception as exc:  # noqa: BLE001 - any failure means "this mode does not work here"
-            log.debug("grad_sample_mode %r does not work on %s: %s", mode, type(model).__name__, exc, exc_info=True)
-            continue
-        end = time.perf_counter()
-        intervals = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
-        if intervals:
-            results[mode] = statistics.median(intervals)
-        else:  # (almost) every batch came out empty: fall back to the whole run
-            results[mode] = (end - (stamps[0] if stamps else start)) / batches
+        seconds = _time_mode(model=model, x=x, y=y, batch_size=batch_size, mode=mode, warmup=warmup)
+        if seconds is not None:
+            results[mode] = seconds
+    if len(results) > 1:
+        best = min(results.values())
+        for mode in reversed([m for m, t in results.items() if t <= best * recheck_within]):
+            again = _time_mode(model=model, x=x, y=y, batch_size=batch_size, mode=mode, warmup=warmup)
+            if again is not None:
+                results[mode] = min(results[mode], again)
     return results
+
+
+def _time_mode(*, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, mode: str,
+               warmup: int) -> float | None:
+    """Median seconds per step of one short private epoch in `mode`; None if the mode fails."""
+    device = x.device
+    batches = len(y) // batch_size
+    stamps: list[float] = []
+    clocked = _StepClock(copy.deepcopy(model), lambda: stamps.append(time.perf_counter()))
+    # A seeded generator draws the same batches (and noise) in every mode; Opacus
+    # wants the noise generator on the parameters' device, so none off the CPU.
+    generator = torch.Generator().manual_seed(1) if device.type == "cpu" else None
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus' hook and autocast chatter
+            train_private(
+                model=clocked, x=x, y=y, epochs=1, batch_size=batch_size, optimizer="sgd",
+                learning_rate=1e-3, noise_multiplier=1.0, max_grad_norm=1.0, mode=mode, generator=generator,
+            )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001 - any failure means "this mode does not work here"
+        log.debug("grad_sample_mode %r does not work on %s: %s", mode, type(model).__name__, exc, exc_info=True)
+        return None
+    end = time.perf_counter()
+    intervals = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
+    if intervals:
+        return statistics.median(intervals)
+    # (almost) every batch came out empty: the whole run, per batch
+    return (end - (stamps[0] if stamps else start)) / batches
 
 
 def cache_key(*, model: nn.Module, example_x: torch.Tensor, batch_size: int, device: torch.device,
