@@ -499,6 +499,7 @@ class RoundEngine:
         with self._cond:
             while not stop.is_set():
                 online = [n for n in self._online() if n not in self._exhausted]
+                needed = self._study.wait_for_institutions
                 if self._exhausted:
                     known = {i["name"] for i in self._store.institutions()} - self._exhausted
                     if len(known) < self._study.min_institutions:
@@ -508,7 +509,9 @@ class RoundEngine:
                         )
                         log.error(self.failure)
                         return None
-                if len(online) >= self._study.wait_for_institutions:
+                    # Waiting for institutions that will only decline would wait forever.
+                    needed = max(self._study.min_institutions, min(needed, len(known)))
+                if len(online) >= needed:
                     k = self._study.institutions_per_round
                     if k and k < len(online):
                         online = sorted(random.Random(str(seed)).sample(online, k))  # reproducible per round

@@ -22,6 +22,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedcollab.errors import FedcollabError
 
+# Opacus' per-sample hooks fire on inputs that need no gradient (the data); harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+
 # Opacus' ways to compute per-sample gradient norms. "ghost" (fast gradient clipping)
 # never materialises per-sample gradients; which is fastest depends on the model.
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "ghost", "functorch")
