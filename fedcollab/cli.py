@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -98,8 +99,30 @@ def cmd_coordinator_status(args: argparse.Namespace) -> int:
                       str(int(m.get("num_updates", 0)) or ""), fmt("train_loss"), fmt("eval_accuracy"),
                       fmt("central_accuracy"), r["reason"] or "")
     console.print(table)
+    _print_privacy_spend(store)
     store.close()
     return 0
+
+
+def _print_privacy_spend(store: Any) -> None:
+    """What each institution declared it spent (its own ledger is authoritative), and
+    the federation-level epsilon of DP-FedAvg when the study uses it."""
+    latest: dict[str, dict[str, Any]] = {}
+    for p in store.privacy_spend():
+        latest[p["institution"]] = p
+    if latest:
+        table = Table(title="privacy spend reported by institutions (their ledgers are authoritative)")
+        for col in ("institution", "last round", "epsilon spent", "budget", "delta", "accountant", "status"):
+            table.add_column(col)
+        for name, p in sorted(latest.items()):
+            table.add_row(name, str(p["round"]), f"{p['epsilon']:.3f}", f"{p['budget_epsilon']:g}",
+                          f"{p['delta']:g}", p["accountant"], p["status"])
+        console.print(table)
+    central = [r for r in store.rounds() if "central_dp_epsilon" in r["metrics"]]
+    if central:
+        m = central[-1]["metrics"]
+        console.print(f"federation-level DP (DP-FedAvg) after round {central[-1]['round']}: epsilon "
+                      f"{m['central_dp_epsilon']:.3f} at delta {m.get('central_dp_delta', float('nan')):g}")
 
 
 def cmd_institution_run(args: argparse.Namespace) -> int:
