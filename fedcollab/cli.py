@@ -47,14 +47,21 @@ def _require_tls_or_insecure(has_tls: bool, insecure: bool, address: str, what: 
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedcollab.simulation import run_simulation
+    from fedcollab.simulation import plot_comparison, run_simulation
 
-    path = Path(args.scenario) if args.scenario else _default_scenario()
-    scenario = load_config(Scenario, path)
-    console.print(f"scenario {path}: {scenario.simulation.institutions} institutions, "
-                  f"{scenario.study.rounds} rounds of FedAvg on {scenario.simulation.dataset}")
-    result = run_simulation(scenario=scenario, output_dir=Path(args.output_dir), console=console)
-    console.print(f"run folder: {result.run_dir}")
+    paths = [Path(p) for p in args.scenario] if args.scenario else [_default_scenario()]
+    scenarios = [(path, load_config(Scenario, path)) for path in paths]  # all valid before any runs
+    results = []
+    for path, scenario in scenarios:
+        dp = f", DP-SGD at epsilon {scenario.privacy.target_epsilon:g} per institution" if scenario.privacy else ""
+        console.print(f"scenario {path}: {scenario.simulation.institutions} institutions, "
+                      f"{scenario.study.rounds} rounds of FedAvg on {scenario.simulation.dataset}{dp}")
+        result = run_simulation(scenario=scenario, output_dir=Path(args.output_dir), console=console)
+        console.print(f"run folder: {result.run_dir}")
+        results.append(result)
+    if len(results) > 1:
+        plot = plot_comparison(results, output_dir=Path(args.output_dir))
+        console.print(f"accuracy against epsilon across the {len(results)} scenarios: {plot}")
     return 0
 
 
@@ -195,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="rehearse a whole federation on this machine")
-    sim.add_argument("--scenario", help=f"scenario file (default: {DEFAULT_SCENARIO})")
+    sim.add_argument("--scenario", action="append",
+                     help=f"scenario file (default: {DEFAULT_SCENARIO}); repeat it to compare scenarios "
+                          "(e.g. privacy levels) in one plot")
     sim.add_argument("--output-dir", default="runs", help="where run folders go (default: ./runs)")
     sim.set_defaults(func=cmd_simulate)
 
