@@ -38,8 +38,6 @@ log = logging.getLogger("fedcollab.privacy")
 
 CACHE_FILE = "dp-grad-sample-modes.json"
 _CACHE_FORMAT = 1
-# Modes measured within this factor of the fastest are measured a second time.
-RECHECK_WITHIN = 1.25
 
 
 @dataclass(frozen=True)
@@ -101,7 +99,7 @@ def measure_modes(
     modes: Sequence[str] = GRAD_SAMPLE_MODES,
     steps: int = 3,
     warmup: int = 1,
-    recheck_within: float = RECHECK_WITHIN,
+    passes: int = 2,
 ) -> dict[str, float]:
     """Seconds per DP-SGD step in each mode that works on `model`. A mode that raises (a
     layer it cannot handle, ...) is left out and logged at debug level; an empty dict
@@ -111,14 +109,16 @@ def measure_modes(
     and only its shape[1:], dtype and device are used. Each mode trains a deep copy of
     `model` with `train_private` (what is timed is what trains) on batch_size x (warmup +
     steps + 1) synthetic examples with random labels, Poisson-sampled to batches of
-    batch_size on average, the same batches for every mode; its figure is the median of
-    `steps` steps after `warmup` untimed ones. Modes within `recheck_within` x the fastest
-    are then timed again, in reverse order, and keep the lower figure (other load on the
-    machine only ever adds time), so a close call is not settled by one hiccup.
+    batch_size on average, the same batches for every mode; a run's figure is the median
+    of its `steps` steps after `warmup` untimed ones. Each working mode is run `passes`
+    times, the order reversed each pass, and keeps its lowest figure: other load on the
+    machine only ever adds time, and a choice that is cached for good should not rest on
+    one run that a busy neighbour slowed down.
     """
-    if batch_size < 1 or steps < 1 or warmup < 0 or num_classes < 1:
-        raise ValueError(f"need batch_size >= 1, steps >= 1, warmup >= 0, num_classes >= 1; got "
-                         f"batch_size={batch_size}, steps={steps}, warmup={warmup}, num_classes={num_classes}")
+    if batch_size < 1 or steps < 1 or warmup < 0 or num_classes < 1 or passes < 1:
+        raise ValueError(f"need batch_size >= 1, steps >= 1, warmup >= 0, num_classes >= 1, passes >= 1; got "
+                         f"batch_size={batch_size}, steps={steps}, warmup={warmup}, num_classes={num_classes}, "
+                         f"passes={passes}")
     if example_x.dim() < 1:
         raise ValueError("example_x must have a batch dimension first, e.g. x[:1]")
     device = _device_of(model)
@@ -128,17 +128,14 @@ def measure_modes(
     x = synthetic_inputs(model=model, example_x=example_x, n=n, generator=seed_gen, device=device)
     y = torch.randint(0, num_classes, (n,), generator=seed_gen).to(device)
     results: dict[str, float] = {}
-    for mode in modes:
-        seconds = _time_mode(model=model, x=x, y=y, batch_size=batch_size, mode=mode, warmup=warmup)
-        if seconds is not None:
-            results[mode] = seconds
-    if len(results) > 1:
-        best = min(results.values())
-        for mode in reversed([m for m, t in results.items() if t <= best * recheck_within]):
-            again = _time_mode(model=model, x=x, y=y, batch_size=batch_size, mode=mode, warmup=warmup)
-            if again is not None:
-                results[mode] = min(results[mode], again)
-    return results
+    working = list(modes)
+    for i in range(passes):
+        for mode in working if i % 2 == 0 else working[::-1]:
+            seconds = _time_mode(model=model, x=x, y=y, batch_size=batch_size, mode=mode, warmup=warmup)
+            if seconds is not None:
+                results[mode] = min(seconds, results.get(mode, seconds))
+        working = [m for m in working if m in results]  # a mode that failed is not tried again
+    return {mode: results[mode] for mode in modes if mode in results}
 
 
 def _time_mode(*, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, mode: str,

@@ -62,9 +62,10 @@ def test_a_mode_that_fails_is_left_out(monkeypatch: pytest.MonkeyPatch, caplog: 
     assert "'functorch' does not work on MLP: vmap: data-dependent control flow" in caplog.text
 
 
-def test_close_calls_are_timed_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Modes within 25% of the fastest are re-timed in reverse order; each keeps its lower figure."""
-    script = {"hooks": [0.10, 0.10], "ghost": [0.12, 0.09], "functorch": [0.50]}
+def test_every_mode_is_timed_twice_and_keeps_its_best(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second pass in reverse order; each mode keeps its lower figure, so one run slowed
+    down by other load (hooks' 0.9 here) does not decide the choice."""
+    script = {"hooks": [0.90, 0.10], "ghost": [0.12, 0.11], "functorch": [None]}
     calls: list[str] = []
 
     def fake(*, mode: str, **_: object) -> float | None:
@@ -73,8 +74,8 @@ def test_close_calls_are_timed_again(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(_modes, "_time_mode", fake)
     seconds = measure_modes(model=tiny_mlp(), example_x=torch.zeros(1, 12), num_classes=3, batch_size=4)
-    assert calls == ["hooks", "ghost", "functorch", "ghost", "hooks"]
-    assert seconds == {"hooks": 0.10, "ghost": 0.09, "functorch": 0.50}
+    assert calls == ["hooks", "ghost", "functorch", "ghost", "hooks"]  # functorch failed: not retried
+    assert seconds == {"hooks": 0.10, "ghost": 0.11}
 
 
 def test_no_working_mode_is_an_error() -> None:
