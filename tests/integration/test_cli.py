@@ -96,6 +96,10 @@ def test_coordinator_and_institutions_as_separate_processes(tmp_path: Path) -> N
     status = fedcollab("coordinator", "status", "--config", str(tmp_path / "federation.toml"))
     assert status.returncode == 0, status.stderr
     assert len(re.findall(r"committed", status.stdout)) == 2, status.stdout
+    assert "privacy spend reported by institutions" in status.stdout, status.stdout
+    # The example institutions train with DP: each kept a ledger of its spend.
+    ledger = fedcollab("institution", "ledger", "--config", str(tmp_path / "hospital-a.toml"), "--verify")
+    assert ledger.returncode == 0 and "ledger intact: 2 rows" in ledger.stdout, ledger.stdout + ledger.stderr
 
 
 @pytest.mark.parametrize("args, expected", [
