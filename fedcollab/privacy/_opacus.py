@@ -102,14 +102,16 @@ def train_private(
     opt = make_optimizer([p for p in work.parameters() if p.requires_grad], name=optimizer, lr=learning_rate,
                          momentum=momentum, weight_decay=weight_decay)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, generator=generator)
-    engine = PrivacyEngine(accountant="rdp")  # its accountant is unused: the ledger accounts
+    # Noise is drawn on the parameters' device; a CPU generator only serves CPU models.
+    on_cpu = next(work.parameters()).device.type == "cpu"
     with warnings.catch_warnings():
         # Opacus warns that secure_mode (torchcsprng) is off; the caveat is in our docs.
         warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant="rdp")  # its accountant is unused: the ledger accounts
         wrapped = engine.make_private(
             module=work, optimizer=opt, data_loader=loader, criterion=nn.CrossEntropyLoss(),
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
-            grad_sample_mode=mode, noise_generator=generator,
+            grad_sample_mode=mode, noise_generator=generator if on_cpu else None,
         )
     if mode == "ghost":
         private_model, private_opt, criterion, private_loader = wrapped
