@@ -52,6 +52,9 @@ class TrainConfig(_Strict):
     local_epochs: int = Field(default=1, ge=1, le=1000)
     batch_size: int = Field(default=32, ge=1)
     learning_rate: float = Field(default=0.05, gt=0)
+    # Round r trains with learning_rate * learning_rate_decay ** (r - 1). Under DP-SGD a
+    # decaying step keeps the last rounds' noise from undoing what earlier rounds learnt.
+    learning_rate_decay: float = Field(default=1.0, gt=0, le=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(default=0.0, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)

@@ -280,7 +280,8 @@ class RoundEngine:
                     nonce=p.nonce,
                     model=_ref(r.base),
                     train=pb.TrainPlan(
-                        local_epochs=t.local_epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
+                        local_epochs=t.local_epochs, batch_size=t.batch_size,
+                        learning_rate=t.learning_rate * t.learning_rate_decay ** (r.number - 1),
                         optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
                     ),
                     manifest=self.manifest,
