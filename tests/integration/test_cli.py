@@ -60,6 +60,26 @@ def test_default_simulation_reaches_95_percent(tmp_path: Path) -> None:
     assert "final global test accuracy" in done.stdout and "institution-3" in done.stdout
 
 
+def test_private_scenario_spends_exactly_its_budget_and_learns(tmp_path: Path) -> None:
+    """The epsilon-3 scenario end to end: each institution's ledger is intact and
+    holds its budget, the coordinator's record matches it, and the model learns.
+    (The quality figure, about 90%, is measured in the README; this guards against
+    breakage with a margin for DP noise.)"""
+    done = fedcollab("simulate", "--scenario", "simulations/digits_dp_eps3.toml", "--output-dir", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_dir = Path(re.search(r"run folder: (\S+)", done.stdout).group(1))  # type: ignore[union-attr]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (run_dir / "privacy.png").stat().st_size > 10_000
+    ledgers = results["privacy"]["institutions"]
+    assert sorted(ledgers) == [f"institution-{i}" for i in range(4)]
+    for name, led in ledgers.items():
+        assert led["ledger_intact"] and led["rounds_trained"] == 20
+        assert 2.9 <= led["spent_epsilon"] <= 3.0, (name, led)
+        reported = [p["epsilon"] for p in results["privacy"]["per_round"] if p["institution"] == name]
+        assert len(reported) == 20 and reported[-1] == led["spent_epsilon"]
+    assert results["final"]["central_accuracy"] >= 0.80, results["final"]
+
+
 def test_coordinator_and_institutions_as_separate_processes(tmp_path: Path) -> None:
     federation = tomllib.loads((REPO / "simulations" / "federation.toml").read_text())
     federation["server"].update(address="127.0.0.1:0", state_dir=str(tmp_path / "coordinator"),
