@@ -3,10 +3,12 @@ of institutions (McMahan et al. 2017)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
 
+from fedcollab.aggregation._central_dp import add_gaussian_noise_, noise_generator
 from fedcollab.v1 import tensor_pb2
 from fedcollab.wire import TensorPiece, spec_numel, torch_dtype
 
@@ -15,7 +17,9 @@ class StreamingFedAvg:
     """Accumulates sum_i(n_i * delta_i) tensor piece by tensor piece.
 
     Updates are deltas from the round's base model, so the new model is
-    base + sum_i(n_i * delta_i) / sum_i(n_i). Sums are kept in float32 (float64 for
+    base + sum_i(n_i * delta_i) / sum_i(n_i). The weight an update is folded with and
+    the one it counts with may differ: DP-FedAvg folds each update scaled by its clip
+    factor and counts it once. Sums are kept in float32 (float64 for
     float64 tensors): one model's worth of memory. Not thread-safe: the coordinator's
     RoundSum serializes every call.
     """
@@ -43,18 +47,32 @@ class StreamingFedAvg:
         self.total_weight += weight
         self.num_updates += 1
 
-    def apply(self, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """base + weighted mean of the deltas, in each tensor's own dtype.
+    def apply(
+        self, base: Mapping[str, torch.Tensor], *, noise_std: float = 0.0, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """base + weighted mean of the deltas (+ N(0, noise_std^2) per coordinate), in
+        each tensor's own dtype.
 
         The sums become the new model in place, so a commit holds the base and one
-        model more, not three; the aggregator is spent afterwards.
+        model more, not three; the noise is drawn into a bounded buffer, tensor by
+        tensor (every tensor of the manifest is floating point: the wire has no other
+        dtypes). Without a generator, one with a fresh secret seed is used. The
+        aggregator is spent afterwards.
         """
         if self.num_updates == 0 or self.total_weight <= 0:
             raise ValueError("no update was aggregated")
+        if noise_std < 0 or not math.isfinite(noise_std):
+            raise ValueError(f"noise_std must be finite and non-negative, got {noise_std}")
+        if noise_std > 0 and generator is None:
+            generator = noise_generator()
         out = {}
         for spec, acc in zip(self._specs, self._sums, strict=True):
             b = base[spec.name]
-            acc.div_(self.total_weight).add_(b.reshape(-1).to(acc.dtype))
+            acc.div_(self.total_weight)
+            if noise_std > 0:
+                assert generator is not None
+                add_gaussian_noise_(acc, std=noise_std, generator=generator)
+            acc.add_(b.reshape(-1).to(acc.dtype))
             out[spec.name] = acc.reshape(b.shape).to(b.dtype)  # no copy when dtypes match
         self._sums = []
         return out

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import psutil
@@ -42,6 +42,9 @@ from fedcollab.errors import ConfigError, Rejected
 from fedcollab.v1 import coordinator_service_pb2 as pb
 from fedcollab.v1 import tensor_pb2
 from fedcollab.wire import manifest_of
+
+if TYPE_CHECKING:
+    from fedcollab.privacy import CentralDP
 
 log = logging.getLogger("fedcollab.coordinator")
 
@@ -147,6 +150,14 @@ class RoundEngine:
         self.heartbeat_s = config.server.heartbeat_interval_s
         self.lease_s = config.server.heartbeat_interval_s * config.server.lease_intervals
         self._current = self._load_or_create_model()
+        # Institution-level DP (DP-FedAvg): clip norm and accounting, resumed from the
+        # committed rounds. Imported here: it loads Opacus' accountants, which a
+        # coordinator without central DP has no need for.
+        self._central_dp: CentralDP | None = None
+        if self._study.central_dp is not None:
+            from fedcollab.privacy import CentralDP
+
+            self._central_dp = CentralDP(config=self._study.central_dp, rounds=store.rounds())
         self.manifest = manifest_of(dict(sorted(load_tensors(self._current.path).items())))
         self._study_info = pb.StudyInfo(
             name=self._study.name,
@@ -346,7 +357,8 @@ class RoundEngine:
             return Upload(receiver, r, institution)
 
     def accept_chunk(self, upload: Upload, chunk: tensor_pb2.Chunk) -> None:
-        """Check one chunk and fold it into the round's sum at once."""
+        """Check one chunk and fold it into the round's sum at once (under central DP,
+        only measure it: the clipped update is folded when it completes)."""
         pieces = upload.receiver.accept(chunk)
         if not upload.round.total.fold(upload.institution, pieces, upto=upload.receiver.received):
             raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="ROUND_CLOSED",
@@ -371,6 +383,10 @@ class RoundEngine:
         except Rejected as e:
             self.abort_upload(upload, reason=e.reason)
             raise
+        # Under central DP the whole update is folded now, clipped, from its spool:
+        # outside the lock, as it reads the update back.
+        if not r.total.finish(upload.institution):
+            raise closed
         with self._cond:
             if r.closed or p.status != "uploading" or not r.total.complete(upload.institution):
                 raise closed
@@ -526,7 +542,9 @@ class RoundEngine:
             number=number, attempt=attempt, base=base,
             participants={n: _Participant(n, secrets.token_hex(16)) for n in selected},
             deadline=time.monotonic() + self._study.round_timeout_s,
-            total=RoundSum(manifest=self.manifest, piece_bytes=self.chunk_bytes), opened=time.monotonic(),
+            total=RoundSum(manifest=self.manifest, piece_bytes=self.chunk_bytes,
+                           clip_norm=self._central_dp.clip_norm if self._central_dp else None),
+            opened=time.monotonic(),
         )
         self._store.open_round(round_number=number, attempt=attempt, base_version=base.version, participants=selected)
         bytes_at_open = (self.bytes_in, self.bytes_out)
@@ -581,8 +599,10 @@ class RoundEngine:
                     self._fail(r, p, "LEASE_EXPIRED", status="vanished")
 
     def _commit(self, r: _Round, done: list[_Participant], bytes_at_open: tuple[int, int]) -> dict[str, float]:
+        central = self._central_dp
+        dp = central.release(update_norms=r.total.update_norms()) if central is not None else None
         base = load_tensors(r.base.path)
-        new = r.total.apply(base)
+        new = r.total.apply(base, noise_std=dp.noise_std if dp else 0.0)
         del base
         total = sum(p.num_examples for p in done)
         metrics: dict[str, float] = {
@@ -597,10 +617,17 @@ class RoundEngine:
             metrics["train_loss"] = sum(n * v for n, v in train_losses) / sum(n for n, _ in train_losses)
         if self._evaluator is not None:
             metrics.update({f"central_{k}": float(v) for k, v in self._evaluator(new).items()})
+        if dp is not None:
+            metrics.update(dp.metrics)
         model = write_atomic(new, folder=self._models_dir, version=r.base.version + 1)
         self._store.commit_round(round_number=r.number, attempt=r.attempt, model=model, parent=r.base.version,
                                  metrics=metrics)
         self._current = model
+        if central is not None and dp is not None:
+            central.commit(dp)  # the round's release is spent only once committed
+            log.info("round %d: central DP epsilon %.3f (delta %g), clip norm %.4g -> %.4g", r.number,
+                     dp.metrics["central_dp_epsilon"], dp.metrics["central_dp_delta"], dp.clip_norm,
+                     dp.clip_norm_next)
         log.info("round %d committed: model v%d %s", r.number, model.version, model.sha256[:12])
         return metrics
 

@@ -3,5 +3,6 @@ institution-level DP at the coordinator (DP-FedAvg)."""
 
 from fedcollab.privacy._accounting import ACCOUNTANTS, calibrate_noise, compose, epsilon_of
 from fedcollab.privacy._budget import BudgetExhausted, InstitutionPrivacy, RoundPrivacy
+from fedcollab.privacy._central import CentralDP, CentralRelease
 from fedcollab.privacy._ledger import LedgerEntry, LedgerError, PrivacyLedger, VerifyReport, ledger_path
 from fedcollab.privacy._opacus import GRAD_SAMPLE_MODES, PrivacyError, train_private, validate_model
