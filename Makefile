@@ -31,6 +31,7 @@ protos: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/round_overhead.py
+	$(BIN)/python benchmarks/dp_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
