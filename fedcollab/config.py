@@ -29,6 +29,9 @@ class TlsConfig(_Strict):
     cert: Path
     key: Path
     require_client_auth: bool = True
+    # Coordinator: the federation CA's revocation list (`fedcollab pki revoke` writes
+    # it); re-read when the file changes, so a revocation needs no restart.
+    crl: Path | None = None
 
 
 class ServerConfig(_Strict):

@@ -26,7 +26,7 @@ from fedcollab.v1 import tensor_pb2 as fedcollab_dot_v1_dot_tensor__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fedcollab/v1/coordinator_service.proto\x12\x0c\x66\x65\x64\x63ollab.v1\x1a\x19\x66\x65\x64\x63ollab/v1/tensor.proto\x1a\x1cgoogle/protobuf/struct.proto\"B\n\tModelSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"W\n\tStudyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.fedcollab.v1.ModelSpec\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\x03\"V\n\x0bJoinRequest\x12\x13\n\x0binstitution\x18\x01 \x01(\t\x12\x1a\n\x12num_train_examples\x18\x02 \x01(\x03\x12\x16\n\x0e\x63lient_version\x18\x03 \x01(\t\"\xb0\x01\n\x0cJoinResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nfederation\x18\x02 \x01(\t\x12&\n\x05study\x18\x03 \x01(\x0b\x32\x17.fedcollab.v1.StudyInfo\x12\"\n\x1aheartbeat_interval_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\x03\"?\n\x08ModelRef\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"\x87\x01\n\tTrainPlan\x12\x14\n\x0clocal_epochs\x18\x01 \x01(\x03\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x11\n\toptimizer\x18\x04 \x01(\t\x12\x10\n\x08momentum\x18\x05 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\"\xc8\x01\n\x04Task\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.fedcollab.v1.TaskKind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\t\x12%\n\x05model\x18\x04 \x01(\x0b\x32\x16.fedcollab.v1.ModelRef\x12&\n\x05train\x18\x05 \x01(\x0b\x32\x17.fedcollab.v1.TrainPlan\x12-\n\x08manifest\x18\x06 \x01(\x0b\x32\x1b.fedcollab.v1.ModelManifest\";\n\x0fPollTaskRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"4\n\x10PollTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.fedcollab.v1.Task\"J\n\x14\x44ownloadModelRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"P\n\x15\x44ownloadModelResponse\x12\"\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x13.fedcollab.v1.Chunk\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\"\xd7\x02\n\x0cUpdateHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x03\x12-\n\x08manifest\x18\x05 \x01(\x0b\x32\x1b.fedcollab.v1.ModelManifest\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\x0c\x12\x14\n\x0cnum_examples\x18\x08 \x01(\x03\x12\x38\n\x07metrics\x18\t \x03(\x0b\x32\'.fedcollab.v1.UpdateHeader.MetricsEntry\x12+\n\x07privacy\x18\n \x01(\x0b\x32\x1a.fedcollab.v1.PrivacySpend\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xaf\x01\n\x0cPrivacySpend\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\x16\n\x0e\x62udget_epsilon\x18\x03 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x04 \x01(\x01\x12\x13\n\x0bsample_rate\x18\x05 \x01(\x01\x12\r\n\x05steps\x18\x06 \x01(\x03\x12\x12\n\naccountant\x18\x07 \x01(\t\x12\x15\n\rmax_grad_norm\x18\x08 \x01(\x01\"q\n\x13UploadUpdateRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.fedcollab.v1.UpdateHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedcollab.v1.ChunkH\x00\x42\x06\n\x04part\".\n\x14UploadUpdateResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\"\x97\x01\n\x17ReportEvaluationRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x07 \x01(\x01\"\x1a\n\x18ReportEvaluationResponse\"\x94\x01\n\x12\x44\x65\x63lineTaskRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12+\n\x07privacy\x18\x06 \x01(\x0b\x32\x1a.fedcollab.v1.PrivacySpend\"\x15\n\x13\x44\x65\x63lineTaskResponse\"&\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x11HeartbeatResponse\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01*~\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_KIND_WAIT\x10\x01\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x02\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x03\x12\x16\n\x12TASK_KIND_FINISHED\x10\x04\x32\xd8\x04\n\x12\x43oordinatorService\x12=\n\x04Join\x12\x19.fedcollab.v1.JoinRequest\x1a\x1a.fedcollab.v1.JoinResponse\x12I\n\x08PollTask\x12\x1d.fedcollab.v1.PollTaskRequest\x1a\x1e.fedcollab.v1.PollTaskResponse\x12Z\n\rDownloadModel\x12\".fedcollab.v1.DownloadModelRequest\x1a#.fedcollab.v1.DownloadModelResponse0\x01\x12W\n\x0cUploadUpdate\x12!.fedcollab.v1.UploadUpdateRequest\x1a\".fedcollab.v1.UploadUpdateResponse(\x01\x12\x61\n\x10ReportEvaluation\x12%.fedcollab.v1.ReportEvaluationRequest\x1a&.fedcollab.v1.ReportEvaluationResponse\x12R\n\x0b\x44\x65\x63lineTask\x12 .fedcollab.v1.DeclineTaskRequest\x1a!.fedcollab.v1.DeclineTaskResponse\x12L\n\tHeartbeat\x12\x1e.fedcollab.v1.HeartbeatRequest\x1a\x1f.fedcollab.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fedcollab/v1/coordinator_service.proto\x12\x0c\x66\x65\x64\x63ollab.v1\x1a\x19\x66\x65\x64\x63ollab/v1/tensor.proto\x1a\x1cgoogle/protobuf/struct.proto\"B\n\tModelSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"W\n\tStudyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.fedcollab.v1.ModelSpec\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\x03\"V\n\x0bJoinRequest\x12\x13\n\x0binstitution\x18\x01 \x01(\t\x12\x1a\n\x12num_train_examples\x18\x02 \x01(\x03\x12\x16\n\x0e\x63lient_version\x18\x03 \x01(\t\"\xcc\x01\n\x0cJoinResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nfederation\x18\x02 \x01(\t\x12&\n\x05study\x18\x03 \x01(\x0b\x32\x17.fedcollab.v1.StudyInfo\x12\"\n\x1aheartbeat_interval_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\x03\x12\x1a\n\x12lineage_public_key\x18\x07 \x01(\x0c\"r\n\x08ModelRef\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x16\n\x0elineage_record\x18\x04 \x01(\x0c\x12\x19\n\x11lineage_signature\x18\x05 \x01(\x0c\"\x87\x01\n\tTrainPlan\x12\x14\n\x0clocal_epochs\x18\x01 \x01(\x03\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x11\n\toptimizer\x18\x04 \x01(\t\x12\x10\n\x08momentum\x18\x05 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\"\xc8\x01\n\x04Task\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.fedcollab.v1.TaskKind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\t\x12%\n\x05model\x18\x04 \x01(\x0b\x32\x16.fedcollab.v1.ModelRef\x12&\n\x05train\x18\x05 \x01(\x0b\x32\x17.fedcollab.v1.TrainPlan\x12-\n\x08manifest\x18\x06 \x01(\x0b\x32\x1b.fedcollab.v1.ModelManifest\";\n\x0fPollTaskRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"4\n\x10PollTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.fedcollab.v1.Task\"J\n\x14\x44ownloadModelRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"P\n\x15\x44ownloadModelResponse\x12\"\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x13.fedcollab.v1.Chunk\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\"\xd7\x02\n\x0cUpdateHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x03\x12-\n\x08manifest\x18\x05 \x01(\x0b\x32\x1b.fedcollab.v1.ModelManifest\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\x0c\x12\x14\n\x0cnum_examples\x18\x08 \x01(\x03\x12\x38\n\x07metrics\x18\t \x03(\x0b\x32\'.fedcollab.v1.UpdateHeader.MetricsEntry\x12+\n\x07privacy\x18\n \x01(\x0b\x32\x1a.fedcollab.v1.PrivacySpend\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xaf\x01\n\x0cPrivacySpend\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\x16\n\x0e\x62udget_epsilon\x18\x03 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x04 \x01(\x01\x12\x13\n\x0bsample_rate\x18\x05 \x01(\x01\x12\r\n\x05steps\x18\x06 \x01(\x03\x12\x12\n\naccountant\x18\x07 \x01(\t\x12\x15\n\rmax_grad_norm\x18\x08 \x01(\x01\"q\n\x13UploadUpdateRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.fedcollab.v1.UpdateHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedcollab.v1.ChunkH\x00\x42\x06\n\x04part\".\n\x14UploadUpdateResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\"\x97\x01\n\x17ReportEvaluationRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x07 \x01(\x01\"\x1a\n\x18ReportEvaluationResponse\"\x94\x01\n\x12\x44\x65\x63lineTaskRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12+\n\x07privacy\x18\x06 \x01(\x0b\x32\x1a.fedcollab.v1.PrivacySpend\"\x15\n\x13\x44\x65\x63lineTaskResponse\"&\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x11HeartbeatResponse\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01*~\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_KIND_WAIT\x10\x01\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x02\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x03\x12\x16\n\x12TASK_KIND_FINISHED\x10\x04\x32\xd8\x04\n\x12\x43oordinatorService\x12=\n\x04Join\x12\x19.fedcollab.v1.JoinRequest\x1a\x1a.fedcollab.v1.JoinResponse\x12I\n\x08PollTask\x12\x1d.fedcollab.v1.PollTaskRequest\x1a\x1e.fedcollab.v1.PollTaskResponse\x12Z\n\rDownloadModel\x12\".fedcollab.v1.DownloadModelRequest\x1a#.fedcollab.v1.DownloadModelResponse0\x01\x12W\n\x0cUploadUpdate\x12!.fedcollab.v1.UploadUpdateRequest\x1a\".fedcollab.v1.UploadUpdateResponse(\x01\x12\x61\n\x10ReportEvaluation\x12%.fedcollab.v1.ReportEvaluationRequest\x1a&.fedcollab.v1.ReportEvaluationResponse\x12R\n\x0b\x44\x65\x63lineTask\x12 .fedcollab.v1.DeclineTaskRequest\x1a!.fedcollab.v1.DeclineTaskResponse\x12L\n\tHeartbeat\x12\x1e.fedcollab.v1.HeartbeatRequest\x1a\x1f.fedcollab.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKKIND']._serialized_start=2343
-  _globals['_TASKKIND']._serialized_end=2469
+  _globals['_TASKKIND']._serialized_start=2422
+  _globals['_TASKKIND']._serialized_end=2548
   _globals['_MODELSPEC']._serialized_start=113
   _globals['_MODELSPEC']._serialized_end=179
   _globals['_STUDYINFO']._serialized_start=181
@@ -44,43 +44,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREQUEST']._serialized_start=270
   _globals['_JOINREQUEST']._serialized_end=356
   _globals['_JOINRESPONSE']._serialized_start=359
-  _globals['_JOINRESPONSE']._serialized_end=535
-  _globals['_MODELREF']._serialized_start=537
-  _globals['_MODELREF']._serialized_end=600
-  _globals['_TRAINPLAN']._serialized_start=603
-  _globals['_TRAINPLAN']._serialized_end=738
-  _globals['_TASK']._serialized_start=741
-  _globals['_TASK']._serialized_end=941
-  _globals['_POLLTASKREQUEST']._serialized_start=943
-  _globals['_POLLTASKREQUEST']._serialized_end=1002
-  _globals['_POLLTASKRESPONSE']._serialized_start=1004
-  _globals['_POLLTASKRESPONSE']._serialized_end=1056
-  _globals['_DOWNLOADMODELREQUEST']._serialized_start=1058
-  _globals['_DOWNLOADMODELREQUEST']._serialized_end=1132
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=1134
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=1214
-  _globals['_UPDATEHEADER']._serialized_start=1217
-  _globals['_UPDATEHEADER']._serialized_end=1560
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1514
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1560
-  _globals['_PRIVACYSPEND']._serialized_start=1563
-  _globals['_PRIVACYSPEND']._serialized_end=1738
-  _globals['_UPLOADUPDATEREQUEST']._serialized_start=1740
-  _globals['_UPLOADUPDATEREQUEST']._serialized_end=1853
-  _globals['_UPLOADUPDATERESPONSE']._serialized_start=1855
-  _globals['_UPLOADUPDATERESPONSE']._serialized_end=1901
-  _globals['_REPORTEVALUATIONREQUEST']._serialized_start=1904
-  _globals['_REPORTEVALUATIONREQUEST']._serialized_end=2055
-  _globals['_REPORTEVALUATIONRESPONSE']._serialized_start=2057
-  _globals['_REPORTEVALUATIONRESPONSE']._serialized_end=2083
-  _globals['_DECLINETASKREQUEST']._serialized_start=2086
-  _globals['_DECLINETASKREQUEST']._serialized_end=2234
-  _globals['_DECLINETASKRESPONSE']._serialized_start=2236
-  _globals['_DECLINETASKRESPONSE']._serialized_end=2257
-  _globals['_HEARTBEATREQUEST']._serialized_start=2259
-  _globals['_HEARTBEATREQUEST']._serialized_end=2297
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2299
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2341
-  _globals['_COORDINATORSERVICE']._serialized_start=2472
-  _globals['_COORDINATORSERVICE']._serialized_end=3072
+  _globals['_JOINRESPONSE']._serialized_end=563
+  _globals['_MODELREF']._serialized_start=565
+  _globals['_MODELREF']._serialized_end=679
+  _globals['_TRAINPLAN']._serialized_start=682
+  _globals['_TRAINPLAN']._serialized_end=817
+  _globals['_TASK']._serialized_start=820
+  _globals['_TASK']._serialized_end=1020
+  _globals['_POLLTASKREQUEST']._serialized_start=1022
+  _globals['_POLLTASKREQUEST']._serialized_end=1081
+  _globals['_POLLTASKRESPONSE']._serialized_start=1083
+  _globals['_POLLTASKRESPONSE']._serialized_end=1135
+  _globals['_DOWNLOADMODELREQUEST']._serialized_start=1137
+  _globals['_DOWNLOADMODELREQUEST']._serialized_end=1211
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=1213
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=1293
+  _globals['_UPDATEHEADER']._serialized_start=1296
+  _globals['_UPDATEHEADER']._serialized_end=1639
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1593
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1639
+  _globals['_PRIVACYSPEND']._serialized_start=1642
+  _globals['_PRIVACYSPEND']._serialized_end=1817
+  _globals['_UPLOADUPDATEREQUEST']._serialized_start=1819
+  _globals['_UPLOADUPDATEREQUEST']._serialized_end=1932
+  _globals['_UPLOADUPDATERESPONSE']._serialized_start=1934
+  _globals['_UPLOADUPDATERESPONSE']._serialized_end=1980
+  _globals['_REPORTEVALUATIONREQUEST']._serialized_start=1983
+  _globals['_REPORTEVALUATIONREQUEST']._serialized_end=2134
+  _globals['_REPORTEVALUATIONRESPONSE']._serialized_start=2136
+  _globals['_REPORTEVALUATIONRESPONSE']._serialized_end=2162
+  _globals['_DECLINETASKREQUEST']._serialized_start=2165
+  _globals['_DECLINETASKREQUEST']._serialized_end=2313
+  _globals['_DECLINETASKRESPONSE']._serialized_start=2315
+  _globals['_DECLINETASKRESPONSE']._serialized_end=2336
+  _globals['_HEARTBEATREQUEST']._serialized_start=2338
+  _globals['_HEARTBEATREQUEST']._serialized_end=2376
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2378
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2420
+  _globals['_COORDINATORSERVICE']._serialized_start=2551
+  _globals['_COORDINATORSERVICE']._serialized_end=3151
 # @@protoc_insertion_point(module_scope)

@@ -51,30 +51,36 @@ class JoinRequest(_message.Message):
     def __init__(self, institution: _Optional[str] = ..., num_train_examples: _Optional[int] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("session_id", "federation", "study", "heartbeat_interval_seconds", "chunk_bytes", "max_chunk_bytes")
+    __slots__ = ("session_id", "federation", "study", "heartbeat_interval_seconds", "chunk_bytes", "max_chunk_bytes", "lineage_public_key")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_FIELD_NUMBER: _ClassVar[int]
     STUDY_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     federation: str
     study: StudyInfo
     heartbeat_interval_seconds: float
     chunk_bytes: int
     max_chunk_bytes: int
-    def __init__(self, session_id: _Optional[str] = ..., federation: _Optional[str] = ..., study: _Optional[_Union[StudyInfo, _Mapping]] = ..., heartbeat_interval_seconds: _Optional[float] = ..., chunk_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    lineage_public_key: bytes
+    def __init__(self, session_id: _Optional[str] = ..., federation: _Optional[str] = ..., study: _Optional[_Union[StudyInfo, _Mapping]] = ..., heartbeat_interval_seconds: _Optional[float] = ..., chunk_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., lineage_public_key: _Optional[bytes] = ...) -> None: ...
 
 class ModelRef(_message.Message):
-    __slots__ = ("version", "sha256", "size_bytes")
+    __slots__ = ("version", "sha256", "size_bytes", "lineage_record", "lineage_signature")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_RECORD_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     version: int
     sha256: str
     size_bytes: int
-    def __init__(self, version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    lineage_record: bytes
+    lineage_signature: bytes
+    def __init__(self, version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., lineage_record: _Optional[bytes] = ..., lineage_signature: _Optional[bytes] = ...) -> None: ...
 
 class TrainPlan(_message.Message):
     __slots__ = ("local_epochs", "batch_size", "learning_rate", "optimizer", "momentum", "weight_decay")
