@@ -196,6 +196,128 @@ def cmd_institution_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serial(text: str) -> int:
+    """--serial as `pki list` and the coordinator's logs print it: hex, with or without 0x or colons."""
+    try:
+        return int(text.lower().removeprefix("0x").replace(":", ""), 16)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a hex serial (as `fedcollab pki list` prints it)") from None
+
+
+def _pki_facts(rows: Sequence[tuple[str, str]], title: str) -> None:
+    from rich.text import Text
+
+    table = Table(title=title, show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for label, value in rows:
+        table.add_row(label, Text(value))  # Text: a fingerprint's ":AB:" is not an emoji code
+    console.print(table)
+
+
+def cmd_pki_init(args: argparse.Namespace) -> int:
+    from fedcollab.pki import init_ca
+
+    ca = init_ca(directory=Path(args.dir), federation=args.federation, days=args.days)
+    _pki_facts([("CA certificate", str(ca.ca_cert)), ("CA key", f"{ca.ca_key} (0600)"),
+                ("revocation list", str(ca.crl)), ("fingerprint", ca.fingerprint)],
+               title=f"federation CA for {args.federation}, valid {args.days} days")
+    console.print("Keep ca-key.pem on this machine and back it up; give ca.pem to every institution and the "
+                  "coordinator, and point the coordinator's server.tls.crl at a copy of crl.pem.", markup=False)
+    return 0
+
+
+def cmd_pki_request(args: argparse.Namespace) -> int:
+    from fedcollab.pki import request_certificate
+
+    role, name = next((r, getattr(args, r)) for r in ("institution", "operator", "coordinator") if getattr(args, r))
+    req = request_certificate(directory=Path(args.dir), role=role, name=name, dns_names=args.dns or (),
+                              ip_addresses=args.ip or ())
+    hosts = [*req.dns_names, *req.ip_addresses]
+    _pki_facts([("identity", f"{role} {name}"), ("private key", f"{req.key} (0600"
+                 + (", existing key reused)" if req.reused_key else ", new)")),
+                ("request", str(req.csr)), *([("hosts", ", ".join(hosts))] if hosts else []),
+                ("public-key fingerprint", req.public_key_fingerprint)], title="certificate request")
+    console.print(f"Send {req.csr.name} (never {req.key.name}: the key stays here) to the federation operator, and "
+                  "read them the public-key fingerprint by phone: `fedcollab pki sign` prints it too, and they "
+                  "must match.", markup=False, highlight=False)
+    return 0
+
+
+def cmd_pki_sign(args: argparse.Namespace) -> int:
+    from fedcollab.pki import serial_hex, sign_request
+
+    csr = Path(args.csr)
+    try:
+        csr_pem = csr.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"--csr {csr}: cannot read it ({e.strerror})") from None
+    out = Path(args.out) if args.out else csr.with_suffix(".pem")
+    signed = sign_request(ca_dir=Path(args.ca_dir), csr_pem=csr_pem, days=args.days, out=out, replace=args.replace)
+    hosts = [*signed.dns_names, *signed.ip_addresses]
+    _pki_facts([("identity", f"{signed.identity.role} {signed.identity.name}"),
+                ("SAN", ", ".join([signed.identity.uri, *hosts])), ("serial", serial_hex(signed.serial)),
+                ("valid", f"{signed.not_before:%Y-%m-%d %H:%M} to {signed.not_after:%Y-%m-%d %H:%M} UTC"),
+                ("public-key fingerprint", signed.public_key_fingerprint),
+                ("certificate fingerprint", signed.fingerprint), ("certificate", str(out)),
+                *([("replaced (revoked)", ", ".join(map(serial_hex, signed.replaced)))] if signed.replaced else [])],
+               title="signed")
+    console.print(f"Before sending {out.name} back, confirm the public-key fingerprint with {signed.identity.name} "
+                  "by phone: a mismatch means the CSR is not theirs." + (" The replaced certificate is in the new "
+                  "crl.pem: copy it to the coordinator." if signed.replaced else ""), markup=False, highlight=False)
+    return 0
+
+
+def cmd_pki_revoke(args: argparse.Namespace) -> int:
+    from fedcollab.pki import revoke
+
+    if args.role and not args.name:
+        raise ConfigError("--role only narrows --name; drop it")
+    cert_pem = None
+    if args.cert:
+        try:
+            cert_pem = Path(args.cert).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"--cert {args.cert}: cannot read it ({e.strerror})") from None
+    crl = revoke(ca_dir=Path(args.ca_dir), serial=args.serial, cert_pem=cert_pem, name=args.name, role=args.role,
+                 reason=args.reason)
+    what = args.cert or (f"serial {args.serial:x}" if args.serial is not None else f"{args.role or ''} {args.name}")
+    console.print(f"revoked {what.strip()} ({args.reason}); revocation list: {crl}", markup=False, highlight=False)
+    console.print("Copy it to the coordinator's server.tls.crl: it takes effect on the next call, no restart.",
+                  markup=False)
+    return 0
+
+
+def cmd_pki_crl(args: argparse.Namespace) -> int:
+    from fedcollab.pki import refresh_crl
+
+    crl = refresh_crl(ca_dir=Path(args.ca_dir))
+    console.print(f"re-signed {crl}; copy it to the coordinator's server.tls.crl", markup=False, highlight=False)
+    return 0
+
+
+def cmd_pki_list(args: argparse.Namespace) -> int:
+    from rich.text import Text
+
+    from fedcollab.pki import issued_certificates, serial_hex
+
+    records = issued_certificates(ca_dir=Path(args.ca_dir))
+    table = Table(title=f"certificates issued by {args.ca_dir}")
+    table.add_column("serial", overflow="fold")  # whole: it is what `pki revoke --serial` takes
+    for col in ("role", "name", "hosts", "not after (UTC)", "status", "fingerprint"):
+        table.add_column(col, overflow="fold" if col == "hosts" else "ellipsis")
+    colour = {"valid": "green", "expired": "yellow", "revoked": "red"}
+    for r in records:
+        status = r.status + (f" {r.revoked_at[:10]} ({r.reason})" if r.revoked else "")
+        table.add_row(serial_hex(r.serial), r.role, r.name, Text(", ".join([*r.dns_names, *r.ip_addresses])),
+                      r.not_after[:16].replace("T", " "), Text(status, style=colour[r.status]),
+                      Text(r.fingerprint[:22] + "…"))
+    console.print(table)
+    if not records:
+        console.print("nothing issued yet", markup=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedcollab", description="Federated learning for research institutions.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -231,6 +353,46 @@ def build_parser() -> argparse.ArgumentParser:
     ledger.add_argument("--verify", action="store_true", help="check the hash chain; exit 1 if it is broken")
     ledger.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ledger.set_defaults(func=cmd_institution_ledger)
+
+    pki = sub.add_parser("pki", help="the federation's certificates: CA, requests, signing, revocation")
+    pki_sub = pki.add_subparsers(dest="action", required=True)
+    p = pki_sub.add_parser("init", help="make the federation CA (operator, once)")
+    p.add_argument("--dir", required=True, help="folder for the CA (created; refused if it holds a CA)")
+    p.add_argument("--federation", required=True, help="the federation's name, recorded in the CA")
+    p.add_argument("--days", type=int, default=3650, help="CA validity in days (default: 3650)")
+    p.set_defaults(func=cmd_pki_init)
+    p = pki_sub.add_parser("request", help="make a private key and a CSR here (the key never leaves)")
+    who = p.add_mutually_exclusive_group(required=True)
+    for role in ("institution", "operator", "coordinator"):
+        who.add_argument(f"--{role}", metavar="NAME", help=f"request a {role} certificate for NAME")
+    p.add_argument("--dns", action="append", metavar="HOST", help="coordinator only: a host name it is reached by")
+    p.add_argument("--ip", action="append", metavar="ADDR", help="coordinator only: an IP address it is reached by")
+    p.add_argument("--dir", default=".", help="where NAME-key.pem and NAME.csr go (default: here)")
+    p.set_defaults(func=cmd_pki_request)
+    p = pki_sub.add_parser("sign", help="check a CSR and issue its certificate (operator)")
+    p.add_argument("--ca-dir", required=True, help="the folder `pki init` made")
+    p.add_argument("--csr", required=True, help="the .csr file received")
+    p.add_argument("--out", help="certificate file (default: the CSR's path with .pem)")
+    p.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
+    p.add_argument("--replace", action="store_true", help="revoke the name's current certificate as superseded")
+    p.set_defaults(func=cmd_pki_sign)
+    p = pki_sub.add_parser("revoke", help="revoke certificates and rewrite crl.pem (operator)")
+    p.add_argument("--ca-dir", required=True, help="the folder `pki init` made")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--cert", help="the certificate file")
+    which.add_argument("--serial", type=_serial, help="its serial, in hex as `pki list` prints it")
+    which.add_argument("--name", help="every unrevoked certificate of this name")
+    p.add_argument("--role", choices=("institution", "operator", "coordinator"), help="with --name: only this role")
+    p.add_argument("--reason", default="unspecified",
+                   help="key_compromise, affiliation_changed, superseded, cessation_of_operation, ... "
+                        "(default: unspecified)")
+    p.set_defaults(func=cmd_pki_revoke)
+    p = pki_sub.add_parser("crl", help="re-sign crl.pem before it goes stale (every 30 days)")
+    p.add_argument("--ca-dir", required=True, help="the folder `pki init` made")
+    p.set_defaults(func=cmd_pki_crl)
+    p = pki_sub.add_parser("list", help="certificates issued, with their status")
+    p.add_argument("--ca-dir", required=True, help="the folder `pki init` made")
+    p.set_defaults(func=cmd_pki_list)
     return parser
 
 

@@ -44,3 +44,8 @@ class RemoteError(FedcollabError):
         self.code = code
         self.reason = reason
         self.message = message
+
+
+class PkiError(FedcollabError):
+    """The federation PKI refuses an operation (a bad CSR, a name already certified, a
+    revocation list that does not verify); the message says what to do instead."""
