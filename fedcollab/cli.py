@@ -37,13 +37,21 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _require_tls_or_insecure(has_tls: bool, insecure: bool, address: str, what: str) -> None:
+def _require_tls_or_insecure(*, has_tls: bool, args: argparse.Namespace, address: str, what: str) -> None:
+    """Mutual TLS is the default. Plaintext needs --insecure, is announced loudly at
+    every start, and off loopback also needs --force-insecure."""
     if has_tls:
+        if args.insecure:
+            raise ConfigError(f"{what} has a [tls] table and --insecure was given: drop one of the two")
         return
-    if not insecure:
-        raise ConfigError(f"{what} has no [tls] table: configure TLS, or pass --insecure for a plaintext rehearsal")
-    if not is_loopback(address):
-        logging.getLogger("fedcollab").warning("--insecure on a non-loopback address %s", address)
+    if not args.insecure:
+        raise ConfigError(f"{what} has no [tls] table: configure mutual TLS (see `fedcollab pki`), "
+                          "or pass --insecure for a plaintext rehearsal on loopback")
+    if not is_loopback(address) and not args.force_insecure:
+        raise ConfigError(f"--insecure refused on {address}, which is not a loopback address: plaintext there "
+                          "exposes updates and lets anyone join. Configure [tls], or add --force-insecure")
+    console.print(f"[bold red]PLAINTEXT: {address} without TLS. Traffic is unencrypted and identities are not "
+                  "verified; for a local rehearsal only.[/]")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -56,7 +64,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         dp = f", DP-SGD at epsilon {scenario.privacy.target_epsilon:g} per institution" if scenario.privacy else ""
         console.print(f"scenario {path}: {scenario.simulation.institutions} institutions, "
                       f"{scenario.study.rounds} rounds of FedAvg on {scenario.simulation.dataset}{dp}")
-        result = run_simulation(scenario=scenario, output_dir=Path(args.output_dir), console=console)
+        if args.insecure:
+            console.print("[bold red]PLAINTEXT simulation (--insecure): no TLS between the coordinator and the "
+                          "institutions on loopback.[/]")
+        result = run_simulation(scenario=scenario, output_dir=Path(args.output_dir), console=console,
+                                insecure=args.insecure)
         console.print(f"run folder: {result.run_dir}")
         results.append(result)
     if len(results) > 1:
@@ -69,7 +81,8 @@ def cmd_coordinator_serve(args: argparse.Namespace) -> int:
     from fedcollab.coordinator import Coordinator
 
     config = load_config(FederationConfig, args.config)
-    _require_tls_or_insecure(config.server.tls is not None, args.insecure, config.server.address, args.config)
+    _require_tls_or_insecure(has_tls=config.server.tls is not None, args=args, address=config.server.address,
+                             what=args.config)
     stop = _stop_on_signals()
     coordinator = Coordinator(config=config)
     coordinator.start()
@@ -136,7 +149,8 @@ def cmd_institution_run(args: argparse.Namespace) -> int:
     from fedcollab.institution import daemon_from_config
 
     config = load_config(InstitutionConfig, args.config)
-    _require_tls_or_insecure(config.tls is not None, args.insecure, config.institution.coordinator, args.config)
+    _require_tls_or_insecure(has_tls=config.tls is not None, args=args, address=config.institution.coordinator,
+                             what=args.config)
     stop = _stop_on_signals()
     daemon = daemon_from_config(config)
     console.print(f"institution [bold]{daemon.name}[/] ({daemon.num_train_examples} training examples) "
@@ -328,12 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"scenario file (default: {DEFAULT_SCENARIO}); repeat it to compare scenarios "
                           "(e.g. privacy levels) in one plot")
     sim.add_argument("--output-dir", default="runs", help="where run folders go (default: ./runs)")
+    sim.add_argument("--insecure", action="store_true",
+                     help="plaintext on loopback instead of mutual TLS with an ephemeral CA in the run folder")
     sim.set_defaults(func=cmd_simulate)
 
     coord = sub.add_parser("coordinator", help="run or inspect a coordinator").add_subparsers(dest="action", required=True)
     serve = coord.add_parser("serve", help="serve a study until it is finished")
     serve.add_argument("--config", required=True, help="federation.toml")
     serve.add_argument("--insecure", action="store_true", help="allow plaintext gRPC when no [tls] is configured")
+    serve.add_argument("--force-insecure", action="store_true", help="allow --insecure on a non-loopback address")
     serve.add_argument("--linger", type=float, default=5.0, help="seconds to keep serving after the last round")
     serve.set_defaults(func=cmd_coordinator_serve)
     status = coord.add_parser("status", help="rounds recorded in a coordinator's state")
@@ -344,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = inst.add_parser("run", help="join the federation and serve its tasks until the study ends")
     run.add_argument("--config", required=True, help="institution.toml")
     run.add_argument("--insecure", action="store_true", help="allow plaintext gRPC when no [tls] is configured")
+    run.add_argument("--force-insecure", action="store_true", help="allow --insecure to a non-loopback address")
     run.set_defaults(func=cmd_institution_run)
     ledger = inst.add_parser("ledger", help="show or verify an institution's privacy ledger (epsilon spent)")
     where = ledger.add_mutually_exclusive_group(required=True)

@@ -45,20 +45,27 @@ class TestCA:
         )
         self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, common_name: str, *, server: bool) -> Pem:
+    def issue(self, common_name: str, *, server: bool, role: str | None = None, days: float = 1.0,
+              not_before_days: float = -5 / 1440) -> Pem:
+        """A leaf in fedcollab's identity convention (URI SAN urn:fedcollab:<role>:<name>);
+        `days`/`not_before_days` make expired or not-yet-valid ones for tests."""
         key = _key()
         now = dt.datetime.now(dt.timezone.utc)
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(self._name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .not_valid_before(now + dt.timedelta(days=not_before_days))
+            .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         )
+        uri = x509.UniformResourceIdentifier(f"urn:fedcollab:{role or ('coordinator' if server else 'institution')}:"
+                                             f"{common_name}")
+        names: list[x509.GeneralName] = [uri]
         if server:
-            builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            names += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         cert = builder.sign(self._key, hashes.SHA256())
         return Pem(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key))
 
@@ -69,3 +76,24 @@ class TestCA:
         cert.write_bytes(pem.cert)
         key.write_bytes(pem.key)
         return ca, cert, key
+
+
+def issue_with(*, ca_cert: Path, ca_key: Path, name: str, days: float, not_before_days: float,
+               role: str = "institution") -> Pem:
+    """A client certificate signed by a real CA's key with any validity, e.g. expired
+    (the federation PKI refuses to make those)."""
+    ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
+    signer = serialization.load_pem_private_key(Path(ca_key).read_bytes(), password=None)
+    key = _key()
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now + dt.timedelta(days=not_before_days)).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.UniformResourceIdentifier(f"urn:fedcollab:{role}:{name}")]), critical=False)
+        .sign(signer, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return Pem(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key))

@@ -12,12 +12,15 @@ from types import TracebackType
 import grpc
 
 from fedcollab.config import FederationConfig
+from fedcollab.coordinator._auth import Authenticator, IdentityInterceptor
 from fedcollab.coordinator._central_eval import central_evaluator
+from fedcollab.coordinator._operator import OperatorServicer
 from fedcollab.coordinator._servicer import CoordinatorServicer
 from fedcollab.coordinator._engine import Evaluator, RoundEngine, RoundResult
 from fedcollab.coordinator._store import Store
 from fedcollab.transport import message_limit, server_credentials_from, warn_insecure
 from fedcollab.v1 import coordinator_service_pb2_grpc as pb_grpc
+from fedcollab.v1 import operator_service_pb2_grpc as opb_grpc
 
 log = logging.getLogger("fedcollab.coordinator")
 
@@ -27,6 +30,9 @@ class Coordinator:
 
     `credentials` are the gRPC server credentials (TLS); None serves plaintext, which
     is logged as a warning at every start. When not given, `config.server.tls` is used.
+    With credentials, every call must present a client certificate naming a fedcollab
+    identity (mutual TLS); `revoked` tells revoked serials (default: the CRL named by
+    `config.server.tls.crl`, re-read when it changes).
     """
 
     def __init__(
@@ -36,6 +42,7 @@ class Coordinator:
         credentials: grpc.ServerCredentials | None = None,
         evaluator: Evaluator | None = None,
         on_round: Callable[[RoundResult], None] | None = None,
+        revoked: Callable[[int], bool] | None = None,
     ) -> None:
         self.config = config
         state_dir = Path(config.server.state_dir)
@@ -46,9 +53,13 @@ class Coordinator:
             config=config, store=self.store, models_dir=state_dir / "models",
             spool_dir=state_dir / "spool", evaluator=evaluator, on_round=on_round,
         )
-        if credentials is None and config.server.tls is not None:
-            credentials = server_credentials_from(config.server.tls)
+        tls = config.server.tls
+        if credentials is None and tls is not None:
+            credentials = server_credentials_from(tls)
+        if revoked is None and tls is not None and tls.crl is not None:
+            revoked = _revocation_list(tls.ca_cert, tls.crl).is_revoked
         self._credentials = credentials
+        authenticator = Authenticator(revoked=revoked) if credentials is not None else None
         limit = message_limit(config.server.chunk_bytes)
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="rpc"),
@@ -58,8 +69,11 @@ class Coordinator:
                 ("grpc.so_reuseport", 1),
             ],
             maximum_concurrent_rpcs=config.server.max_workers * 4,
+            interceptors=[IdentityInterceptor(authenticator=authenticator)],
         )
         pb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(engine=self.engine), self._server)
+        opb_grpc.add_OperatorServiceServicer_to_server(
+            OperatorServicer(engine=self.engine, store=self.store, federation=config.federation.name), self._server)
         self._stop = threading.Event()
         self._driver: threading.Thread | None = None
         self.port: int | None = None
@@ -107,3 +121,16 @@ class Coordinator:
         self.stop()
 
 
+
+
+def _revocation_list(ca_cert: Path, crl: Path):  # type: ignore[no-untyped-def]
+    from cryptography import x509
+
+    from fedcollab.errors import ConfigError
+    from fedcollab.pki import PkiError, RevocationList
+
+    try:
+        ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
+        return RevocationList(Path(crl), ca_cert=ca)
+    except (OSError, ValueError, PkiError) as e:
+        raise ConfigError(f"server.tls.crl: cannot use the revocation list {crl}: {e}") from None

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from fedcollab.coordinator._auth import RateLimiter, caller_of
 from fedcollab.coordinator._checkpoints import read_pieces
 from fedcollab.coordinator._engine import RoundEngine
 from fedcollab.errors import Rejected
@@ -39,20 +40,46 @@ def _translated(method: F) -> F:
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
-    def __init__(self, *, engine: RoundEngine) -> None:
+    """Under mutual TLS the interceptor (_auth.py) has already verified the caller: Join
+    takes the institution's name from its certificate, and every call that names a
+    session must come from the institution that owns it."""
+
+    def __init__(self, *, engine: RoundEngine, join_rate: float = 1.0, join_burst: int = 10) -> None:
         self._engine = engine
+        self._joins = RateLimiter(rate=join_rate, burst=join_burst)
+
+    def _check_owner(self, context: grpc.ServicerContext, session_id: str) -> None:
+        caller = caller_of(context)
+        if caller is None:
+            return  # plaintext rehearsal: no identity to check against
+        owner = self._engine.touch(session_id)
+        if owner != caller.name:
+            raise Rejected(code=grpc.StatusCode.PERMISSION_DENIED, reason="SESSION_NOT_YOURS",
+                           message=f"this session belongs to another institution, not to {caller.name!r}")
 
     @_translated
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
-        session_id, study = self._engine.join(
-            institution=request.institution, num_train_examples=request.num_train_examples
-        )
+        caller = caller_of(context)
+        name = request.institution
+        if caller is not None:
+            if name and name != caller.name:
+                raise Rejected(code=grpc.StatusCode.PERMISSION_DENIED, reason="IDENTITY_MISMATCH",
+                               message=f"the certificate is {caller.name!r}'s; it cannot join as {name!r}")
+            name = caller.name
+        # Per certificate under mTLS; over plaintext the claimed name is all there is.
+        key = caller.name if caller is not None else f"name:{name}"
+        if not self._joins.allow(key):
+            raise Rejected(code=grpc.StatusCode.RESOURCE_EXHAUSTED, reason="RATE_LIMITED",
+                           message="too many Join calls: back off and retry in a few seconds",
+                           metadata={"retry_after_seconds": "2"})
+        session_id, study = self._engine.join(institution=name, num_train_examples=request.num_train_examples)
         return pb.JoinResponse(
             session_id=session_id,
             study=study,
             heartbeat_interval_seconds=self._engine.heartbeat_s,
             chunk_bytes=self._engine.chunk_bytes,
             max_chunk_bytes=self._engine.max_chunk_bytes,
+            lineage_public_key=self._engine.lineage_public_key,
         )
 
     @_translated
@@ -61,6 +88,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:  # answer before the caller's deadline, with a margin
             wait = min(wait, max(remaining - 0.5, 0.0)) if wait > 0 else max(remaining - 0.5, 0.0)
+        self._check_owner(context, request.session_id)
         task = self._engine.poll(session_id=request.session_id, wait_s=wait, is_active=context.is_active)
         return pb.PollTaskResponse(task=task)
 
@@ -68,6 +96,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.DownloadModelResponse]:
         try:
+            self._check_owner(context, request.session_id)
             model = self._engine.model_for_download(session_id=request.session_id, sha256=request.sha256)
             if not 0 <= request.offset <= model.size_bytes:
                 raise Rejected(code=grpc.StatusCode.OUT_OF_RANGE, reason="OFFSET_OUT_OF_RANGE",
@@ -92,6 +121,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             if first is None or first.WhichOneof("part") != "header":
                 raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="HEADER_MISSING",
                                message="an upload starts with exactly one header message")
+            self._check_owner(context, first.header.session_id)
             upload = self._engine.start_upload(header=first.header)
             for message in request_iterator:
                 if message.WhichOneof("part") != "chunk":
@@ -120,14 +150,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def ReportEvaluation(
         self, request: pb.ReportEvaluationRequest, context: grpc.ServicerContext
     ) -> pb.ReportEvaluationResponse:
+        self._check_owner(context, request.session_id)
         self._engine.report_evaluation(request=request)
         return pb.ReportEvaluationResponse()
 
     @_translated
     def DeclineTask(self, request: pb.DeclineTaskRequest, context: grpc.ServicerContext) -> pb.DeclineTaskResponse:
+        self._check_owner(context, request.session_id)
         self._engine.decline(request=request)
         return pb.DeclineTaskResponse()
 
     @_translated
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        self._check_owner(context, request.session_id)
         return pb.HeartbeatResponse(lease_seconds=self._engine.heartbeat(session_id=request.session_id))

@@ -23,6 +23,7 @@ from fedcollab.config import (
     InstitutionInfo,
     PartitionConfig,
     Scenario,
+    TlsConfig,
 )
 from fedcollab.coordinator import Coordinator, RoundResult
 from fedcollab.errors import ConfigError, FedcollabError
@@ -42,8 +43,14 @@ class SimulationResult:
         return self.results["final"].get("central_accuracy")
 
 
-def institution_configs(scenario: Scenario, *, address: str, state_root: Path) -> list[InstitutionConfig]:
-    """One institution.toml-equivalent per partition of the scenario's dataset."""
+def institution_names(scenario: Scenario) -> list[str]:
+    return [f"institution-{i}" for i in range(scenario.simulation.institutions)]
+
+
+def institution_configs(scenario: Scenario, *, address: str, state_root: Path,
+                        tls: dict[str, TlsConfig] | None = None) -> list[InstitutionConfig]:
+    """One institution.toml-equivalent per partition of the scenario's dataset; `tls`
+    gives each institution's certificate (by name) for mutual TLS."""
     sim = scenario.simulation
     central = _central(scenario)
     return [
@@ -51,6 +58,7 @@ def institution_configs(scenario: Scenario, *, address: str, state_root: Path) -
             institution=InstitutionInfo(name=f"institution-{i}", coordinator=address,
                                         state_dir=state_root / f"institution-{i}"),
             privacy=scenario.privacy,
+            tls=(tls or {}).get(f"institution-{i}"),
             data=DataConfig(
                 dataset=sim.dataset, data_dir=sim.data_dir, seed=central.seed,
                 test_fraction=central.test_fraction, val_fraction=sim.val_fraction,
@@ -74,9 +82,24 @@ def _central(scenario: Scenario) -> CentralEvaluationConfig:
     return central
 
 
+def _ephemeral_tls(scenario: Scenario, run_dir: Path) -> tuple[TlsConfig, dict[str, TlsConfig]]:
+    """A throwaway federation CA in the run folder: the coordinator's certificate and
+    one per institution, issued through the same request/sign path as `fedcollab pki`."""
+    from fedcollab.pki import issue_ephemeral
+
+    pki = issue_ephemeral(directory=run_dir / "pki", federation=scenario.federation.name,
+                          institutions=institution_names(scenario), operators=["operator"])
+    cert, key = pki.coordinator
+    server = TlsConfig(ca_cert=pki.ca_cert, cert=cert, key=key, crl=pki.crl)
+    clients = {name: TlsConfig(ca_cert=pki.ca_cert, cert=c, key=k) for name, (c, k) in pki.institutions.items()}
+    return server, clients
+
+
 def run_simulation(
-    *, scenario: Scenario, output_dir: Path | None = None, console: Console | None = None
+    *, scenario: Scenario, output_dir: Path | None = None, console: Console | None = None, insecure: bool = False
 ) -> SimulationResult:
+    """Runs the scenario over mutual TLS with an ephemeral CA in the run folder, or in
+    plaintext on loopback with `insecure`."""
     console = console or Console()
     sim = scenario.simulation
     if sim.institutions < scenario.study.min_institutions:
@@ -88,9 +111,11 @@ def run_simulation(
     run_dir = (output_dir or sim.output_dir) / f"{stamp}-{sim.name}"
     run_dir.mkdir(parents=True, exist_ok=False)
     central = _central(scenario)
+    server_tls, client_tls = (None, None) if insecure else _ephemeral_tls(scenario, run_dir)
     federation = scenario.federation_config().model_copy(
         update={
-            "server": scenario.server.model_copy(update={"address": "127.0.0.1:0", "state_dir": run_dir / "coordinator"}),
+            "server": scenario.server.model_copy(update={"address": "127.0.0.1:0", "state_dir": run_dir / "coordinator",
+                                                         "tls": server_tls}),
             "study": scenario.study.model_copy(update={"central_evaluation": central}),
         }
     )
@@ -130,7 +155,8 @@ def run_simulation(
     with progress:
         try:
             port = coordinator.start()
-            configs = institution_configs(scenario, address=f"127.0.0.1:{port}", state_root=run_dir / "institutions")
+            configs = institution_configs(scenario, address=f"127.0.0.1:{port}", state_root=run_dir / "institutions",
+                                          tls=client_tls)
             daemons = [daemon_from_config(c) for c in configs]
             threads = [threading.Thread(target=d.run, kwargs={"stop": stop}, name=d.name, daemon=True) for d in daemons]
             for t in threads:

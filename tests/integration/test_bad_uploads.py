@@ -1,8 +1,9 @@
 """Every kind of bad upload gets its specific status and reason, the round goes on
 with the honest institutions, and nothing of the bad upload reaches the aggregate.
 
-One coordinator runs a round per case. Three clients speak the protocol by hand:
-two honest ones send known deltas, "mallory" sends the case's bad upload.
+One coordinator runs a round per case, over mutual TLS as in production. Three clients
+speak the protocol by hand: two honest ones send known deltas, "mallory" (holding a
+valid certificate of her own) sends the case's bad upload.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ Code = grpc.StatusCode
 
 
 class Client:
-    def __init__(self, address: str, name: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, name: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
         self.stub = pb_grpc.CoordinatorServiceStub(self.channel)
         self.name = name
         self.session = self.stub.Join(pb.JoinRequest(institution=name, num_train_examples=10)).session_id
@@ -164,13 +165,26 @@ CASES = [
 ]
 
 
-def test_bad_uploads_are_refused_and_never_aggregated(tmp_path: Path) -> None:
+def _mtls(ca, names: list[str]):  # type: ignore[no-untyped-def]
+    server = ca.issue("coordinator", server=True)
+    server_creds = grpc.ssl_server_credentials([(server.key, server.cert)], root_certificates=ca.pem,
+                                               require_client_auth=True)
+    clients = {}
+    for n in names:
+        pem = ca.issue(n, server=False)
+        clients[n] = grpc.ssl_channel_credentials(root_certificates=ca.pem, private_key=pem.key,
+                                                  certificate_chain=pem.cert)
+    return server_creds, clients
+
+
+def test_bad_uploads_are_refused_and_never_aggregated(tmp_path: Path, test_ca) -> None:  # type: ignore[no-untyped-def]
     config = tiny_federation(tmp_path / "coordinator", rounds=len(CASES), min_institutions=2,
                              min_available_institutions=3, central_evaluation=None)
     honest = {"honest-a": (10, 0.25), "honest-b": (30, -0.5)}  # name: (examples, delta value)
-    with Coordinator(config=config) as coordinator:
+    server_creds, client_creds = _mtls(test_ca, [*honest, "mallory"])
+    with Coordinator(config=config, credentials=server_creds) as coordinator:
         address = f"127.0.0.1:{coordinator.port}"
-        clients = {n: Client(address, n) for n in [*honest, "mallory"]}
+        clients = {n: Client(address, n, client_creds[n]) for n in [*honest, "mallory"]}
         mallory = clients["mallory"]
         for case in CASES:
             tasks = {n: c.task(pb.TASK_KIND_TRAIN) for n, c in clients.items()}
