@@ -80,15 +80,36 @@ def test_private_scenario_spends_exactly_its_budget_and_learns(tmp_path: Path) -
     assert results["final"]["central_accuracy"] >= 0.80, results["final"]
 
 
-def test_coordinator_and_institutions_as_separate_processes(tmp_path: Path) -> None:
+def _enroll(tmp_path: Path) -> dict[str, dict[str, str]]:
+    """The PKI flow of the README through the CLI: the operator makes the CA; each
+    party makes its key and CSR where it lives; the operator signs the CSRs."""
+    ca = tmp_path / "pki"
+    assert fedcollab("pki", "init", "--dir", str(ca), "--federation", "digits-two-hospitals").returncode == 0
+    tls = {}
+    for flag, name in (("--coordinator", "coordinator"), ("--institution", "hospital-a"),
+                       ("--institution", "hospital-b")):
+        home = tmp_path / f"{name}-keys"
+        done = fedcollab("pki", "request", flag, name, "--dir", str(home))
+        assert done.returncode == 0, done.stdout + done.stderr
+        signed = fedcollab("pki", "sign", "--ca-dir", str(ca), "--csr", str(home / f"{name}.csr"),
+                           "--out", str(home / f"{name}.pem"))
+        assert signed.returncode == 0 and "SHA256:" in signed.stdout, signed.stdout + signed.stderr
+        tls[name] = {"ca_cert": str(ca / "ca.pem"), "cert": str(home / f"{name}.pem"),
+                     "key": str(home / f"{name}-key.pem")}
+    tls["coordinator"]["crl"] = str(ca / "crl.pem")
+    return tls
+
+
+def test_coordinator_and_institutions_as_separate_processes_over_mutual_tls(tmp_path: Path) -> None:
+    tls = _enroll(tmp_path)
     federation = tomllib.loads((REPO / "simulations" / "federation.toml").read_text())
     federation["server"].update(address="127.0.0.1:0", state_dir=str(tmp_path / "coordinator"),
-                                heartbeat_interval_s=0.5)
+                                heartbeat_interval_s=0.5, tls=tls["coordinator"])
     federation["study"]["rounds"] = 2
     (tmp_path / "federation.toml").write_text(_toml(federation))
     coordinator = subprocess.Popen(
         [sys.executable, "-m", "fedcollab", "coordinator", "serve", "--config", str(tmp_path / "federation.toml"),
-         "--insecure", "--linger", "3"], cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+         "--linger", "3"], cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     institutions: list[subprocess.Popen[str]] = []
     try:
         assert coordinator.stdout is not None
@@ -101,10 +122,11 @@ def test_coordinator_and_institutions_as_separate_processes(tmp_path: Path) -> N
         for name in ("hospital-a", "hospital-b"):
             inst = tomllib.loads((REPO / "institutions" / f"{name}.toml").read_text())
             inst["institution"].update(coordinator=f"127.0.0.1:{port}", state_dir=str(tmp_path / name))
+            inst["tls"] = tls[name]
             (tmp_path / f"{name}.toml").write_text(_toml(inst))
             institutions.append(subprocess.Popen(
-                [sys.executable, "-m", "fedcollab", "institution", "run", "--config", str(tmp_path / f"{name}.toml"),
-                 "--insecure"], cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+                [sys.executable, "-m", "fedcollab", "institution", "run", "--config", str(tmp_path / f"{name}.toml")],
+                cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         for p in institutions:
             out, _ = p.communicate(timeout=120)
             assert p.returncode == 0, out
@@ -156,3 +178,12 @@ def test_bad_scenario_names_its_key(tmp_path: Path) -> None:
     done = fedcollab("simulate", "--scenario", str(bad), timeout=60)
     assert done.returncode == 2
     assert "simulation.institutions" in done.stdout and str(bad) in done.stdout
+
+
+def test_plaintext_off_loopback_needs_force(tmp_path: Path) -> None:
+    federation = tomllib.loads((REPO / "simulations" / "federation.toml").read_text())
+    federation["server"].update(address="0.0.0.0:0", state_dir=str(tmp_path / "coordinator"))
+    (tmp_path / "federation.toml").write_text(_toml(federation))
+    done = fedcollab("coordinator", "serve", "--config", str(tmp_path / "federation.toml"), "--insecure", timeout=60)
+    assert done.returncode == 2 and "--force-insecure" in done.stdout, done.stdout + done.stderr
+    assert not (tmp_path / "coordinator").exists()  # refused before anything was created
