@@ -332,6 +332,30 @@ def cmd_pki_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage_verify(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from fedcollab.lineage import verify_chain
+
+    report = verify_chain(Path(args.run_dir), public_key=Path(args.public_key) if args.public_key else None)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), default=str, indent=2))
+        return 0 if report.ok else 1
+    for warning in report.warnings:
+        console.print("[yellow]warning:[/] ", end="")
+        console.print(warning, markup=False, highlight=False)
+    if report.ok:
+        console.print(f"lineage intact: v0..v{report.latest_version}, signed by {report.key_fingerprint}",
+                      markup=False, highlight=False)
+        return 0
+    console.print(f"lineage broken at v{report.first_broken_version}: {report.problem}", style="red", markup=False,
+                  highlight=False)
+    for problem in report.problems[1:]:
+        console.print(f"  also {problem}", markup=False, highlight=False)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedcollab", description="Federated learning for research institutions.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -371,6 +395,17 @@ def build_parser() -> argparse.ArgumentParser:
     ledger.add_argument("--verify", action="store_true", help="check the hash chain; exit 1 if it is broken")
     ledger.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ledger.set_defaults(func=cmd_institution_ledger)
+
+    lineage = sub.add_parser("lineage", help="check the signed lineage of a study's models").add_subparsers(
+        dest="action", required=True)
+    lverify = lineage.add_parser("verify", help="check every model version's signed record, parent link and file; "
+                                                "exit 1 naming the first broken link")
+    lverify.add_argument("run_dir", metavar="RUN_DIR", help="a simulation run folder or a coordinator state_dir")
+    lverify.add_argument("--public-key", metavar="FILE",
+                         help="the coordinator's lineage-public-key.pem to pin (default: the one in the state, "
+                              "which proves integrity but not origin)")
+    lverify.add_argument("--json", action="store_true", help="print the report as JSON")
+    lverify.set_defaults(func=cmd_lineage_verify)
 
     pki = sub.add_parser("pki", help="the federation's certificates: CA, requests, signing, revocation")
     pki_sub = pki.add_subparsers(dest="action", required=True)

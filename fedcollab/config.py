@@ -238,6 +238,9 @@ class InstitutionInfo(_Strict):
     # CPU threads for torch; 0 keeps torch's default (all cores). Set 1 when several
     # daemons share one machine (a rehearsal): spinning thread pools starve each other.
     threads: int = Field(default=0, ge=0, le=1024)
+    # The coordinator's lineage-public-key.pem, to pin: a coordinator presenting
+    # another key is refused at Join. Unset: the key given at Join is trusted.
+    lineage_public_key: Path | None = None
 
 
 class InstitutionConfig(_Strict):

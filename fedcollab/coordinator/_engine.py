@@ -5,6 +5,8 @@ Rounds: select online institutions -> TRAIN tasks -> uploads are verified and fo
 into a streaming FedAvg -> close on all-done, deadline or stop -> commit if the quorum
 of accepted updates holds -> EVALUATE tasks for the new model -> next round.
 Failures of single institutions are recorded values, never exceptions that end a round.
+Every committed version gets a lineage record signed with the state folder's Ed25519
+key, stored with it in one transaction and handed out with every ModelRef.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import psutil
 import torch
 from google.protobuf import struct_pb2
 
-from fedcollab import models
-from fedcollab.config import FederationConfig
+from fedcollab import __version__, models
+from fedcollab.config import FederationConfig, StudyConfig
 from fedcollab.coordinator._checkpoints import (
     ModelVersion,
     file_sha256,
@@ -39,6 +41,18 @@ from fedcollab.coordinator._store import Store
 from fedcollab.coordinator._round_sum import RoundSum
 from fedcollab.coordinator._upload import UploadReceiver, check_privacy_spend, spend_dict
 from fedcollab.errors import ConfigError, Rejected
+from fedcollab.lineage import (
+    SIGNING_KEY_FILE,
+    LineageError,
+    build_record,
+    canonical_bytes,
+    check_model,
+    load_or_create_signing_key,
+    raw_public_key,
+    record_path,
+    sign_record,
+    write_record_file,
+)
 from fedcollab.v1 import coordinator_service_pb2 as pb
 from fedcollab.v1 import tensor_pb2
 from fedcollab.wire import manifest_of
@@ -70,6 +84,7 @@ class _Participant:
     num_examples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, Any] | None = None
+    update_sha256: str = ""  # hex, of the accepted update
 
 
 @dataclass
@@ -149,6 +164,12 @@ class RoundEngine:
         self.max_chunk_bytes = config.server.chunk_bytes
         self.heartbeat_s = config.server.heartbeat_interval_s
         self.lease_s = config.server.heartbeat_interval_s * config.server.lease_intervals
+        # Signed lineage: the state folder (models_dir's parent) keeps the signing key
+        # and a readable copy of each record in lineage/.
+        self._state_dir = models_dir.parent
+        self._signing_key = load_or_create_signing_key(self._state_dir)
+        self.lineage_public_key: bytes = raw_public_key(self._signing_key)  # 32 raw bytes, sent at Join
+        self._lineage: dict[int, tuple[bytes, bytes]] = {}  # version -> (record, signature), recent ones
         self._current = self._load_or_create_model()
         # Institution-level DP (DP-FedAvg): clip norm and accounting, resumed from the
         # committed rounds. Imported here: it loads Opacus' accountants, which a
@@ -179,7 +200,14 @@ class RoundEngine:
             state = {k: v.detach() for k, v in model.state_dict().items()}
             remove_orphans(self._models_dir, keep=set())
             latest = write_atomic(state, folder=self._models_dir, version=0)
-            self._store.add_initial_model(latest)
+            signed = self._signed_record(
+                model=latest, round_number=0, parent_sha256=None, contributions=[], central_dp=None,
+                aggregator={"name": "initial", "model": {"kind": self._study.model.kind,
+                                                         "params": dict(self._study.model.params)},
+                            "seed": self._study.seed},
+            )
+            self._store.add_initial_model(latest, lineage=signed)
+            self._keep_lineage(latest.version, signed)
             log.info("initial model v0 %s (%d bytes)", latest.sha256[:12], latest.size_bytes)
             return latest
         keep = {m.path.resolve() for m in self._store.models()}
@@ -190,8 +218,122 @@ class RoundEngine:
                 f"{latest.path}: committed model v{latest.version} is missing or does not match its "
                 f"SHA-256 {latest.sha256}; restore the file or start with a fresh state_dir"
             )
+        self._resume_lineage(latest)
         log.info("resuming after round %d with model v%d", self._store.last_committed_round(), latest.version)
         return latest
+
+    # ----------------------------------------------------------------- lineage
+    def _signed_record(self, *, model: ModelVersion, round_number: int, parent_sha256: str | None,
+                       contributions: list[dict[str, Any]], aggregator: dict[str, Any],
+                       central_dp: dict[str, Any] | None, signed_at_restart: bool = False) -> tuple[bytes, bytes]:
+        record = build_record(
+            version=model.version, round=round_number, study=self._study.name,
+            federation=self._config.federation.name, parent_sha256=parent_sha256, model_sha256=model.sha256,
+            contributions=contributions, aggregator=aggregator, central_dp=central_dp, code_version=__version__,
+            signed_at_restart=signed_at_restart,
+        )
+        record_bytes = canonical_bytes(record)
+        return record_bytes, sign_record(record_bytes, self._signing_key)
+
+    def _aggregation(self, dp_metrics: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The aggregator and the central DP release of a round, from its DP figures
+        (CentralRelease.metrics; empty without central DP). The clipped fraction is
+        the operator's diagnostic, not a DP release: it stays out of the record."""
+        if "central_dp_noise_multiplier" not in dp_metrics:
+            return {"name": "fedavg", "weighting": "num_examples"}, None
+        c = self._study.central_dp
+        aggregator = {"name": "dp-fedavg", "weighting": "uniform", "clip_norm": dp_metrics["clip_norm"],
+                      "noise_multiplier": dp_metrics["central_dp_noise_multiplier"],
+                      "adaptive_clipping": c.adaptive.model_dump() if c is not None and c.adaptive else None}
+        names = {"central_dp_epsilon": "epsilon", "central_dp_delta": "delta",
+                 "central_dp_noise_multiplier": "noise_multiplier",
+                 "central_dp_update_noise_multiplier": "update_noise_multiplier",
+                 "clip_norm": "clip_norm", "clip_norm_next": "clip_norm_next", "noise_std": "noise_std"}
+        central = {short: dp_metrics[k] for k, short in names.items() if k in dp_metrics}
+        central["accountant"] = c.accountant if c is not None else None
+        return aggregator, central
+
+    def _keep_lineage(self, version: int, signed: tuple[bytes, bytes]) -> None:
+        """After the commit: cache the record for ModelRefs, and write its readable copy
+        (best effort: the SQLite row is authoritative)."""
+        with self._cond:
+            self._lineage[version] = signed
+            for old in [v for v in self._lineage if v < version - 1]:
+                del self._lineage[old]
+        self._write_record_copy(version, signed)
+
+    def _write_record_copy(self, version: int, signed: tuple[bytes, bytes]) -> None:
+        try:
+            write_record_file(self._state_dir, version=version, record_bytes=signed[0], signature=signed[1])
+        except OSError as e:
+            log.warning("v%d: cannot write its readable lineage record: %s", version, e)
+
+    def _resume_lineage(self, latest: ModelVersion) -> None:
+        """A restarted coordinator: its key must be the one that signed the chain. State
+        written before lineage was recorded gets a record for its latest version only
+        (institutions refuse a model without one), marked as signed at restart."""
+        head = self._store.lineage_of(latest.version)
+        if head is not None:
+            try:
+                check_model(record_bytes=head[0], signature=head[1], public_key=self.lineage_public_key,
+                            version=latest.version, sha256=latest.sha256)
+            except LineageError as e:
+                raise ConfigError(
+                    f"{self._state_dir / SIGNING_KEY_FILE}: v{latest.version}'s lineage record does not verify "
+                    f"with this key ({e.message}); restore the key this state was signed with, or start with a "
+                    "fresh state_dir"
+                ) from None
+            for version, record, signature in self._store.lineage():
+                if not record_path(self._state_dir, version).is_file():  # a crash right after a commit
+                    self._write_record_copy(version, (record, signature))
+            self._keep_lineage(latest.version, head)
+            return
+        log.warning("models v0..v%d were committed before lineage was recorded: they have no signed record "
+                    "(`fedcollab lineage verify` reports the gap); signing v%d now, marked as signed at restart, "
+                    "and every version from the next round on", latest.version, latest.version)
+        parents = self._store.model_parents()
+        by_version = {m.version: m for m in self._store.models()}
+        parent = parents.get(latest.version)
+        committing = [r for r in self._store.rounds() if r["status"] == "committed"
+                      and r["model_version"] == latest.version]
+        contributions: list[dict[str, Any]] = []
+        aggregator: dict[str, Any] = {"name": "initial"}
+        central: dict[str, Any] | None = None
+        round_number = 0
+        if committing:
+            r = committing[-1]
+            round_number = r["round"]
+            contributions = [
+                {"institution": p["institution"], "update_sha256": p["update_sha256"],
+                 "num_examples": p["num_examples"], "privacy": p["privacy"]}
+                for p in self._store.participations(round_number=r["round"])
+                if p["attempt"] == r["attempt"] and p["status"] == "done"
+            ]
+            aggregator, central = self._aggregation(r["metrics"])
+        signed = self._signed_record(
+            model=latest, round_number=round_number, contributions=contributions, aggregator=aggregator,
+            central_dp=central, signed_at_restart=True,
+            parent_sha256=by_version[parent].sha256 if parent is not None and parent in by_version else None,
+        )
+        self._store.add_lineage(version=latest.version, record=signed[0], signature=signed[1])
+        self._keep_lineage(latest.version, signed)
+
+    def lineage(self, from_version: int = 0) -> list[tuple[int, bytes, bytes]]:
+        """(version, record bytes, signature) of every signed version from `from_version` on."""
+        return self._store.lineage(from_version)
+
+    def _ref(self, m: ModelVersion) -> pb.ModelRef:
+        """Caller holds the lock."""
+        signed = self._lineage.get(m.version)
+        if signed is None:
+            signed = self._store.lineage_of(m.version)
+            if signed is None:
+                log.error("v%d has no lineage record: institutions will refuse it", m.version)
+                signed = (b"", b"")
+            else:
+                self._lineage[m.version] = signed
+        return pb.ModelRef(version=m.version, sha256=m.sha256, size_bytes=m.size_bytes,
+                           lineage_record=signed[0], lineage_signature=signed[1])
 
     def _check_memory(self) -> None:
         """Refuse a model the coordinator cannot hold, before allocating it: a round
@@ -258,6 +400,14 @@ class RoundEngine:
         self.touch(session_id)
         return self.lease_s
 
+    @property
+    def study(self) -> StudyConfig:
+        return self._study
+
+    def online_institutions(self) -> list[str]:
+        with self._cond:
+            return self._online()
+
     def _online(self) -> list[str]:
         now = time.monotonic()
         return sorted(s.institution for s in self._sessions.values() if now - s.last_seen <= self.lease_s)
@@ -289,7 +439,7 @@ class RoundEngine:
                     kind=pb.TASK_KIND_TRAIN,
                     round=r.number,
                     nonce=p.nonce,
-                    model=_ref(r.base),
+                    model=self._ref(r.base),
                     train=pb.TrainPlan(
                         local_epochs=t.local_epochs, batch_size=t.batch_size,
                         learning_rate=t.learning_rate * t.learning_rate_decay ** (r.number - 1),
@@ -299,7 +449,8 @@ class RoundEngine:
                 )
         e = self._eval
         if e is not None and not e.closed and institution in e.nonces and institution not in e.reports:
-            return pb.Task(kind=pb.TASK_KIND_EVALUATE, round=e.number, nonce=e.nonces[institution], model=_ref(e.model))
+            return pb.Task(kind=pb.TASK_KIND_EVALUATE, round=e.number, nonce=e.nonces[institution],
+                           model=self._ref(e.model))
         return None
 
     # ----------------------------------------------------------------- downloads
@@ -394,6 +545,7 @@ class RoundEngine:
             p.num_examples = header.num_examples
             p.metrics = dict(header.metrics)
             p.privacy = spend_dict(header.privacy) if header.HasField("privacy") else None
+            p.update_sha256 = header.sha256.hex()
             self._cond.notify_all()
         self._store.record_participation(
             round_number=r.number, attempt=r.attempt, institution=p.name, status="done",
@@ -620,9 +772,17 @@ class RoundEngine:
         if dp is not None:
             metrics.update(dp.metrics)
         model = write_atomic(new, folder=self._models_dir, version=r.base.version + 1)
+        aggregator, central_figures = self._aggregation(dp.metrics if dp is not None else {})
+        signed = self._signed_record(
+            model=model, round_number=r.number, parent_sha256=r.base.sha256, aggregator=aggregator,
+            central_dp=central_figures,
+            contributions=[{"institution": p.name, "update_sha256": p.update_sha256, "num_examples": p.num_examples,
+                            "privacy": p.privacy} for p in done],
+        )
         self._store.commit_round(round_number=r.number, attempt=r.attempt, model=model, parent=r.base.version,
-                                 metrics=metrics)
+                                 metrics=metrics, lineage=signed)
         self._current = model
+        self._keep_lineage(model.version, signed)
         if central is not None and dp is not None:
             central.commit(dp)  # the round's release is spent only once committed
             log.info("round %d: central DP epsilon %.3f (delta %g), clip norm %.4g -> %.4g", r.number,
@@ -666,10 +826,6 @@ class RoundEngine:
                 self._on_round(result)
             except Exception:  # an observer must never stop the federation
                 log.exception("round observer failed")
-
-
-def _ref(m: ModelVersion) -> pb.ModelRef:
-    return pb.ModelRef(version=m.version, sha256=m.sha256, size_bytes=m.size_bytes)
 
 
 def _struct(params: Mapping[str, Any]) -> struct_pb2.Struct:

@@ -1,7 +1,7 @@
 """Durable coordinator state in SQLite: institutions, rounds, participations, models.
 
-A round's commit (its model version and its closing row) is one transaction, so a
-restarted coordinator sees either the whole round or none of it.
+A round's commit (its model version, its signed lineage record and its closing row) is
+one transaction, so a restarted coordinator sees either the whole round or none of it.
 """
 
 from __future__ import annotations
@@ -55,6 +55,11 @@ CREATE TABLE IF NOT EXISTS participations (
     metrics TEXT NOT NULL DEFAULT '{}',
     privacy TEXT,
     PRIMARY KEY (round, attempt, institution)
+);
+CREATE TABLE IF NOT EXISTS lineage (
+    version INTEGER PRIMARY KEY,
+    record BLOB NOT NULL,
+    signature BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS evaluations (
     round INTEGER NOT NULL,
@@ -122,9 +127,12 @@ class Store:
         return [dict(r) for r in self._query("SELECT * FROM institutions ORDER BY name")]
 
     # models
-    def add_initial_model(self, model: ModelVersion) -> None:
+    def add_initial_model(self, model: ModelVersion, *, lineage: tuple[bytes, bytes] | None = None) -> None:
+        """`lineage` is v0's (record bytes, signature), stored in the same transaction."""
         with self._tx() as db:
             self._insert_model(db, model, parent=None)
+            if lineage is not None:
+                self._insert_lineage(db, model.version, lineage)
 
     @staticmethod
     def _insert_model(db: sqlite3.Connection, model: ModelVersion, *, parent: int | None) -> None:
@@ -133,6 +141,28 @@ class Store:
             "VALUES (?, ?, ?, ?, ?, ?)",
             (model.version, model.sha256, str(model.path), model.size_bytes, parent, time.time()),
         )
+
+    @staticmethod
+    def _insert_lineage(db: sqlite3.Connection, version: int, lineage: tuple[bytes, bytes]) -> None:
+        record, signature = lineage
+        db.execute("INSERT INTO lineage (version, record, signature) VALUES (?, ?, ?)",
+                   (version, bytes(record), bytes(signature)))
+
+    def add_lineage(self, *, version: int, record: bytes, signature: bytes) -> None:
+        """A record for an already committed version (state written before lineage)."""
+        with self._tx() as db:
+            self._insert_lineage(db, version, (record, signature))
+
+    def lineage(self, version_from: int = 0) -> list[tuple[int, bytes, bytes]]:
+        """(version, record bytes, signature) of every signed version from `version_from` on."""
+        rows = self._query("SELECT version, record, signature FROM lineage WHERE version>=? ORDER BY version",
+                           (version_from,))
+        return [(int(r["version"]), bytes(r["record"]), bytes(r["signature"])) for r in rows]
+
+    def lineage_of(self, version: int) -> tuple[bytes, bytes] | None:
+        """(record bytes, signature) of one version, or None if it has no record."""
+        rows = self._query("SELECT record, signature FROM lineage WHERE version=?", (version,))
+        return (bytes(rows[0]["record"]), bytes(rows[0]["signature"])) if rows else None
 
     def latest_model(self) -> ModelVersion | None:
         rows = self._query("SELECT * FROM models ORDER BY version DESC LIMIT 1")
@@ -187,10 +217,14 @@ class Store:
             )
 
     def commit_round(
-        self, *, round_number: int, attempt: int, model: ModelVersion, parent: int, metrics: dict[str, Any]
+        self, *, round_number: int, attempt: int, model: ModelVersion, parent: int, metrics: dict[str, Any],
+        lineage: tuple[bytes, bytes] | None = None,
     ) -> None:
+        """`lineage` is the new version's (record bytes, signature): committed with it."""
         with self._tx() as db:
             self._insert_model(db, model, parent=parent)
+            if lineage is not None:
+                self._insert_lineage(db, model.version, lineage)
             db.execute(
                 "UPDATE rounds SET status='committed', closed_at=?, model_version=?, metrics=? "
                 "WHERE round=? AND attempt=?",

@@ -1,5 +1,8 @@
 """The institution daemon: connect out, poll, download, train, upload, evaluate, and
-reconnect with backoff while the coordinator is away."""
+reconnect with backoff while the coordinator is away.
+
+No model is used before its lineage record verifies with the coordinator's key (given
+at Join, or pinned in the config) and names that model's version and SHA-256."""
 
 from __future__ import annotations
 
@@ -21,11 +24,12 @@ from safetensors.torch import load_file, save_file
 
 from fedcollab import models
 from fedcollab.config import InstitutionConfig
-from fedcollab.errors import RemoteError
+from fedcollab.errors import ConfigError, RemoteError
 from fedcollab.institution._backoff import Backoff
 from fedcollab.institution._client import CoordinatorClient
 from fedcollab.institution._data import load_local_data
 from fedcollab.institution._trainer import SyntheticTrainer, TorchTrainer, Trainer, pick_device
+from fedcollab.lineage import LineageError, check_model, file_sha256, key_fingerprint, load_public_key, raw_public_key
 from fedcollab.privacy import BudgetExhausted, InstitutionPrivacy, PrivacyError, RoundPrivacy, validate_model
 from fedcollab.privacy._ledger import PrivacyLedger, ledger_path
 from fedcollab.transport import channel_credentials_from
@@ -50,7 +54,8 @@ _TRANSIENT = {
 class DaemonEvent:
     """What the daemon just did, for observers (progress displays, tests)."""
 
-    kind: str  # joined | trained | uploaded | declined | evaluated | rejected | disconnected | finished
+    # joined | trained | uploaded | declined | evaluated | rejected | refused | disconnected | failed | finished
+    kind: str
     round: int = 0
     detail: str = ""
 
@@ -91,7 +96,13 @@ class InstitutionDaemon:
         self._study: pb.StudyInfo | None = None
         self._heartbeat_s = 2.0
         self._model: torch.nn.Module | None = None
-
+        self._lineage_key: bytes | None = None  # the coordinator's, from Join
+        self._pinned_key: bytes | None = None
+        if config.institution.lineage_public_key is not None:
+            try:
+                self._pinned_key = raw_public_key(load_public_key(config.institution.lineage_public_key))
+            except LineageError as e:
+                raise ConfigError(f"institution.lineage_public_key: {e.message}") from None
 
     @property
     def num_train_examples(self) -> int:
@@ -122,6 +133,12 @@ class InstitutionDaemon:
                         self._train(task)
                     elif task.kind == pb.TASK_KIND_EVALUATE:
                         self._evaluate(task)
+                except LineageError as e:
+                    # A coordinator or a model this institution does not trust: refuse it, go on.
+                    delay = backoff.next_delay()
+                    self._emit("refused", detail=f"{e.reason}: {e.message}")
+                    log.error("%s: %s: %s; polling again in %.1fs", self.name, e.reason, e.message, delay)
+                    stop.wait(delay)
                 except RemoteError as e:
                     if e.reason == "SESSION_UNKNOWN":
                         log.info("%s: session no longer known (coordinator restarted?); joining again", self.name)
@@ -159,6 +176,7 @@ class InstitutionDaemon:
 
     def _join(self) -> None:
         response = self._client.join(institution=self.name, num_train_examples=self._num_train)
+        self._lineage_key = self._checked_lineage_key(bytes(response.lineage_public_key))
         if self._study is not None and response.study.SerializeToString() != self._study.SerializeToString():
             self._model = None  # another study: rebuild the model
         self._session, self._study = response.session_id, response.study
@@ -166,9 +184,40 @@ class InstitutionDaemon:
         self._emit("joined")
         log.info("%s: joined study %r", self.name, response.study.name)
 
+    def _checked_lineage_key(self, key: bytes) -> bytes:
+        if len(key) != 32:
+            raise LineageError(f"the coordinator sent no usable lineage public key ({len(key)} bytes), so its models "
+                               "cannot be verified: not joining", reason="LINEAGE_KEY_MISSING")
+        if self._pinned_key is not None and key != self._pinned_key:
+            raise LineageError(f"the coordinator's lineage key {key_fingerprint(key)} is not the pinned "
+                               f"{key_fingerprint(self._pinned_key)} (institution.lineage_public_key): not joining",
+                               reason="LINEAGE_KEY_MISMATCH")
+        if self._lineage_key is not None and key != self._lineage_key:
+            log.warning("%s: the coordinator's lineage key changed from %s to %s; pin one with "
+                        "institution.lineage_public_key to refuse such a change", self.name,
+                        key_fingerprint(self._lineage_key), key_fingerprint(key))
+        return key
+
     # --------------------------------------------------------------- tasks
+    def _verified(self, ref: pb.ModelRef) -> dict[str, object]:
+        """The model's lineage record, once it verifies and names this version and SHA-256."""
+        if self._lineage_key is None:
+            raise LineageError("no lineage key from the coordinator yet", reason="LINEAGE_KEY_MISSING")
+        try:
+            return check_model(record_bytes=ref.lineage_record, signature=ref.lineage_signature,
+                               public_key=self._lineage_key, version=ref.version, sha256=ref.sha256)
+        except LineageError as e:
+            raise LineageError(f"refused model v{ref.version} ({ref.sha256[:12]}..): {e.message}",
+                               reason=e.reason) from None
+
     def _load_model(self, ref: pb.ModelRef) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+        record = self._verified(ref)  # before the download: a refused model is not even fetched
         path = self._client.download(session_id=self._session or "", model=ref, cache_dir=self._cache_dir)
+        actual = file_sha256(path)  # again, also for a cached file: the file used is the file signed
+        if actual != record["model_sha256"]:
+            path.unlink(missing_ok=True)
+            raise LineageError(f"refused model v{ref.version}: the file's SHA-256 is {actual[:16]}.., its signed "
+                               f"record says {str(record['model_sha256'])[:16]}..")
         self._evict_cache(keep=path)
         assert self._study is not None
         if self._model is None:
@@ -203,6 +252,12 @@ class InstitutionDaemon:
         except PrivacyError as e:
             self._decline(task, "MODEL_NOT_PRIVATE_TRAINABLE", str(e))
             return
+        except LineageError as e:
+            try:  # tell the coordinator at once rather than at the round's deadline
+                self._decline(task, e.reason, e.message)
+            except RemoteError as declined:
+                log.warning("%s: could not decline round %d: %s", self.name, task.round, declined)
+            raise
         result = self._trainer.train(model=model, plan=task.train, round_number=task.round, privacy=rp)
         self._emit("trained", task.round, f"{result.metrics}")
         local = model.state_dict()
