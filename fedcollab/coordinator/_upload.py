@@ -29,6 +29,14 @@ def _reject(reason: str, message: str, code: grpc.StatusCode = _INVALID, **meta:
     return Rejected(code=code, reason=reason, message=message, metadata=meta)
 
 
+def _dtype_name(value: int) -> str:
+    """Proto3 enums are open: a client can send any int32, named or not."""
+    try:
+        return tensor_pb2.TensorDtype.Name(value)
+    except ValueError:
+        return f"unknown dtype {value}"
+
+
 def check_manifest(*, got: tensor_pb2.ModelManifest, expected: tensor_pb2.ModelManifest) -> None:
     """Names, dtypes and shapes must be exactly the model's, in the model's order."""
     want = {s.name: s for s in expected.tensors}
@@ -49,8 +57,7 @@ def check_manifest(*, got: tensor_pb2.ModelManifest, expected: tensor_pb2.ModelM
         if s.dtype != w.dtype:
             raise _reject(
                 "DTYPE_MISMATCH",
-                f"tensor {s.name!r} has dtype {tensor_pb2.TensorDtype.Name(s.dtype)}, "
-                f"the model has {tensor_pb2.TensorDtype.Name(w.dtype)}",
+                f"tensor {s.name!r} has dtype {_dtype_name(s.dtype)}, the model has {_dtype_name(w.dtype)}",
                 tensor=s.name,
             )
         if list(s.shape) != list(w.shape):
