@@ -76,6 +76,10 @@ CREATE TABLE IF NOT EXISTS evaluations (
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Model files live in models/ beside the database. Rows are resolved against it
+        # by file name, so a state folder that was moved or copied keeps its models
+        # (an absolute path from the old place would make them look like orphans).
+        self._models_dir = path.parent / "models"
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
@@ -166,14 +170,14 @@ class Store:
 
     def latest_model(self) -> ModelVersion | None:
         rows = self._query("SELECT * FROM models ORDER BY version DESC LIMIT 1")
-        return _model(rows[0]) if rows else None
+        return self._model(rows[0]) if rows else None
 
     def model_by_sha(self, sha256: str) -> ModelVersion | None:
         rows = self._query("SELECT * FROM models WHERE sha256=?", (sha256,))
-        return _model(rows[0]) if rows else None
+        return self._model(rows[0]) if rows else None
 
     def models(self) -> list[ModelVersion]:
-        return [_model(r) for r in self._query("SELECT * FROM models ORDER BY version")]
+        return [self._model(r) for r in self._query("SELECT * FROM models ORDER BY version")]
 
     def model_parents(self) -> dict[int, int | None]:
         return {r["version"]: r["parent_version"] for r in self._query("SELECT version, parent_version FROM models")}
@@ -298,7 +302,6 @@ class Store:
         return [dict(r) for r in self._query("SELECT * FROM evaluations ORDER BY round, institution")]
 
 
-def _model(row: sqlite3.Row) -> ModelVersion:
-    return ModelVersion(
-        version=row["version"], sha256=row["sha256"], path=Path(row["path"]), size_bytes=row["size_bytes"]
-    )
+    def _model(self, row: sqlite3.Row) -> ModelVersion:
+        return ModelVersion(version=row["version"], sha256=row["sha256"],
+                            path=self._models_dir / Path(row["path"]).name, size_bytes=row["size_bytes"])
