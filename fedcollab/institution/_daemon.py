@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from fedcollab import models
 from fedcollab.config import InstitutionConfig
-from fedcollab.errors import ConfigError, RemoteError
+from fedcollab.errors import ConfigError, FedcollabError, RemoteError
 from fedcollab.institution._backoff import Backoff
 from fedcollab.institution._client import CoordinatorClient
 from fedcollab.institution._data import load_local_data
@@ -37,6 +37,15 @@ from fedcollab.v1 import coordinator_service_pb2 as pb
 from fedcollab.wire import stream_sha256, torch_dtype
 
 log = logging.getLogger("fedcollab.institution")
+
+# Refusals of who this institution is: retrying would only repeat them.
+_FATAL = {
+    "IDENTITY_MISMATCH": "Set institution.name to the name in this institution's certificate.",
+    "CERTIFICATE_REVOKED": "Ask the federation operator for a new certificate (fedcollab pki request, then sign).",
+    "CERTIFICATE_IDENTITY_INVALID": "Use a certificate issued by `fedcollab pki sign` for this institution.",
+    "NO_CLIENT_CERTIFICATE": "Configure [tls] with this institution's certificate and key.",
+    "INSTITUTION_ONLY": "This certificate is not an institution's; use the one issued for this institution.",
+}
 
 # Codes after which the coordinator may come back: wait and retry.
 _TRANSIENT = {
@@ -140,7 +149,16 @@ class InstitutionDaemon:
                     log.error("%s: %s: %s; polling again in %.1fs", self.name, e.reason, e.message, delay)
                     stop.wait(delay)
                 except RemoteError as e:
-                    if e.reason == "SESSION_UNKNOWN":
+                    if e.reason in _FATAL:
+                        # Retrying cannot help: the certificate or its configuration is wrong.
+                        self._emit("refused", detail=f"{e.reason}: {e.message}")
+                        raise FedcollabError(f"{self.name}: the coordinator refuses this institution: {e.reason}: "
+                                             f"{e.message}. {_FATAL[e.reason]}") from None
+                    if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == "RATE_LIMITED":
+                        delay = max(backoff.next_delay(), 2.0)
+                        log.info("%s: rate limited; retrying in %.1fs", self.name, delay)
+                        stop.wait(delay)
+                    elif e.reason == "SESSION_UNKNOWN":
                         log.info("%s: session no longer known (coordinator restarted?); joining again", self.name)
                         self._session = None
                     elif e.code in _TRANSIENT:

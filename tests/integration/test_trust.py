@@ -158,3 +158,19 @@ def test_malformed_protobuf_bytes_are_refused(federation) -> None:  # type: igno
     _refused(lambda: raw(b"\xff\xff\xff\xff not a protobuf", timeout=5), Code.INTERNAL, None)
     assert coordinator.store.institutions() == []
     assert _join(_as(pki, coordinator, "hospital-a"))
+
+
+def test_a_daemon_whose_certificate_names_another_institution_stops_with_the_fix(federation, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fedcollab.errors import FedcollabError
+    from fedcollab.institution import daemon_from_config
+    from tests.conftest import institution_config
+
+    pki, coordinator = federation
+    cert, key = pki.institutions["hospital-b"]
+    config = institution_config("hospital-a", address=f"127.0.0.1:{coordinator.port}", index=0, parts=2,
+                                state_root=tmp_path).model_copy(update={"tls": TlsConfig(ca_cert=pki.ca_cert,
+                                                                                         cert=cert, key=key)})
+    daemon = daemon_from_config(config)
+    with pytest.raises(FedcollabError, match="IDENTITY_MISMATCH.*Set institution.name"):
+        daemon.run()
+    assert coordinator.store.institutions() == []
