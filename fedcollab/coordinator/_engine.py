@@ -118,6 +118,10 @@ class _Evaluation:
     closed: bool = False
 
 
+class _NotCommitted(Exception):
+    """The round's aggregate cannot become a model version; the round fails."""
+
+
 @dataclass(frozen=True)
 class RoundResult:
     """What one round did; given to observers after its evaluation phase."""
@@ -362,7 +366,7 @@ class RoundEngine:
 
     # ----------------------------------------------------------------- sessions
     def join(self, *, institution: str, num_train_examples: int) -> tuple[str, pb.StudyInfo]:
-        if not _NAME.match(institution):
+        if not _NAME.fullmatch(institution):  # fullmatch: '$' would let a trailing newline in
             raise Rejected(
                 code=grpc.StatusCode.INVALID_ARGUMENT,
                 reason="INVALID_INSTITUTION_NAME",
@@ -567,7 +571,7 @@ class RoundEngine:
     def decline(self, *, request: pb.DeclineTaskRequest) -> None:
         """The institution will not train this round, and why. Its word is final: the
         coordinator records it and goes on without it."""
-        if not _REASON.match(request.reason):
+        if not _REASON.fullmatch(request.reason):
             raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="INVALID_REASON",
                            message="a decline's reason is UPPER_SNAKE, 1-64 characters, e.g. BUDGET_EXHAUSTED")
         if len(request.message) > 1024:
@@ -736,7 +740,13 @@ class RoundEngine:
             log.warning("round %d failed: %s", number, reason)
             self._emit(RoundResult(number, attempt, "failed", None, participants, {}, reason))
             return
-        metrics = self._commit(r, done, bytes_at_open)
+        try:
+            metrics = self._commit(r, done, bytes_at_open)
+        except _NotCommitted as e:
+            self._store.fail_round(round_number=number, attempt=attempt, reason=str(e))
+            log.error("round %d failed: %s", number, e)
+            self._emit(RoundResult(number, attempt, "failed", None, participants, {}, str(e)))
+            return
         metrics.update(self._evaluate_round(number, self._current, stop))
         self._store.update_round_metrics(round_number=number, metrics=metrics)
         self._emit(RoundResult(number, attempt, "committed", self._current.version, participants, metrics))
@@ -756,6 +766,12 @@ class RoundEngine:
         base = load_tensors(r.base.path)
         new = r.total.apply(base, noise_std=dp.noise_std if dp else 0.0)
         del base
+        # Every update was finite, but finite values can still overflow the weighted
+        # sum: a model of Inf would poison every later round, so it is never committed.
+        broken = [name for name, t in new.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if broken:
+            raise _NotCommitted(f"NON_FINITE_AGGREGATE: the aggregate of tensors {broken[:5]} overflowed; "
+                                "bound what one update may contribute (central_dp.clip_norm)")
         total = sum(p.num_examples for p in done)
         metrics: dict[str, float] = {
             "num_examples": float(total),

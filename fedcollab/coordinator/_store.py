@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS institutions (
 );
 CREATE TABLE IF NOT EXISTS models (
     version INTEGER PRIMARY KEY,
-    sha256 TEXT NOT NULL UNIQUE,
+    sha256 TEXT NOT NULL,
     path TEXT NOT NULL,
     size_bytes INTEGER NOT NULL,
     parent_version INTEGER,
@@ -87,6 +87,7 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._allow_repeated_models()
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(participations)")}
             if "privacy" not in columns:  # state written before privacy spend was recorded
                 self._db.execute("ALTER TABLE participations ADD COLUMN privacy TEXT")
@@ -96,6 +97,21 @@ class Store:
                 "WHERE status='open'",
                 (time.time(),),
             )
+
+    def _allow_repeated_models(self) -> None:
+        """A round whose updates sum to zero commits a version with the same bytes as
+        its parent; state from before that was allowed had sha256 UNIQUE. Caller holds
+        the lock."""
+        row = self._db.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='models'").fetchone()
+        if row is not None and "UNIQUE" in row[0]:
+            self._db.executescript(
+                "BEGIN IMMEDIATE;"
+                "CREATE TABLE models_new (version INTEGER PRIMARY KEY, sha256 TEXT NOT NULL, path TEXT NOT NULL,"
+                " size_bytes INTEGER NOT NULL, parent_version INTEGER, created_at REAL NOT NULL);"
+                "INSERT INTO models_new SELECT version, sha256, path, size_bytes, parent_version, created_at FROM models;"
+                "DROP TABLE models; ALTER TABLE models_new RENAME TO models; COMMIT;"
+            )
+        self._db.execute("CREATE INDEX IF NOT EXISTS models_by_sha ON models(sha256)")
 
     def close(self) -> None:
         with self._lock:
@@ -173,7 +189,7 @@ class Store:
         return self._model(rows[0]) if rows else None
 
     def model_by_sha(self, sha256: str) -> ModelVersion | None:
-        rows = self._query("SELECT * FROM models WHERE sha256=?", (sha256,))
+        rows = self._query("SELECT * FROM models WHERE sha256=? ORDER BY version DESC LIMIT 1", (sha256,))
         return self._model(rows[0]) if rows else None
 
     def models(self) -> list[ModelVersion]:
