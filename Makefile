@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup protos bench clean
+.PHONY: demo test setup protos bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ protos: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/round_overhead.py
 	$(BIN)/python benchmarks/dp_overhead.py
+
+# Coverage-guided fuzzing of the coordinator's request handling (fuzz/README.md), in
+# one process; crash reproducers land in fuzz/. `make fuzz FUZZ_SECONDS=600`.
+FUZZ_SECONDS ?= 300
+fuzz: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[fuzz]"
+	mkdir -p fuzz/corpus
+	$(BIN)/python fuzz/fuzz_coordinator.py -max_total_time=$(FUZZ_SECONDS) \
+		-artifact_prefix=fuzz/ -print_final_stats=1 fuzz/corpus fuzz/seeds
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

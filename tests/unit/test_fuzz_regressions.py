@@ -77,7 +77,8 @@ class Federation:
                                 lease_intervals=10, max_poll_wait_s=0.1),
             study=StudyConfig(name="fuzz-regressions", rounds=3, min_institutions=2, round_timeout_s=30,
                               evaluation_timeout_s=1,
-                              model=ModelConfig(kind="mlp", params={"in_features": 8, "hidden": [4], "num_classes": 3})),
+                              model=ModelConfig(kind="mlp",
+                                                params={"in_features": 8, "hidden": [4], "num_classes": 3})),
         )
         self.store = Store(state / "coordinator.sqlite")
         self.engine = RoundEngine(config=config, store=self.store, models_dir=state / "models",
