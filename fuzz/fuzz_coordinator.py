@@ -306,12 +306,22 @@ def _central_dp() -> Any:
                            adaptive=AdaptiveClippingConfig(count_noise_multiplier=1.0))
 
 
+def _remove_stale_state() -> None:
+    """libFuzzer ends the process without Python's atexit: state folders of fuzzing
+    processes that are gone are removed here."""
+    for folder in Path(tempfile.gettempdir()).glob("fedcollab-fuzz-*-*"):
+        pid = folder.name.split("-")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class Env:
     """The coordinator under test: engine + servicer + round driver thread."""
 
     def __init__(self) -> None:
         _import_fedcollab()
-        self.dir = Path(tempfile.mkdtemp(prefix="fedcollab-fuzz-"))
+        _remove_stale_state()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"fedcollab-fuzz-{os.getpid()}-"))
         f = _fc
         self.config = f["FederationConfig"](
             server=f["ServerConfig"](address="127.0.0.1:0", state_dir=self.dir, chunk_bytes=1024,
