@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -64,6 +64,8 @@ class TrainConfig(_Strict):
 
 
 Accountant = Literal["prv", "rdp", "gdp"]
+# The accountants fedcollab accepts anywhere (config, ledger rows, reported spend).
+ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 
 
 class AdaptiveClippingConfig(_Strict):

@@ -7,6 +7,7 @@ import datetime as dt
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,7 +36,7 @@ class TestCA:
     def __init__(self, name: str = "fedcollab test CA") -> None:
         self._key = _key()
         self._name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         self.cert = (
             x509.CertificateBuilder().subject_name(self._name).issuer_name(self._name)
             .public_key(self._key.public_key()).serial_number(x509.random_serial_number())
@@ -50,7 +51,7 @@ class TestCA:
         """A leaf in fedcollab's identity convention (URI SAN urn:fedcollab:<role>:<name>);
         `days`/`not_before_days` make expired or not-yet-valid ones for tests."""
         key = _key()
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -69,6 +70,21 @@ class TestCA:
         cert = builder.sign(self._key, hashes.SHA256())
         return Pem(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key))
 
+    def mutual_tls(self, names: list[str]) -> tuple[Any, dict[str, Any]]:
+        """gRPC credentials: the coordinator's (client certificates required) and one
+        set per institution name."""
+        import grpc
+
+        server = self.issue("coordinator", server=True)
+        server_creds = grpc.ssl_server_credentials([(server.key, server.cert)], root_certificates=self.pem,
+                                                   require_client_auth=True)
+        clients = {}
+        for n in names:
+            pem = self.issue(n, server=False)
+            clients[n] = grpc.ssl_channel_credentials(root_certificates=self.pem, private_key=pem.key,
+                                                      certificate_chain=pem.cert)
+        return server_creds, clients
+
     def write(self, folder: Path, name: str, pem: Pem) -> tuple[Path, Path, Path]:
         folder.mkdir(parents=True, exist_ok=True)
         ca, cert, key = folder / "ca.pem", folder / f"{name}.pem", folder / f"{name}.key"
@@ -85,7 +101,7 @@ def issue_with(*, ca_cert: Path, ca_key: Path, name: str, days: float, not_befor
     ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
     signer = serialization.load_pem_private_key(Path(ca_key).read_bytes(), password=None)
     key = _key()
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))

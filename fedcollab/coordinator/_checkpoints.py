@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -11,7 +10,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-_READ_BYTES = 4 * 1024 * 1024
+from fedcollab._fileio import file_sha256, fsync_dir
+
+__all__ = ["ModelVersion", "file_sha256", "load_tensors", "read_pieces", "remove_orphans", "write_atomic"]
 
 
 @dataclass(frozen=True)
@@ -20,22 +21,6 @@ class ModelVersion:
     sha256: str
     path: Path
     size_bytes: int
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_READ_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_atomic(tensors: Mapping[str, torch.Tensor], *, folder: Path, version: int) -> ModelVersion:
@@ -49,7 +34,7 @@ def write_atomic(tensors: Mapping[str, torch.Tensor], *, folder: Path, version: 
     sha = file_sha256(tmp)
     final = folder / f"v{version:06d}-{sha[:16]}.safetensors"
     os.replace(tmp, final)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return ModelVersion(version=version, sha256=sha, path=final, size_bytes=final.stat().st_size)
 
 

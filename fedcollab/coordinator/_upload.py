@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from fedcollab.config import ACCOUNTANTS
 from fedcollab.errors import Rejected
 from fedcollab.v1 import coordinator_service_pb2 as pb
 from fedcollab.v1 import tensor_pb2
@@ -66,9 +67,6 @@ def check_manifest(*, got: tensor_pb2.ModelManifest, expected: tensor_pb2.ModelM
                 f"tensor {s.name!r} has shape {list(s.shape)}, the model has {list(w.shape)}",
                 tensor=s.name,
             )
-
-
-ACCOUNTANTS = ("prv", "rdp", "gdp")
 
 
 def check_privacy_spend(spend: pb.PrivacySpend) -> None:

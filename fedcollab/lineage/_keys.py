@@ -14,8 +14,12 @@ from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 
+from fedcollab._fileio import atomic_write, fsync_dir
 from fedcollab.lineage._errors import LineageError
 
 log = logging.getLogger("fedcollab.lineage")
@@ -61,7 +65,7 @@ def _create_private_key(path: Path) -> None:
         except FileExistsError:
             pass
         else:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             log.info("created the lineage signing key %s", path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -85,17 +89,7 @@ def _write_public_key(path: Path, key: Ed25519PublicKey) -> None:
             return
     except FileNotFoundError:
         pass
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    tmp.write_bytes(pem)
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, pem)
 
 
 def raw_public_key(key: Ed25519PublicKey | Ed25519PrivateKey | bytes) -> bytes:

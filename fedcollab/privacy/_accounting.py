@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from fedcollab.config import ACCOUNTANTS
 from fedcollab.privacy._opacus import PrivacyError
 
 History = list[tuple[float, float, int]]
-ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp", "gdp")
 
 
 def compose(history: Sequence[tuple[float, float, int]], *, noise_multiplier: float, sample_rate: float,

@@ -33,10 +33,8 @@ import json
 import logging
 import math
 import numbers
-import os
 import re
 import sqlite3
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +43,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from fedcollab._fileio import atomic_write
+from fedcollab.config import ACCOUNTANTS
 from fedcollab.errors import FedcollabError
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 LEDGER_FILENAME = "privacy-ledger.sqlite"
 FORMAT = "fedcollab-privacy-ledger/1"
 GENESIS_HASH = "0" * 64
-ACCOUNTANTS = ("prv", "rdp", "gdp")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 _SCHEMA = """
@@ -364,25 +363,8 @@ class PrivacyLedger:
             return entry
 
     def _write_head(self, seq: int, hash_: str) -> None:
-        """Replace the head file atomically and durably (temp file, fsync, rename, fsync folder)."""
-        folder = self.head_path.parent
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.head_path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(canonical_json({"seq": seq, "hash": hash_}) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.head_path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        if os.name == "posix":
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        """Replace the head file atomically and durably."""
+        atomic_write(self.head_path, (canonical_json({"seq": seq, "hash": hash_}) + "\n").encode("utf-8"))
 
     # -- reading ------------------------------------------------------------------------
 

@@ -19,9 +19,7 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import statistics
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,6 +30,7 @@ import opacus
 import torch
 from torch import nn
 
+from fedcollab._fileio import atomic_write
 from fedcollab.privacy._opacus import GRAD_SAMPLE_MODES, PrivacyError, train_private
 
 log = logging.getLogger("fedcollab.privacy")
@@ -231,17 +230,7 @@ def _write_cache(path: Path, key: str, choice: ModeChoice, model: nn.Module, bat
         "batch_size": batch_size,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"format": _CACHE_FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps({"format": _CACHE_FORMAT, "entries": entries}, indent=1, sort_keys=True).encode())
 
 
 def choose_grad_sample_mode(

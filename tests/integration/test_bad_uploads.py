@@ -21,7 +21,13 @@ from safetensors.torch import load_file
 from fedcollab.coordinator import Coordinator
 from fedcollab.v1 import coordinator_service_pb2 as pb
 from fedcollab.v1 import coordinator_service_pb2_grpc as pb_grpc
-from fedcollab.wire import from_rpc_error, iter_chunks, manifest_of, stream_sha256, torch_dtype
+from fedcollab.wire import (
+    from_rpc_error,
+    iter_chunks,
+    manifest_of,
+    stream_sha256,
+    torch_dtype,
+)
 from tests.conftest import tiny_federation
 
 pytestmark = pytest.mark.integration
@@ -165,23 +171,11 @@ CASES = [
 ]
 
 
-def _mtls(ca, names: list[str]):  # type: ignore[no-untyped-def]
-    server = ca.issue("coordinator", server=True)
-    server_creds = grpc.ssl_server_credentials([(server.key, server.cert)], root_certificates=ca.pem,
-                                               require_client_auth=True)
-    clients = {}
-    for n in names:
-        pem = ca.issue(n, server=False)
-        clients[n] = grpc.ssl_channel_credentials(root_certificates=ca.pem, private_key=pem.key,
-                                                  certificate_chain=pem.cert)
-    return server_creds, clients
-
-
 def test_bad_uploads_are_refused_and_never_aggregated(tmp_path: Path, test_ca) -> None:  # type: ignore[no-untyped-def]
     config = tiny_federation(tmp_path / "coordinator", rounds=len(CASES), min_institutions=2,
                              min_available_institutions=3, central_evaluation=None)
     honest = {"honest-a": (10, 0.25), "honest-b": (30, -0.5)}  # name: (examples, delta value)
-    server_creds, client_creds = _mtls(test_ca, [*honest, "mallory"])
+    server_creds, client_creds = test_ca.mutual_tls([*honest, "mallory"])
     with Coordinator(config=config, credentials=server_creds) as coordinator:
         address = f"127.0.0.1:{coordinator.port}"
         clients = {n: Client(address, n, client_creds[n]) for n in [*honest, "mallory"]}

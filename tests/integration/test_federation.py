@@ -10,29 +10,22 @@ import torch
 from safetensors.torch import load_file
 
 from fedcollab.coordinator import Coordinator
-from tests.conftest import institution_config, recording_daemon, running, tiny_federation, wait_until
+from tests.conftest import (
+    institution_config,
+    recording_daemon,
+    running,
+    tiny_federation,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
-
-
-def _credentials(ca, tmp_path: Path, mode: str, names: list[str]):  # type: ignore[no-untyped-def]
-    if mode == "plaintext":
-        return None, {n: None for n in names}
-    server = ca.issue("coordinator", server=True)
-    server_creds = grpc.ssl_server_credentials([(server.key, server.cert)], root_certificates=ca.pem,
-                                               require_client_auth=True)
-    clients = {}
-    for n in names:
-        pem = ca.issue(n, server=False)
-        clients[n] = grpc.ssl_channel_credentials(root_certificates=ca.pem, private_key=pem.key,
-                                                  certificate_chain=pem.cert)
-    return server_creds, clients
 
 
 @pytest.mark.parametrize("mode", ["plaintext", "mutual-tls"])
 def test_rounds_commit_the_example_weighted_average(tmp_path: Path, test_ca, mode: str) -> None:
     names = ["hospital-a", "hospital-b", "lab-c"]
-    server_creds, client_creds = _credentials(test_ca, tmp_path, mode, names)
+    server_creds, client_creds = (test_ca.mutual_tls(names) if mode == "mutual-tls"
+                                  else (None, {n: None for n in names}))
     config = tiny_federation(tmp_path / "coordinator")
     with Coordinator(config=config, credentials=server_creds) as coordinator:
         pairs = [recording_daemon(institution_config(n, address=f"127.0.0.1:{coordinator.port}", index=i,

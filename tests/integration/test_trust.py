@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fedcollab.config import ServerConfig, TlsConfig
+from fedcollab.config import TlsConfig
 from fedcollab.coordinator import Coordinator
 from fedcollab.pki import issue_ephemeral, revoke
 from fedcollab.v1 import coordinator_service_pb2 as pb
