@@ -1,9 +1,24 @@
 """Secure aggregation (SecAgg+, Bell et al. 2020): the coordinator learns only the sum
-of the institutions' updates. This package holds the cryptographic primitives: pairwise
-and self masks from X25519 + HKDF + ChaCha20, and Shamir sharing for dropouts."""
+of the institutions' updates. Pairwise and self masks from X25519 + HKDF + ChaCha20,
+Shamir sharing for dropouts, a SecAgg+ neighbour graph, and distributed DP (Skellam
+noise added by each institution before masking)."""
 
+from fedcollab.secagg._client import (
+    MASK_PRIVATE_KEY,
+    SELF_MASK_SEED,
+    InstitutionSecAgg,
+    RoundSetup,
+    SecAggError,
+    pair_context,
+)
+from fedcollab.secagg._graph import degree_for, neighbour_graph, threshold_for
 from fedcollab.secagg._masks import apply_masks, mask, pair_seed
 from fedcollab.secagg._quantize import Quantizer
+from fedcollab.secagg._server import removal_seeds
 from fedcollab.secagg._shamir import PRIME, Share, combine, split
 
-__all__ = ["PRIME", "Quantizer", "Share", "apply_masks", "combine", "mask", "pair_seed", "split"]
+__all__ = [
+    "MASK_PRIVATE_KEY", "PRIME", "SELF_MASK_SEED", "InstitutionSecAgg", "Quantizer", "RoundSetup", "SecAggError",
+    "Share", "apply_masks", "combine", "degree_for", "mask", "neighbour_graph", "pair_context", "pair_seed",
+    "removal_seeds", "split", "threshold_for",
+]

@@ -35,15 +35,19 @@ class Share:
         return cls(x, y)
 
 
-def split(secret: bytes, *, n: int, t: int) -> list[Share]:
-    """n shares, any t of which give back `secret`."""
+def split(secret: bytes, *, t: int, n: int | None = None, xs: Sequence[int] | None = None) -> list[Share]:
+    """Shares at x = 1..n (or at the given distinct, nonzero `xs`), any t of which give
+    back `secret`."""
     if len(secret) != _SECRET_BYTES:
         raise ValueError(f"secrets are {_SECRET_BYTES} bytes")
-    if not 1 <= t <= n:
-        raise ValueError(f"need 1 <= t <= n, got t={t}, n={n}")
+    points = list(xs) if xs is not None else list(range(1, (n or 0) + 1))
+    if len(set(points)) != len(points) or any(not 0 < x < PRIME for x in points):
+        raise ValueError("share points must be distinct and nonzero")
+    if not 1 <= t <= len(points):
+        raise ValueError(f"need 1 <= t <= n, got t={t}, n={len(points)}")
     coefficients = [int.from_bytes(secret, "big")] + [secrets.randbelow(PRIME) for _ in range(t - 1)]
     shares = []
-    for x in range(1, n + 1):
+    for x in points:
         y = 0
         for c in reversed(coefficients):  # Horner
             y = (y * x + c) % PRIME

@@ -1,0 +1,163 @@
+"""The SecAgg+ protocol in one process, without the network: institutions drop out at
+every stage, and the unmasked sum is still exactly the sum of the survivors' inputs."""
+
+from __future__ import annotations
+
+import secrets
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from fedcollab.secagg import (
+    InstitutionSecAgg,
+    RoundSetup,
+    SecAggError,
+    Share,
+    apply_masks,
+    degree_for,
+    neighbour_graph,
+    removal_seeds,
+    threshold_for,
+)
+
+BITS = 32
+SIZE = 3_001
+
+
+def _run(n: int, *, t: int | float, neighbours: str | int = "auto", drop_advertise: int = 0, drop_share: int = 0,
+         drop_masked: int = 0, drop_unmask: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One round; returns (unmasked sum, plain sum of the survivors' inputs)."""
+    rng = np.random.default_rng(seed)
+    names = [f"inst-{i:03d}" for i in range(n)]
+    round_id = secrets.token_bytes(16)
+    graph = neighbour_graph(names, degree=degree_for(n, neighbours), seed=round_id)
+    threshold = threshold_for(len(graph[names[0]]) + 1, t)
+    clients = {a: InstitutionSecAgg(RoundSetup(name=a, round_id=round_id, participants=tuple(names),
+                                               neighbours=tuple(graph[a]), threshold=threshold, bits=BITS))
+               for a in names}
+    inputs = {a: rng.integers(0, 2**20, SIZE, dtype=np.uint64).astype(np.uint32) for a in names}
+
+    order = list(names)
+    rng.shuffle(order)
+    cut = iter(order)
+    gone_advertise = {next(cut) for _ in range(drop_advertise)}
+    gone_share = {next(cut) for _ in range(drop_share)}
+    gone_masked = {next(cut) for _ in range(drop_masked)}
+    gone_unmask = {next(cut) for _ in range(drop_unmask)}
+
+    u1 = [a for a in names if a not in gone_advertise]
+    keys = {a: (clients[a].cipher_public_key, clients[a].mask_public_key) for a in u1}
+    mailbox: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
+    u2 = []
+    for a in u1:
+        peers = {b: keys[b] for b in [a, *graph[a]] if b in keys}
+        shares = clients[a].make_shares(peers)  # computed, then dropped before sending
+        if a in gone_share:
+            continue
+        u2.append(a)
+        for holder, ct in shares:
+            mailbox[holder].append((a, ct))
+    total = np.zeros(SIZE, dtype=np.uint32)
+    u3 = []
+    for a in u2:
+        clients[a].receive_shares([(o, ct) for o, ct in mailbox[a] if o in u2])
+        masked = clients[a].mask(inputs[a], start=0)
+        if a in gone_masked:
+            continue
+        u3.append(a)
+        total += masked
+    dropped = set(u2) - set(u3)
+    revealed: dict[tuple[str, str], list[Share]] = defaultdict(list)
+    for a in u3:
+        if a in gone_unmask:
+            continue
+        hood = {a, *graph[a]}
+        for owner, kind, share in clients[a].reveal(survivors=sorted(hood & set(u3)),
+                                                    dropped=sorted(hood & dropped)):
+            revealed[(owner, kind)].append(Share.from_bytes(share))
+    add, subtract = removal_seeds(round_id=round_id, participants=names, graph=graph, mask_keys={a: keys[a][1] for a in u1},
+                                  survivors=u3, dropped=dropped, revealed=revealed, threshold=threshold)
+    unmasked = apply_masks(total, start=0, bits=BITS, add=add, subtract=subtract)
+    plain = np.zeros(SIZE, dtype=np.uint32)
+    for a in u3:
+        plain += inputs[a]
+    return unmasked, plain
+
+
+def test_without_dropouts_the_unmasked_sum_is_exact() -> None:
+    unmasked, plain = _run(5, t=3)
+    np.testing.assert_array_equal(unmasked, plain)
+
+
+@pytest.mark.parametrize("stage", ["drop_advertise", "drop_share", "drop_masked", "drop_unmask"])
+def test_up_to_n_minus_t_dropouts_at_each_stage_are_survived(stage: str) -> None:
+    n, t = 7, 4
+    unmasked, plain = _run(n, t=t, **{stage: n - t})
+    np.testing.assert_array_equal(unmasked, plain)
+
+
+def test_dropouts_at_every_stage_of_one_round() -> None:
+    unmasked, plain = _run(10, t=5, drop_advertise=1, drop_share=1, drop_masked=2, drop_unmask=1)
+    np.testing.assert_array_equal(unmasked, plain)
+
+
+def test_one_dropout_too_many_cannot_be_unmasked() -> None:
+    with pytest.raises(SecAggError, match="SECAGG_UNMASK_FAILED|SECAGG_TOO_FEW"):
+        _run(6, t=4, drop_masked=1, drop_unmask=2)  # 5 survived, 3 reveal: 4 shares needed
+
+
+def test_large_rounds_mask_with_log_n_neighbours_and_still_sum_exactly() -> None:
+    n = 40
+    degree = degree_for(n, "auto")
+    assert degree < n - 1 and degree <= 2 * np.ceil(1.5 * np.log2(n))
+    graph = neighbour_graph([f"i{k}" for k in range(n)], degree=degree, seed=b"x" * 16)
+    assert all(len(v) == degree for v in graph.values())
+    assert all(a in graph[b] for a in graph for b in graph[a])  # symmetric
+    unmasked, plain = _run(n, t=0.6, drop_share=2, drop_masked=3, drop_unmask=2, seed=3)
+    np.testing.assert_array_equal(unmasked, plain)
+
+
+def test_a_holder_never_reveals_both_secrets_or_reveals_twice() -> None:
+    names = ["a", "b", "c"]
+    round_id = secrets.token_bytes(16)
+    clients = {x: InstitutionSecAgg(RoundSetup(name=x, round_id=round_id, participants=tuple(names),
+                                               neighbours=tuple(y for y in names if y != x), threshold=2, bits=BITS))
+               for x in names}
+    keys = {x: (c.cipher_public_key, c.mask_public_key) for x, c in clients.items()}
+    mail: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
+    for x, c in clients.items():
+        for holder, ct in c.make_shares(keys):
+            mail[holder].append((x, ct))
+    a = clients["a"]
+    a.receive_shares(mail["a"])
+    with pytest.raises(SecAggError, match="SECAGG_INCONSISTENT"):
+        a.reveal(survivors=["a", "b"], dropped=["b", "c"])
+    with pytest.raises(SecAggError, match="SECAGG_INCONSISTENT"):
+        a.reveal(survivors=["a", "b"], dropped=[])  # c shared keys: it must be one or the other
+    with pytest.raises(SecAggError, match="SECAGG_TOO_FEW_SURVIVORS"):
+        a.reveal(survivors=["a"], dropped=["b", "c"])
+    a.reveal(survivors=["a", "b"], dropped=["c"])
+    with pytest.raises(SecAggError, match="SECAGG_ALREADY_REVEALED"):
+        a.reveal(survivors=["a", "b", "c"], dropped=[])
+
+
+def test_relayed_keys_and_shares_are_checked() -> None:
+    names = ["a", "b", "c"]
+    round_id = secrets.token_bytes(16)
+    clients = {x: InstitutionSecAgg(RoundSetup(name=x, round_id=round_id, participants=tuple(names),
+                                               neighbours=tuple(y for y in names if y != x), threshold=2, bits=BITS))
+               for x in names}
+    keys = {x: (c.cipher_public_key, c.mask_public_key) for x, c in clients.items()}
+    with pytest.raises(SecAggError, match="SECAGG_KEY_MISMATCH"):
+        clients["a"].make_shares({**keys, "a": keys["b"]})
+    with pytest.raises(SecAggError, match="SECAGG_NOT_A_NEIGHBOUR"):
+        clients["a"].make_shares({**keys, "z": keys["b"]})
+    shares_b = dict(clients["b"].make_shares(keys))
+    clients["a"].make_shares(keys)
+    tampered = bytearray(shares_b["a"])
+    tampered[-1] ^= 1
+    with pytest.raises(SecAggError, match="SECAGG_BAD_SHARE"):
+        clients["a"].receive_shares([("b", bytes(tampered))])
+    with pytest.raises(SecAggError, match="SECAGG_BAD_SHARE"):  # a share for c is not a's to read
+        clients["a"].receive_shares([("b", dict(clients["b"].make_shares(keys))["c"])])
