@@ -104,6 +104,53 @@ class CentralDPConfig(_Strict):
         return self
 
 
+class DistributedDPConfig(_Strict):
+    """Distributed DP under secure aggregation (Kairouz et al. 2021; Skellam noise,
+    Agarwal et al. 2021): each institution clips its update to `clip_norm`, and adds
+    integer Skellam noise before masking, so the unmasked sum carries noise of std
+    noise_multiplier * clip_norm (in update units) and the coordinator never sees a
+    sum without it. Each institution adds 1/min_institutions of the noise variance,
+    so any quorum of survivors carries at least the target."""
+
+    clip_norm: float = Field(gt=0)
+    noise_multiplier: float = Field(gt=0, le=1000)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    # Conditional stochastic rounding: an encoded update whose norm exceeds the bound
+    # that holds with probability 1 - beta is rounded again (Kairouz et al. 2021).
+    rounding_beta: float = Field(default=0.6065306597126334, gt=0, lt=1)  # e^-0.5
+
+
+class SecureAggregationConfig(_Strict):
+    """SecAgg+ (Bell et al. 2020): the coordinator learns only the sum of the updates."""
+
+    # Updates become integers mod 2^bits; the sum of a round's updates must fit.
+    bits: int = Field(default=32, ge=16, le=32)
+    # Without distributed DP, each coordinate of an update is clipped to [-r, r].
+    clipping_range: float = Field(default=8.0, gt=0)
+    # Shamir threshold t: an int is a count, a float in (0, 1] a fraction of each
+    # institution's neighbourhood (itself included), rounded up. Masks of dropped
+    # institutions are removed once t of their neighbours answer.
+    reconstruction_threshold: int | float = Field(default=0.66, gt=0)
+    # Neighbours each institution masks with: "auto" is everyone in small rounds
+    # (up to 20 institutions) and O(log n) beyond; an int sets the degree.
+    neighbours: Literal["auto"] | int = "auto"
+    # Each key-exchange and unmasking stage waits at most this long for stragglers.
+    stage_timeout_s: float = Field(default=120.0, gt=0)
+    distributed_dp: DistributedDPConfig | None = None
+
+    @model_validator(mode="after")
+    def _threshold_is_meaningful(self) -> SecureAggregationConfig:
+        t = self.reconstruction_threshold
+        if isinstance(t, float) and not 0 < t <= 1:
+            raise ValueError("reconstruction_threshold as a fraction must be in (0, 1]; use an int for a count")
+        if isinstance(t, int) and t < 2:
+            raise ValueError("reconstruction_threshold must be at least 2 institutions: with 1, any single "
+                             "neighbour's shares would unmask an institution's update")
+        if isinstance(self.neighbours, int) and self.neighbours < 2:
+            raise ValueError("neighbours must be \"auto\" or a degree of at least 2")
+        return self
+
+
 class CentralEvaluationConfig(_Strict):
     """Server-side evaluation of each committed model on a dataset's test split."""
 
@@ -130,6 +177,7 @@ class StudyConfig(_Strict):
     train: TrainConfig = TrainConfig()
     central_evaluation: CentralEvaluationConfig | None = None
     central_dp: CentralDPConfig | None = None
+    secure_aggregation: SecureAggregationConfig | None = None
 
     @property
     def wait_for_institutions(self) -> int:
@@ -142,6 +190,22 @@ class StudyConfig(_Strict):
                 f"institutions_per_round ({self.institutions_per_round}) is below "
                 f"min_institutions ({self.min_institutions}): no round could reach its quorum"
             )
+        if self.secure_aggregation is not None:
+            if self.central_dp is not None:
+                raise ValueError(
+                    "central_dp cannot run with secure_aggregation: the coordinator would have to clip each "
+                    "update, and under secure aggregation it never sees one. Use "
+                    "[study.secure_aggregation.distributed_dp] (noise added by the institutions) instead"
+                )
+            if self.min_institutions < 2:
+                raise ValueError("secure_aggregation needs min_institutions >= 2: the sum of one update is the update")
+            t = self.secure_aggregation.reconstruction_threshold
+            if isinstance(t, int) and t > self.min_institutions:
+                raise ValueError(
+                    f"secure_aggregation.reconstruction_threshold ({t}) exceeds min_institutions "
+                    f"({self.min_institutions}): a round that reaches its quorum could not be unmasked. Lower the "
+                    "threshold or raise min_institutions"
+                )
         return self
 
 

@@ -37,8 +37,10 @@ from fedcollab.coordinator._checkpoints import (
     remove_orphans,
     write_atomic,
 )
-from fedcollab.coordinator._store import Store
+from fedcollab.coordinator._masked_sum import MaskedSum
 from fedcollab.coordinator._round_sum import RoundSum
+from fedcollab.coordinator._secagg import ADVERTISE, DONE, MASKED, SHARE, UNMASK, SecAggRound
+from fedcollab.coordinator._store import Store
 from fedcollab.coordinator._upload import UploadReceiver, check_privacy_spend, spend_dict
 from fedcollab.errors import ConfigError, Rejected
 from fedcollab.lineage import (
@@ -53,12 +55,15 @@ from fedcollab.lineage import (
     sign_record,
     write_record_file,
 )
+from fedcollab.secagg import Quantizer, SecAggError, degree_for, threshold_for
+from fedcollab.secagg._encode import masked_manifest
 from fedcollab.v1 import coordinator_service_pb2 as pb
 from fedcollab.v1 import tensor_pb2
-from fedcollab.wire import manifest_of
+from fedcollab.wire import manifest_of, spec_numel
 
 if TYPE_CHECKING:
     from fedcollab.privacy import CentralDP
+    from fedcollab.secagg._ddp import DistributedDPPlan
 
 log = logging.getLogger("fedcollab.coordinator")
 
@@ -94,9 +99,11 @@ class _Round:
     base: ModelVersion
     participants: dict[str, _Participant]
     deadline: float
-    total: RoundSum
+    total: RoundSum | MaskedSum
     opened: float
     closed: bool = False
+    secagg: SecAggRound | None = None
+    ddp: DistributedDPPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +191,16 @@ class RoundEngine:
 
             self._central_dp = CentralDP(config=self._study.central_dp, rounds=store.rounds())
         self.manifest = manifest_of(dict(sorted(load_tensors(self._current.path).items())))
+        self.dim = sum(spec_numel(s) for s in self.manifest.tensors)
+        self.masked_manifest = masked_manifest(self.dim)
+        # Distributed DP under secure aggregation: one release per committed round.
+        self._ddp_releases: list[tuple[float, float, float]] = [
+            (r["metrics"]["distributed_dp_l1"], r["metrics"]["distributed_dp_l2"],
+             r["metrics"]["distributed_dp_variance"])
+            for r in store.rounds() if r["status"] == "committed" and "distributed_dp_variance" in r["metrics"]
+        ]
+        if self._study.secure_aggregation is not None:
+            self._check_secure_aggregation()
         self._study_info = pb.StudyInfo(
             name=self._study.name,
             model=pb.ModelSpec(kind=self._study.model.kind, params=_struct(self._study.model.params)),
@@ -256,6 +273,34 @@ class RoundEngine:
         central = {short: dp_metrics[k] for k, short in names.items() if k in dp_metrics}
         central["accountant"] = c.accountant if c is not None else None
         return aggregator, central
+
+    def _ddp_release(self, plan: DistributedDPPlan, *, survivors: int) -> dict[str, float]:
+        """The round's distributed-DP release and the federation's epsilon with it."""
+        from fedcollab.secagg._ddp import skellam_epsilon
+
+        d = self._study.secure_aggregation.distributed_dp  # type: ignore[union-attr]
+        assert d is not None
+        l1, l2, variance = plan.release(survivors=survivors)
+        epsilon, _ = skellam_epsilon(releases=[*self._ddp_releases, (l1, l2, variance)], delta=d.delta)
+        return {
+            "distributed_dp_l1": float(l1), "distributed_dp_l2": float(l2), "distributed_dp_variance": float(variance),
+            # noise std on the committed mean, in update units
+            "distributed_dp_noise_std": math.sqrt(variance) / plan.scale / survivors,
+            "federation_dp_epsilon": float(epsilon), "federation_dp_delta": d.delta,
+        }
+
+    def _secagg_aggregation(self, r: _Round, ddp: Mapping[str, float]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        sa = self._study.secure_aggregation
+        assert sa is not None and r.secagg is not None
+        aggregator = {"name": "secagg+fedavg", "weighting": "uniform", "bits": sa.bits,
+                      "threshold": r.secagg.threshold, "neighbours": r.secagg.degree,
+                      "masked_updates": len(r.secagg.u3), "dropped_after_sharing": len(r.secagg.u2 - r.secagg.u3)}
+        if not ddp or sa.distributed_dp is None:
+            return aggregator, None
+        d = sa.distributed_dp
+        return aggregator, {"mechanism": "distributed-skellam", "epsilon": ddp["federation_dp_epsilon"],
+                            "delta": d.delta, "clip_norm": d.clip_norm, "noise_multiplier": d.noise_multiplier,
+                            "noise_std": ddp["distributed_dp_noise_std"], "accountant": "rdp"}
 
     def _keep_lineage(self, version: int, signed: tuple[bytes, bytes]) -> None:
         """After the commit: cache the record for ModelRefs, and write its readable copy
@@ -437,7 +482,8 @@ class RoundEngine:
         r = self._round
         if r is not None and not r.closed:
             p = r.participants.get(institution)
-            if p is not None and p.status == "selected":
+            if p is not None and p.status == "selected" and (
+                    r.secagg is None or (r.secagg.stage == ADVERTISE and institution not in r.secagg.keys)):
                 t = self._study.train
                 return pb.Task(
                     kind=pb.TASK_KIND_TRAIN,
@@ -450,6 +496,7 @@ class RoundEngine:
                         optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
                     ),
                     manifest=self.manifest,
+                    secure_aggregation=r.secagg.params_for(institution) if r.secagg is not None else None,
                 )
         e = self._eval
         if e is not None and not e.closed and institution in e.nonces and institution not in e.reports:
@@ -499,9 +546,19 @@ class RoundEngine:
             if header.base_version != r.base.version:
                 raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="STALE_BASE",
                                message=f"update computed from v{header.base_version}, the round is on v{r.base.version}")
+            if r.secagg is not None:
+                if header.manifest != self.masked_manifest:
+                    raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="SECAGG_REQUIRED",
+                                   message="this round uses secure aggregation: send the masked update after the key "
+                                           "stages (one uint32 tensor 'secagg.masked')")
+                if r.secagg.stage != MASKED or institution not in r.secagg.u2:
+                    raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="SECAGG_WRONG_STAGE",
+                                   message=f"{institution} cannot upload now: the masked input stage is not open "
+                                           "for it")
             try:
                 receiver = UploadReceiver(
-                    header=header, manifest=self.manifest, max_chunk_bytes=self.max_chunk_bytes,
+                    header=header, manifest=self.masked_manifest if r.secagg is not None else self.manifest,
+                    max_chunk_bytes=self.max_chunk_bytes,
                     spool=self._spool_dir / f"r{r.number}-a{r.attempt}-{institution}.upload",
                 )
             except Rejected as e:
@@ -609,6 +666,149 @@ class RoundEngine:
             reason=f"{reason}: {message}" if message else reason, privacy=p.privacy,
         )
 
+    # ----------------------------------------------------------------- secure aggregation
+    def _secagg_participant(self, *, session_id: str, round_number: int, nonce: str) -> tuple[_Round, str]:
+        """Caller holds the lock."""
+        institution = self._touch(session_id).institution
+        r = self._round
+        if r is None or r.closed or r.number != round_number or r.secagg is None:
+            raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="ROUND_CLOSED",
+                           message=f"no secure-aggregation round {round_number} is open")
+        p = r.participants.get(institution)
+        if p is None or not secrets.compare_digest(p.nonce.encode(), nonce.encode()):
+            raise Rejected(code=grpc.StatusCode.PERMISSION_DENIED, reason="NONCE_MISMATCH",
+                           message="the nonce is not the one of this round's task")
+        return r, institution
+
+    def secagg_submit(self, *, request: pb.SecAggSubmitRequest) -> None:
+        with self._cond:
+            r, institution = self._secagg_participant(session_id=request.session_id, round_number=request.round,
+                                                      nonce=request.nonce)
+            assert r.secagg is not None
+            which = request.WhichOneof("payload")
+            if which == "keys":
+                r.secagg.submit_keys(institution, request.keys)
+            elif which == "shares":
+                r.secagg.submit_shares(institution, request.shares)
+            elif which == "unmask":
+                r.secagg.submit_unmask(institution, request.unmask)
+            else:
+                raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="SECAGG_EMPTY",
+                               message="send keys, shares or unmask")
+            self._cond.notify_all()
+
+    def secagg_poll(self, *, request: pb.SecAggPollRequest,
+                    is_active: Callable[[], bool] = lambda: True) -> pb.SecAggPollResponse:
+        wait = min(request.wait_seconds if request.wait_seconds > 0 else self._config.server.max_poll_wait_s,
+                   self._config.server.max_poll_wait_s)
+        deadline = time.monotonic() + wait
+        with self._cond:
+            while True:
+                r, institution = self._secagg_participant(session_id=request.session_id,
+                                                          round_number=request.round, nonce=request.nonce)
+                assert r.secagg is not None
+                response = r.secagg.poll(institution, request.stage)
+                remaining = deadline - time.monotonic()
+                if response.ready or remaining <= 0 or not is_active():
+                    return response
+                self._cond.wait(min(remaining, 1.0))
+
+    def _check_secure_aggregation(self) -> None:
+        """Parameters that could never work are refused at start, not in round 1."""
+        sa = self._study.secure_aggregation
+        assert sa is not None
+        n = max(self._study.wait_for_institutions, 2)
+        try:
+            threshold_for(degree_for(n, sa.neighbours) + 1, sa.reconstruction_threshold)
+            self._secagg_quantizer(n)
+        except ValueError as e:
+            raise ConfigError(f"study.secure_aggregation: {e}") from None
+
+    def _secagg_quantizer(self, n: int) -> tuple[Quantizer, DistributedDPPlan | None]:
+        sa = self._study.secure_aggregation
+        assert sa is not None
+        d = sa.distributed_dp
+        if d is None:
+            return Quantizer.for_range(clip=sa.clipping_range, bits=sa.bits, max_summands=n), None
+        from fedcollab.secagg._ddp import plan_distributed_dp
+
+        plan = plan_distributed_dp(clip_norm=d.clip_norm, noise_multiplier=d.noise_multiplier, bits=sa.bits,
+                                   dim=self.dim, max_summands=n, min_survivors=self._study.min_institutions,
+                                   beta=d.rounding_beta)
+        return plan.quantizer(), plan
+
+    def _secagg_round(self, selected: list[str]) -> tuple[MaskedSum, SecAggRound, DistributedDPPlan | None]:
+        sa = self._study.secure_aggregation
+        assert sa is not None
+        quantizer, plan = self._secagg_quantizer(len(selected))
+        params = pb.SecAggParams(bits=sa.bits, scale=quantizer.scale, clipping_range=sa.clipping_range)
+        if plan is not None:
+            params.clipping_range = plan.clip_norm
+            params.distributed_dp.CopyFrom(pb.DistributedDPParams(
+                clip_norm=plan.clip_norm, l2_bound=plan.l2_bound, institution_variance=plan.institution_variance))
+        secagg = SecAggRound(names=selected, config=sa, round_id=secrets.token_bytes(16), params=params)
+        total = MaskedSum(model_manifest=self.manifest, quantizer=quantizer, piece_bytes=self.chunk_bytes)
+        return total, secagg, plan
+
+    def _secagg_step(self, r: _Round, now: float) -> None:
+        """Caller holds the lock: moves the round's secure aggregation to its next stage
+        once nobody alive owes the current one, or its time is up."""
+        sa = r.secagg
+        assert sa is not None
+        alive = {p.name for p in r.participants.values() if p.status in _OPEN}
+        timeout = self._study.secure_aggregation.stage_timeout_s  # type: ignore[union-attr]
+        quorum = self._study.min_institutions
+        if sa.stage == ADVERTISE:
+            if sa.waiting(alive):
+                return
+            sa.to_share(alive, deadline=now + timeout)
+            if len(sa.u1) < quorum:
+                self._secagg_abort(r, f"{len(sa.u1)} institutions advertised keys, {quorum} needed")
+        elif sa.stage == SHARE:
+            late = sa.waiting(alive)
+            if late and now < sa.stage_deadline:
+                return
+            for name in late:
+                self._fail(r, r.participants[name], "SECAGG_STAGE_TIMEOUT", message="shared no keys in time")
+            sa.to_masked({p.name for p in r.participants.values() if p.status in _OPEN}, deadline=now + timeout)
+            for p in r.participants.values():
+                if p.status in _OPEN and p.name not in sa.u2:
+                    self._fail(r, p, "SECAGG_EXCLUDED", message="did not take part in the key exchange")
+            if len(sa.u2) < quorum:
+                self._secagg_abort(r, f"{len(sa.u2)} institutions shared keys, {quorum} needed")
+        elif sa.stage == MASKED:
+            late = [p for p in r.participants.values() if p.status in _OPEN]
+            if late and now < sa.stage_deadline:
+                return
+            for p in late:
+                self._fail(r, p, "SECAGG_STAGE_TIMEOUT", message="sent no masked update in time")
+            completed = set(r.total.close())  # takes uploads cut off here back out of the sum
+            sa.to_unmask(completed, deadline=now + timeout)
+            if len(sa.u3) < quorum:
+                self._secagg_abort(r, f"{len(sa.u3)} masked updates arrived, {quorum} needed")
+        elif sa.stage == UNMASK:
+            by_name = {s.institution: s for s in self._sessions.values()}
+            reachable = {n for n in sa.u3 if n in by_name and now - by_name[n].last_seen <= self.lease_s}
+            if sa.waiting(reachable) and now < sa.stage_deadline:
+                return
+            try:
+                sa.removal_check()
+            except SecAggError as e:
+                self._secagg_abort(r, e.message)
+                return
+            sa.stage = DONE
+        self._cond.notify_all()
+
+    def _secagg_abort(self, r: _Round, why: str) -> None:
+        """Caller holds the lock."""
+        assert r.secagg is not None
+        log.warning("round %d: secure aggregation cannot complete: %s", r.number, why)
+        r.secagg.fail(why)
+        for p in r.participants.values():
+            if p.status in _OPEN:
+                self._fail(r, p, "SECAGG_ABORTED", message=why)
+        self._cond.notify_all()
+
     # ----------------------------------------------------------------- evaluation
     def report_evaluation(self, *, request: pb.ReportEvaluationRequest) -> None:
         with self._cond:
@@ -694,13 +894,17 @@ class RoundEngine:
 
     def _run_round(self, number: int, attempt: int, selected: list[str], stop: threading.Event) -> None:
         base = self._current
+        secagg, plan = None, None
+        if self._study.secure_aggregation is not None:
+            total, secagg, plan = self._secagg_round(selected)
+        else:
+            total = RoundSum(manifest=self.manifest, piece_bytes=self.chunk_bytes,
+                             clip_norm=self._central_dp.clip_norm if self._central_dp else None)
         r = _Round(
             number=number, attempt=attempt, base=base,
             participants={n: _Participant(n, secrets.token_hex(16)) for n in selected},
-            deadline=time.monotonic() + self._study.round_timeout_s,
-            total=RoundSum(manifest=self.manifest, piece_bytes=self.chunk_bytes,
-                           clip_norm=self._central_dp.clip_norm if self._central_dp else None),
-            opened=time.monotonic(),
+            deadline=time.monotonic() + self._study.round_timeout_s, total=total, opened=time.monotonic(),
+            secagg=secagg, ddp=plan,
         )
         self._store.open_round(round_number=number, attempt=attempt, base_version=base.version, participants=selected)
         bytes_at_open = (self.bytes_in, self.bytes_out)
@@ -710,7 +914,11 @@ class RoundEngine:
             self._cond.notify_all()
             while True:
                 self._expire(r)
-                if all(p.status not in _OPEN for p in r.participants.values()):
+                if r.secagg is not None:
+                    self._secagg_step(r, time.monotonic())
+                    if r.secagg.stage == DONE:
+                        break
+                elif all(p.status not in _OPEN for p in r.participants.values()):
                     break
                 now = time.monotonic()
                 if stop.is_set() or now >= r.deadline:
@@ -729,6 +937,13 @@ class RoundEngine:
             }
         completed = r.total.close()  # uploads cut off by the close leave the sum here
         done = [p for p in r.participants.values() if p.status == "done"]
+        if r.secagg is not None and (r.secagg.stage != DONE or r.secagg.failure):
+            why = r.secagg.failure or f"stopped at stage {pb.SecAggStage.Name(r.secagg.stage)}"
+            reason = f"SECAGG_INCOMPLETE: secure aggregation did not complete: {why}"
+            self._store.fail_round(round_number=number, attempt=attempt, reason=reason)
+            log.warning("round %d failed: %s", number, reason)
+            self._emit(RoundResult(number, attempt, "failed", None, participants, {}, reason))
+            return
         if sorted(completed) != sorted(p.name for p in done):
             raise AssertionError(f"round {number}: sum holds {sorted(completed)}, done are {[p.name for p in done]}")
         if stop.is_set() and len(done) < len(r.participants):
@@ -764,7 +979,18 @@ class RoundEngine:
         central = self._central_dp
         dp = central.release(update_norms=r.total.update_norms()) if central is not None else None
         base = load_tensors(r.base.path)
-        new = r.total.apply(base, noise_std=dp.noise_std if dp else 0.0)
+        ddp_metrics: dict[str, float] = {}
+        if isinstance(r.total, MaskedSum):
+            assert r.secagg is not None
+            try:
+                add, subtract = r.secagg.removal()
+            except SecAggError as e:
+                raise _NotCommitted(f"SECAGG_UNMASK_FAILED: {e.message}") from None
+            new = r.total.unmask_apply(base, add=add, subtract=subtract, count=len(done))
+            if r.ddp is not None:
+                ddp_metrics = self._ddp_release(r.ddp, survivors=len(done))
+        else:
+            new = r.total.apply(base, noise_std=dp.noise_std if dp else 0.0)
         del base
         # Every update was finite, but finite values can still overflow the weighted
         # sum: a model of Inf would poison every later round, so it is never committed.
@@ -787,8 +1013,11 @@ class RoundEngine:
             metrics.update({f"central_{k}": float(v) for k, v in self._evaluator(new).items()})
         if dp is not None:
             metrics.update(dp.metrics)
+        metrics.update(ddp_metrics)
         model = write_atomic(new, folder=self._models_dir, version=r.base.version + 1)
         aggregator, central_figures = self._aggregation(dp.metrics if dp is not None else {})
+        if r.secagg is not None:
+            aggregator, central_figures = self._secagg_aggregation(r, ddp_metrics)
         signed = self._signed_record(
             model=model, round_number=r.number, parent_sha256=r.base.sha256, aggregator=aggregator,
             central_dp=central_figures,
@@ -799,6 +1028,9 @@ class RoundEngine:
                                  metrics=metrics, lineage=signed)
         self._current = model
         self._keep_lineage(model.version, signed)
+        if ddp_metrics:
+            self._ddp_releases.append((ddp_metrics["distributed_dp_l1"], ddp_metrics["distributed_dp_l2"],
+                                       ddp_metrics["distributed_dp_variance"]))
         if central is not None and dp is not None:
             central.commit(dp)  # the round's release is spent only once committed
             log.info("round %d: central DP epsilon %.3f (delta %g), clip norm %.4g -> %.4g", r.number,

@@ -164,3 +164,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         self._check_owner(context, request.session_id)
         return pb.HeartbeatResponse(lease_seconds=self._engine.heartbeat(session_id=request.session_id))
+
+    @_translated
+    def SecAggPoll(self, request: pb.SecAggPollRequest, context: grpc.ServicerContext) -> pb.SecAggPollResponse:
+        self._check_owner(context, request.session_id)
+        return self._engine.secagg_poll(request=request, is_active=context.is_active)
+
+    @_translated
+    def SecAggSubmit(self, request: pb.SecAggSubmitRequest, context: grpc.ServicerContext) -> pb.SecAggSubmitResponse:
+        self._check_owner(context, request.session_id)
+        self._engine.secagg_submit(request=request)
+        return pb.SecAggSubmitResponse()

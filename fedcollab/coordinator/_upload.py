@@ -146,7 +146,7 @@ class UploadReceiver:
         for p in pieces:
             # One float64 sum is NaN or Inf exactly when a value is: finite float32/16
             # values cannot overflow it, and it allocates no mask.
-            if not math.isfinite(p.values.sum(dtype=torch.float64)):
+            if p.values.is_floating_point() and not math.isfinite(p.values.sum(dtype=torch.float64)):
                 raise _reject("NON_FINITE_VALUES", f"tensor {self._names[p.index]!r} holds NaN or Inf",
                               tensor=self._names[p.index])
         self._digest.update(chunk.data)

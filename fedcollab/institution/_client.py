@@ -17,6 +17,7 @@ from fedcollab.errors import RemoteError
 from fedcollab.transport import create_channel
 from fedcollab.v1 import coordinator_service_pb2 as pb
 from fedcollab.v1 import coordinator_service_pb2_grpc as pb_grpc
+from fedcollab.v1 import tensor_pb2
 from fedcollab.wire import from_rpc_error, iter_chunks, manifest_of, stream_sha256
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -111,14 +112,16 @@ class CoordinatorClient:
         num_examples: int,
         metrics: dict[str, float],
         privacy: pb.PrivacySpend | None = None,
+        manifest: tensor_pb2.ModelManifest | None = None,
     ) -> pb.UploadUpdateResponse:
+        """`manifest` overrides the one of the task's tensors (masked updates)."""
         names = [s.name for s in task.manifest.tensors]
         header = pb.UpdateHeader(
             session_id=session_id,
             round=task.round,
             nonce=task.nonce,
             base_version=task.model.version,
-            manifest=manifest_of(dict(zip(names, deltas, strict=True))),
+            manifest=manifest if manifest is not None else manifest_of(dict(zip(names, deltas, strict=True))),
             total_bytes=sum(d.numel() * d.element_size() for d in deltas),
             sha256=stream_sha256(deltas),
             num_examples=num_examples,
@@ -133,6 +136,21 @@ class CoordinatorClient:
 
         size = header.total_bytes
         return self._call(self._stub.UploadUpdate, requests(), timeout=self._timeout + size / 1e6)
+
+    def secagg_submit(self, *, session_id: str, task: pb.Task, keys: pb.PeerKeys | None = None,
+                      shares: pb.ShareKeysPayload | None = None, unmask: pb.UnmaskPayload | None = None) -> None:
+        self._call(self._stub.SecAggSubmit, pb.SecAggSubmitRequest(
+            session_id=session_id, round=task.round, nonce=task.nonce, keys=keys, shares=shares, unmask=unmask))
+
+    def secagg_wait(self, *, session_id: str, task: pb.Task, stage: int, wait_s: float) -> pb.SecAggPollResponse:
+        """Long-polls until the inputs of `stage` are ready; the coordinator's refusal
+        (this institution dropped from the round) comes as RemoteError."""
+        while True:
+            request = pb.SecAggPollRequest(session_id=session_id, round=task.round, nonce=task.nonce, stage=stage,
+                                           wait_seconds=wait_s)
+            response = self._call(self._stub.SecAggPoll, request, timeout=wait_s + self._timeout)
+            if response.ready:
+                return response
 
     def _call(self, method, request, *, timeout: float | None = None):  # type: ignore[no-untyped-def]
         try:

@@ -6,6 +6,7 @@ at Join, or pinned in the config) and names that model's version and SHA-256."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,10 +29,12 @@ from fedcollab.errors import ConfigError, FedcollabError, RemoteError
 from fedcollab.institution._backoff import Backoff
 from fedcollab.institution._client import CoordinatorClient
 from fedcollab.institution._data import load_local_data
+from fedcollab.institution._secure import send_secure
 from fedcollab.institution._trainer import SyntheticTrainer, TorchTrainer, Trainer, pick_device
 from fedcollab.lineage import LineageError, check_model, file_sha256, key_fingerprint, load_public_key, raw_public_key
 from fedcollab.privacy import BudgetExhausted, InstitutionPrivacy, PrivacyError, RoundPrivacy, validate_model
 from fedcollab.privacy._ledger import PrivacyLedger, ledger_path
+from fedcollab.secagg import SecAggError
 from fedcollab.transport import channel_credentials_from
 from fedcollab.v1 import coordinator_service_pb2 as pb
 from fedcollab.wire import stream_sha256, torch_dtype
@@ -296,8 +299,21 @@ class InstitutionDaemon:
 
     def _send(self, task: pb.Task, deltas: list[torch.Tensor], *, num_examples: int, metrics: dict[str, float],
               privacy: pb.PrivacySpend | None) -> None:
-        self._client.upload(session_id=self._session or "", task=task, deltas=deltas,
-                            num_examples=num_examples, metrics=metrics, privacy=privacy)
+        if task.HasField("secure_aggregation"):
+            try:
+                send_secure(client=self._client, session_id=self._session or "", name=self.name, task=task,
+                            deltas=deltas, num_examples=num_examples, metrics=metrics, privacy=privacy,
+                            wait_s=self._poll_wait)
+            except SecAggError as e:
+                # The coordinator asked for a step this institution must not take: leave the round.
+                self._emit("refused", task.round, f"{e.reason}: {e.message}")
+                log.error("%s: round %d: secure aggregation: %s: %s", self.name, task.round, e.reason, e.message)
+                with contextlib.suppress(RemoteError):
+                    self._decline(task, e.reason, e.message)
+                return
+        else:
+            self._client.upload(session_id=self._session or "", task=task, deltas=deltas,
+                                num_examples=num_examples, metrics=metrics, privacy=privacy)
         self._drop_pending()
         self._emit("uploaded", task.round)
 

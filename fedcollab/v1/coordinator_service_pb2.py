@@ -26,7 +26,7 @@ from fedcollab.v1 import tensor_pb2 as fedcollab_dot_v1_dot_tensor__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fedcollab/v1/coordinator_service.proto\x12\x0c\x66\x65\x64\x63ollab.v1\x1a\x19\x66\x65\x64\x63ollab/v1/tensor.proto\x1a\x1cgoogle/protobuf/struct.proto\"B\n\tModelSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"W\n\tStudyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.fedcollab.v1.ModelSpec\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\x03\"V\n\x0bJoinRequest\x12\x13\n\x0binstitution\x18\x01 \x01(\t\x12\x1a\n\x12num_train_examples\x18\x02 \x01(\x03\x12\x16\n\x0e\x63lient_version\x18\x03 \x01(\t\"\xcc\x01\n\x0cJoinResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nfederation\x18\x02 \x01(\t\x12&\n\x05study\x18\x03 \x01(\x0b\x32\x17.fedcollab.v1.StudyInfo\x12\"\n\x1aheartbeat_interval_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\x03\x12\x1a\n\x12lineage_public_key\x18\x07 \x01(\x0c\"r\n\x08ModelRef\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x16\n\x0elineage_record\x18\x04 \x01(\x0c\x12\x19\n\x11lineage_signature\x18\x05 \x01(\x0c\"\x87\x01\n\tTrainPlan\x12\x14\n\x0clocal_epochs\x18\x01 \x01(\x03\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x11\n\toptimizer\x18\x04 \x01(\t\x12\x10\n\x08momentum\x18\x05 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\"\xc8\x01\n\x04Task\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.fedcollab.v1.TaskKind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\t\x12%\n\x05model\x18\x04 \x01(\x0b\x32\x16.fedcollab.v1.ModelRef\x12&\n\x05train\x18\x05 \x01(\x0b\x32\x17.fedcollab.v1.TrainPlan\x12-\n\x08manifest\x18\x06 \x01(\x0b\x32\x1b.fedcollab.v1.ModelManifest\";\n\x0fPollTaskRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"4\n\x10PollTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.fedcollab.v1.Task\"J\n\x14\x44ownloadModelRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"P\n\x15\x44ownloadModelResponse\x12\"\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x13.fedcollab.v1.Chunk\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\"\xd7\x02\n\x0cUpdateHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x03\x12-\n\x08manifest\x18\x05 \x01(\x0b\x32\x1b.fedcollab.v1.ModelManifest\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\x0c\x12\x14\n\x0cnum_examples\x18\x08 \x01(\x03\x12\x38\n\x07metrics\x18\t \x03(\x0b\x32\'.fedcollab.v1.UpdateHeader.MetricsEntry\x12+\n\x07privacy\x18\n \x01(\x0b\x32\x1a.fedcollab.v1.PrivacySpend\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xaf\x01\n\x0cPrivacySpend\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\x16\n\x0e\x62udget_epsilon\x18\x03 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x04 \x01(\x01\x12\x13\n\x0bsample_rate\x18\x05 \x01(\x01\x12\r\n\x05steps\x18\x06 \x01(\x03\x12\x12\n\naccountant\x18\x07 \x01(\t\x12\x15\n\rmax_grad_norm\x18\x08 \x01(\x01\"q\n\x13UploadUpdateRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.fedcollab.v1.UpdateHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedcollab.v1.ChunkH\x00\x42\x06\n\x04part\".\n\x14UploadUpdateResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\"\x97\x01\n\x17ReportEvaluationRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x07 \x01(\x01\"\x1a\n\x18ReportEvaluationResponse\"\x94\x01\n\x12\x44\x65\x63lineTaskRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12+\n\x07privacy\x18\x06 \x01(\x0b\x32\x1a.fedcollab.v1.PrivacySpend\"\x15\n\x13\x44\x65\x63lineTaskResponse\"&\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x11HeartbeatResponse\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01*~\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_KIND_WAIT\x10\x01\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x02\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x03\x12\x16\n\x12TASK_KIND_FINISHED\x10\x04\x32\xd8\x04\n\x12\x43oordinatorService\x12=\n\x04Join\x12\x19.fedcollab.v1.JoinRequest\x1a\x1a.fedcollab.v1.JoinResponse\x12I\n\x08PollTask\x12\x1d.fedcollab.v1.PollTaskRequest\x1a\x1e.fedcollab.v1.PollTaskResponse\x12Z\n\rDownloadModel\x12\".fedcollab.v1.DownloadModelRequest\x1a#.fedcollab.v1.DownloadModelResponse0\x01\x12W\n\x0cUploadUpdate\x12!.fedcollab.v1.UploadUpdateRequest\x1a\".fedcollab.v1.UploadUpdateResponse(\x01\x12\x61\n\x10ReportEvaluation\x12%.fedcollab.v1.ReportEvaluationRequest\x1a&.fedcollab.v1.ReportEvaluationResponse\x12R\n\x0b\x44\x65\x63lineTask\x12 .fedcollab.v1.DeclineTaskRequest\x1a!.fedcollab.v1.DeclineTaskResponse\x12L\n\tHeartbeat\x12\x1e.fedcollab.v1.HeartbeatRequest\x1a\x1f.fedcollab.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fedcollab/v1/coordinator_service.proto\x12\x0c\x66\x65\x64\x63ollab.v1\x1a\x19\x66\x65\x64\x63ollab/v1/tensor.proto\x1a\x1cgoogle/protobuf/struct.proto\"B\n\tModelSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"W\n\tStudyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.fedcollab.v1.ModelSpec\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\x03\"V\n\x0bJoinRequest\x12\x13\n\x0binstitution\x18\x01 \x01(\t\x12\x1a\n\x12num_train_examples\x18\x02 \x01(\x03\x12\x16\n\x0e\x63lient_version\x18\x03 \x01(\t\"\xcc\x01\n\x0cJoinResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nfederation\x18\x02 \x01(\t\x12&\n\x05study\x18\x03 \x01(\x0b\x32\x17.fedcollab.v1.StudyInfo\x12\"\n\x1aheartbeat_interval_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\x03\x12\x1a\n\x12lineage_public_key\x18\x07 \x01(\x0c\"r\n\x08ModelRef\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x16\n\x0elineage_record\x18\x04 \x01(\x0c\x12\x19\n\x11lineage_signature\x18\x05 \x01(\x0c\"\x87\x01\n\tTrainPlan\x12\x14\n\x0clocal_epochs\x18\x01 \x01(\x03\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x11\n\toptimizer\x18\x04 \x01(\t\x12\x10\n\x08momentum\x18\x05 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\"\x80\x02\n\x04Task\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.fedcollab.v1.TaskKind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\t\x12%\n\x05model\x18\x04 \x01(\x0b\x32\x16.fedcollab.v1.ModelRef\x12&\n\x05train\x18\x05 \x01(\x0b\x32\x17.fedcollab.v1.TrainPlan\x12-\n\x08manifest\x18\x06 \x01(\x0b\x32\x1b.fedcollab.v1.ModelManifest\x12\x36\n\x12secure_aggregation\x18\x07 \x01(\x0b\x32\x1a.fedcollab.v1.SecAggParams\"\xcd\x01\n\x0cSecAggParams\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\x12\x14\n\x0cparticipants\x18\x02 \x03(\t\x12\x12\n\nneighbours\x18\x03 \x03(\t\x12\x11\n\tthreshold\x18\x04 \x01(\x05\x12\x0c\n\x04\x62its\x18\x05 \x01(\x05\x12\r\n\x05scale\x18\x06 \x01(\x01\x12\x16\n\x0e\x63lipping_range\x18\x07 \x01(\x01\x12\x39\n\x0e\x64istributed_dp\x18\x08 \x01(\x0b\x32!.fedcollab.v1.DistributedDPParams\"X\n\x13\x44istributedDPParams\x12\x11\n\tclip_norm\x18\x01 \x01(\x01\x12\x10\n\x08l2_bound\x18\x02 \x01(\x01\x12\x1c\n\x14institution_variance\x18\x03 \x01(\x01\"\x85\x01\n\x11SecAggPollRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\t\x12(\n\x05stage\x18\x04 \x01(\x0e\x32\x19.fedcollab.v1.SecAggStage\x12\x14\n\x0cwait_seconds\x18\x05 \x01(\x01\"\x9c\x01\n\x12SecAggPollResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12%\n\x05peers\x18\x02 \x03(\x0b\x32\x16.fedcollab.v1.PeerKeys\x12,\n\x06shares\x18\x03 \x03(\x0b\x32\x1c.fedcollab.v1.EncryptedShare\x12\x11\n\tsurvivors\x18\x04 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x05 \x03(\t\"S\n\x08PeerKeys\x12\x13\n\x0binstitution\x18\x01 \x01(\t\x12\x19\n\x11\x63ipher_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\"C\n\x0e\x45ncryptedShare\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"U\n\rRevealedShare\x12\r\n\x05owner\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.fedcollab.v1.SecretKind\x12\r\n\x05share\x18\x03 \x01(\x0c\"\xdb\x01\n\x13SecAggSubmitRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\t\x12&\n\x04keys\x18\x04 \x01(\x0b\x32\x16.fedcollab.v1.PeerKeysH\x00\x12\x30\n\x06shares\x18\x05 \x01(\x0b\x32\x1e.fedcollab.v1.ShareKeysPayloadH\x00\x12-\n\x06unmask\x18\x06 \x01(\x0b\x32\x1b.fedcollab.v1.UnmaskPayloadH\x00\x42\t\n\x07payload\"@\n\x10ShareKeysPayload\x12,\n\x06shares\x18\x01 \x03(\x0b\x32\x1c.fedcollab.v1.EncryptedShare\"<\n\rUnmaskPayload\x12+\n\x06shares\x18\x01 \x03(\x0b\x32\x1b.fedcollab.v1.RevealedShare\"\x16\n\x14SecAggSubmitResponse\";\n\x0fPollTaskRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"4\n\x10PollTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.fedcollab.v1.Task\"J\n\x14\x44ownloadModelRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"P\n\x15\x44ownloadModelResponse\x12\"\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x13.fedcollab.v1.Chunk\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\"\xd7\x02\n\x0cUpdateHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x03\x12-\n\x08manifest\x18\x05 \x01(\x0b\x32\x1b.fedcollab.v1.ModelManifest\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\x0c\x12\x14\n\x0cnum_examples\x18\x08 \x01(\x03\x12\x38\n\x07metrics\x18\t \x03(\x0b\x32\'.fedcollab.v1.UpdateHeader.MetricsEntry\x12+\n\x07privacy\x18\n \x01(\x0b\x32\x1a.fedcollab.v1.PrivacySpend\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xaf\x01\n\x0cPrivacySpend\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\x16\n\x0e\x62udget_epsilon\x18\x03 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x04 \x01(\x01\x12\x13\n\x0bsample_rate\x18\x05 \x01(\x01\x12\r\n\x05steps\x18\x06 \x01(\x03\x12\x12\n\naccountant\x18\x07 \x01(\t\x12\x15\n\rmax_grad_norm\x18\x08 \x01(\x01\"q\n\x13UploadUpdateRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.fedcollab.v1.UpdateHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedcollab.v1.ChunkH\x00\x42\x06\n\x04part\".\n\x14UploadUpdateResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\"\x97\x01\n\x17ReportEvaluationRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x07 \x01(\x01\"\x1a\n\x18ReportEvaluationResponse\"\x94\x01\n\x12\x44\x65\x63lineTaskRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12+\n\x07privacy\x18\x06 \x01(\x0b\x32\x1a.fedcollab.v1.PrivacySpend\"\x15\n\x13\x44\x65\x63lineTaskResponse\"&\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x11HeartbeatResponse\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01*~\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_KIND_WAIT\x10\x01\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x02\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x03\x12\x16\n\x12TASK_KIND_FINISHED\x10\x04*\xbe\x01\n\x0bSecAggStage\x12\x1d\n\x19SEC_AGG_STAGE_UNSPECIFIED\x10\x00\x12 \n\x1cSEC_AGG_STAGE_ADVERTISE_KEYS\x10\x01\x12\x1c\n\x18SEC_AGG_STAGE_SHARE_KEYS\x10\x02\x12\x1e\n\x1aSEC_AGG_STAGE_MASKED_INPUT\x10\x03\x12\x18\n\x14SEC_AGG_STAGE_UNMASK\x10\x04\x12\x16\n\x12SEC_AGG_STAGE_DONE\x10\x05*k\n\nSecretKind\x12\x1b\n\x17SECRET_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSECRET_KIND_SELF_MASK_SEED\x10\x01\x12 \n\x1cSECRET_KIND_MASK_PRIVATE_KEY\x10\x02\x32\x80\x06\n\x12\x43oordinatorService\x12=\n\x04Join\x12\x19.fedcollab.v1.JoinRequest\x1a\x1a.fedcollab.v1.JoinResponse\x12I\n\x08PollTask\x12\x1d.fedcollab.v1.PollTaskRequest\x1a\x1e.fedcollab.v1.PollTaskResponse\x12Z\n\rDownloadModel\x12\".fedcollab.v1.DownloadModelRequest\x1a#.fedcollab.v1.DownloadModelResponse0\x01\x12W\n\x0cUploadUpdate\x12!.fedcollab.v1.UploadUpdateRequest\x1a\".fedcollab.v1.UploadUpdateResponse(\x01\x12\x61\n\x10ReportEvaluation\x12%.fedcollab.v1.ReportEvaluationRequest\x1a&.fedcollab.v1.ReportEvaluationResponse\x12R\n\x0b\x44\x65\x63lineTask\x12 .fedcollab.v1.DeclineTaskRequest\x1a!.fedcollab.v1.DeclineTaskResponse\x12L\n\tHeartbeat\x12\x1e.fedcollab.v1.HeartbeatRequest\x1a\x1f.fedcollab.v1.HeartbeatResponse\x12O\n\nSecAggPoll\x12\x1f.fedcollab.v1.SecAggPollRequest\x1a .fedcollab.v1.SecAggPollResponse\x12U\n\x0cSecAggSubmit\x12!.fedcollab.v1.SecAggSubmitRequest\x1a\".fedcollab.v1.SecAggSubmitResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKKIND']._serialized_start=2422
-  _globals['_TASKKIND']._serialized_end=2548
+  _globals['_TASKKIND']._serialized_start=3686
+  _globals['_TASKKIND']._serialized_end=3812
+  _globals['_SECAGGSTAGE']._serialized_start=3815
+  _globals['_SECAGGSTAGE']._serialized_end=4005
+  _globals['_SECRETKIND']._serialized_start=4007
+  _globals['_SECRETKIND']._serialized_end=4114
   _globals['_MODELSPEC']._serialized_start=113
   _globals['_MODELSPEC']._serialized_end=179
   _globals['_STUDYINFO']._serialized_start=181
@@ -50,37 +54,59 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINPLAN']._serialized_start=682
   _globals['_TRAINPLAN']._serialized_end=817
   _globals['_TASK']._serialized_start=820
-  _globals['_TASK']._serialized_end=1020
-  _globals['_POLLTASKREQUEST']._serialized_start=1022
-  _globals['_POLLTASKREQUEST']._serialized_end=1081
-  _globals['_POLLTASKRESPONSE']._serialized_start=1083
-  _globals['_POLLTASKRESPONSE']._serialized_end=1135
-  _globals['_DOWNLOADMODELREQUEST']._serialized_start=1137
-  _globals['_DOWNLOADMODELREQUEST']._serialized_end=1211
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=1213
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=1293
-  _globals['_UPDATEHEADER']._serialized_start=1296
-  _globals['_UPDATEHEADER']._serialized_end=1639
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1593
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1639
-  _globals['_PRIVACYSPEND']._serialized_start=1642
-  _globals['_PRIVACYSPEND']._serialized_end=1817
-  _globals['_UPLOADUPDATEREQUEST']._serialized_start=1819
-  _globals['_UPLOADUPDATEREQUEST']._serialized_end=1932
-  _globals['_UPLOADUPDATERESPONSE']._serialized_start=1934
-  _globals['_UPLOADUPDATERESPONSE']._serialized_end=1980
-  _globals['_REPORTEVALUATIONREQUEST']._serialized_start=1983
-  _globals['_REPORTEVALUATIONREQUEST']._serialized_end=2134
-  _globals['_REPORTEVALUATIONRESPONSE']._serialized_start=2136
-  _globals['_REPORTEVALUATIONRESPONSE']._serialized_end=2162
-  _globals['_DECLINETASKREQUEST']._serialized_start=2165
-  _globals['_DECLINETASKREQUEST']._serialized_end=2313
-  _globals['_DECLINETASKRESPONSE']._serialized_start=2315
-  _globals['_DECLINETASKRESPONSE']._serialized_end=2336
-  _globals['_HEARTBEATREQUEST']._serialized_start=2338
-  _globals['_HEARTBEATREQUEST']._serialized_end=2376
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2378
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2420
-  _globals['_COORDINATORSERVICE']._serialized_start=2551
-  _globals['_COORDINATORSERVICE']._serialized_end=3151
+  _globals['_TASK']._serialized_end=1076
+  _globals['_SECAGGPARAMS']._serialized_start=1079
+  _globals['_SECAGGPARAMS']._serialized_end=1284
+  _globals['_DISTRIBUTEDDPPARAMS']._serialized_start=1286
+  _globals['_DISTRIBUTEDDPPARAMS']._serialized_end=1374
+  _globals['_SECAGGPOLLREQUEST']._serialized_start=1377
+  _globals['_SECAGGPOLLREQUEST']._serialized_end=1510
+  _globals['_SECAGGPOLLRESPONSE']._serialized_start=1513
+  _globals['_SECAGGPOLLRESPONSE']._serialized_end=1669
+  _globals['_PEERKEYS']._serialized_start=1671
+  _globals['_PEERKEYS']._serialized_end=1754
+  _globals['_ENCRYPTEDSHARE']._serialized_start=1756
+  _globals['_ENCRYPTEDSHARE']._serialized_end=1823
+  _globals['_REVEALEDSHARE']._serialized_start=1825
+  _globals['_REVEALEDSHARE']._serialized_end=1910
+  _globals['_SECAGGSUBMITREQUEST']._serialized_start=1913
+  _globals['_SECAGGSUBMITREQUEST']._serialized_end=2132
+  _globals['_SHAREKEYSPAYLOAD']._serialized_start=2134
+  _globals['_SHAREKEYSPAYLOAD']._serialized_end=2198
+  _globals['_UNMASKPAYLOAD']._serialized_start=2200
+  _globals['_UNMASKPAYLOAD']._serialized_end=2260
+  _globals['_SECAGGSUBMITRESPONSE']._serialized_start=2262
+  _globals['_SECAGGSUBMITRESPONSE']._serialized_end=2284
+  _globals['_POLLTASKREQUEST']._serialized_start=2286
+  _globals['_POLLTASKREQUEST']._serialized_end=2345
+  _globals['_POLLTASKRESPONSE']._serialized_start=2347
+  _globals['_POLLTASKRESPONSE']._serialized_end=2399
+  _globals['_DOWNLOADMODELREQUEST']._serialized_start=2401
+  _globals['_DOWNLOADMODELREQUEST']._serialized_end=2475
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=2477
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=2557
+  _globals['_UPDATEHEADER']._serialized_start=2560
+  _globals['_UPDATEHEADER']._serialized_end=2903
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=2857
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=2903
+  _globals['_PRIVACYSPEND']._serialized_start=2906
+  _globals['_PRIVACYSPEND']._serialized_end=3081
+  _globals['_UPLOADUPDATEREQUEST']._serialized_start=3083
+  _globals['_UPLOADUPDATEREQUEST']._serialized_end=3196
+  _globals['_UPLOADUPDATERESPONSE']._serialized_start=3198
+  _globals['_UPLOADUPDATERESPONSE']._serialized_end=3244
+  _globals['_REPORTEVALUATIONREQUEST']._serialized_start=3247
+  _globals['_REPORTEVALUATIONREQUEST']._serialized_end=3398
+  _globals['_REPORTEVALUATIONRESPONSE']._serialized_start=3400
+  _globals['_REPORTEVALUATIONRESPONSE']._serialized_end=3426
+  _globals['_DECLINETASKREQUEST']._serialized_start=3429
+  _globals['_DECLINETASKREQUEST']._serialized_end=3577
+  _globals['_DECLINETASKRESPONSE']._serialized_start=3579
+  _globals['_DECLINETASKRESPONSE']._serialized_end=3600
+  _globals['_HEARTBEATREQUEST']._serialized_start=3602
+  _globals['_HEARTBEATREQUEST']._serialized_end=3640
+  _globals['_HEARTBEATRESPONSE']._serialized_start=3642
+  _globals['_HEARTBEATRESPONSE']._serialized_end=3684
+  _globals['_COORDINATORSERVICE']._serialized_start=4117
+  _globals['_COORDINATORSERVICE']._serialized_end=4885
 # @@protoc_insertion_point(module_scope)

@@ -4,7 +4,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -16,11 +16,35 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_KIND_TRAIN: _ClassVar[TaskKind]
     TASK_KIND_EVALUATE: _ClassVar[TaskKind]
     TASK_KIND_FINISHED: _ClassVar[TaskKind]
+
+class SecAggStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SEC_AGG_STAGE_UNSPECIFIED: _ClassVar[SecAggStage]
+    SEC_AGG_STAGE_ADVERTISE_KEYS: _ClassVar[SecAggStage]
+    SEC_AGG_STAGE_SHARE_KEYS: _ClassVar[SecAggStage]
+    SEC_AGG_STAGE_MASKED_INPUT: _ClassVar[SecAggStage]
+    SEC_AGG_STAGE_UNMASK: _ClassVar[SecAggStage]
+    SEC_AGG_STAGE_DONE: _ClassVar[SecAggStage]
+
+class SecretKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SECRET_KIND_UNSPECIFIED: _ClassVar[SecretKind]
+    SECRET_KIND_SELF_MASK_SEED: _ClassVar[SecretKind]
+    SECRET_KIND_MASK_PRIVATE_KEY: _ClassVar[SecretKind]
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_KIND_WAIT: TaskKind
 TASK_KIND_TRAIN: TaskKind
 TASK_KIND_EVALUATE: TaskKind
 TASK_KIND_FINISHED: TaskKind
+SEC_AGG_STAGE_UNSPECIFIED: SecAggStage
+SEC_AGG_STAGE_ADVERTISE_KEYS: SecAggStage
+SEC_AGG_STAGE_SHARE_KEYS: SecAggStage
+SEC_AGG_STAGE_MASKED_INPUT: SecAggStage
+SEC_AGG_STAGE_UNMASK: SecAggStage
+SEC_AGG_STAGE_DONE: SecAggStage
+SECRET_KIND_UNSPECIFIED: SecretKind
+SECRET_KIND_SELF_MASK_SEED: SecretKind
+SECRET_KIND_MASK_PRIVATE_KEY: SecretKind
 
 class ModelSpec(_message.Message):
     __slots__ = ("kind", "params")
@@ -99,20 +123,142 @@ class TrainPlan(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("kind", "round", "nonce", "model", "train", "manifest")
+    __slots__ = ("kind", "round", "nonce", "model", "train", "manifest", "secure_aggregation")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     kind: TaskKind
     round: int
     nonce: str
     model: ModelRef
     train: TrainPlan
     manifest: _tensor_pb2.ModelManifest
-    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., nonce: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., train: _Optional[_Union[TrainPlan, _Mapping]] = ..., manifest: _Optional[_Union[_tensor_pb2.ModelManifest, _Mapping]] = ...) -> None: ...
+    secure_aggregation: SecAggParams
+    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., nonce: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., train: _Optional[_Union[TrainPlan, _Mapping]] = ..., manifest: _Optional[_Union[_tensor_pb2.ModelManifest, _Mapping]] = ..., secure_aggregation: _Optional[_Union[SecAggParams, _Mapping]] = ...) -> None: ...
+
+class SecAggParams(_message.Message):
+    __slots__ = ("round_id", "participants", "neighbours", "threshold", "bits", "scale", "clipping_range", "distributed_dp")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    CLIPPING_RANGE_FIELD_NUMBER: _ClassVar[int]
+    DISTRIBUTED_DP_FIELD_NUMBER: _ClassVar[int]
+    round_id: bytes
+    participants: _containers.RepeatedScalarFieldContainer[str]
+    neighbours: _containers.RepeatedScalarFieldContainer[str]
+    threshold: int
+    bits: int
+    scale: float
+    clipping_range: float
+    distributed_dp: DistributedDPParams
+    def __init__(self, round_id: _Optional[bytes] = ..., participants: _Optional[_Iterable[str]] = ..., neighbours: _Optional[_Iterable[str]] = ..., threshold: _Optional[int] = ..., bits: _Optional[int] = ..., scale: _Optional[float] = ..., clipping_range: _Optional[float] = ..., distributed_dp: _Optional[_Union[DistributedDPParams, _Mapping]] = ...) -> None: ...
+
+class DistributedDPParams(_message.Message):
+    __slots__ = ("clip_norm", "l2_bound", "institution_variance")
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    L2_BOUND_FIELD_NUMBER: _ClassVar[int]
+    INSTITUTION_VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    clip_norm: float
+    l2_bound: float
+    institution_variance: float
+    def __init__(self, clip_norm: _Optional[float] = ..., l2_bound: _Optional[float] = ..., institution_variance: _Optional[float] = ...) -> None: ...
+
+class SecAggPollRequest(_message.Message):
+    __slots__ = ("session_id", "round", "nonce", "stage", "wait_seconds")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    round: int
+    nonce: str
+    stage: SecAggStage
+    wait_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., round: _Optional[int] = ..., nonce: _Optional[str] = ..., stage: _Optional[_Union[SecAggStage, str]] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+
+class SecAggPollResponse(_message.Message):
+    __slots__ = ("ready", "peers", "shares", "survivors", "dropped")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    peers: _containers.RepeatedCompositeFieldContainer[PeerKeys]
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ready: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[PeerKeys, _Mapping]]] = ..., shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PeerKeys(_message.Message):
+    __slots__ = ("institution", "cipher_public_key", "mask_public_key")
+    INSTITUTION_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    institution: str
+    cipher_public_key: bytes
+    mask_public_key: bytes
+    def __init__(self, institution: _Optional[str] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ...) -> None: ...
+
+class EncryptedShare(_message.Message):
+    __slots__ = ("owner", "holder", "ciphertext")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    holder: str
+    ciphertext: bytes
+    def __init__(self, owner: _Optional[str] = ..., holder: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class RevealedShare(_message.Message):
+    __slots__ = ("owner", "kind", "share")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    kind: SecretKind
+    share: bytes
+    def __init__(self, owner: _Optional[str] = ..., kind: _Optional[_Union[SecretKind, str]] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class SecAggSubmitRequest(_message.Message):
+    __slots__ = ("session_id", "round", "nonce", "keys", "shares", "unmask")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    round: int
+    nonce: str
+    keys: PeerKeys
+    shares: ShareKeysPayload
+    unmask: UnmaskPayload
+    def __init__(self, session_id: _Optional[str] = ..., round: _Optional[int] = ..., nonce: _Optional[str] = ..., keys: _Optional[_Union[PeerKeys, _Mapping]] = ..., shares: _Optional[_Union[ShareKeysPayload, _Mapping]] = ..., unmask: _Optional[_Union[UnmaskPayload, _Mapping]] = ...) -> None: ...
+
+class ShareKeysPayload(_message.Message):
+    __slots__ = ("shares",)
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
+    def __init__(self, shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ...) -> None: ...
+
+class UnmaskPayload(_message.Message):
+    __slots__ = ("shares",)
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    def __init__(self, shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
+
+class SecAggSubmitResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class PollTaskRequest(_message.Message):
     __slots__ = ("session_id", "wait_seconds")

@@ -76,6 +76,16 @@ class CoordinatorServiceStub:
                 request_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.SecAggPoll = channel.unary_unary(
+                '/fedcollab.v1.CoordinatorService/SecAggPoll',
+                request_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.SecAggPollRequest.SerializeToString,
+                response_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.SecAggPollResponse.FromString,
+                _registered_method=True)
+        self.SecAggSubmit = channel.unary_unary(
+                '/fedcollab.v1.CoordinatorService/SecAggSubmit',
+                request_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.SecAggSubmitRequest.SerializeToString,
+                response_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.SecAggSubmitResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -149,6 +159,25 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAggPoll(self, request, context):
+        """Secure aggregation (SecAgg+, Bell et al. 2020), for rounds whose TRAIN task
+        carries SecAggParams. After training, an institution walks the stages in order:
+        submit ADVERTISE_KEYS; poll SHARE_KEYS (its neighbours' public keys), submit its
+        encrypted Shamir shares; poll MASKED_INPUT (the shares addressed to it), upload
+        its masked update with UploadUpdate; poll UNMASK (which neighbours survived and
+        which dropped), submit the shares that remove the masks. The coordinator only ever
+        holds masked updates and their masked sum.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SecAggSubmit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +215,16 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.HeartbeatRequest.FromString,
                     response_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'SecAggPoll': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggPoll,
+                    request_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.SecAggPollRequest.FromString,
+                    response_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.SecAggPollResponse.SerializeToString,
+            ),
+            'SecAggSubmit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggSubmit,
+                    request_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.SecAggSubmitRequest.FromString,
+                    response_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.SecAggSubmitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -384,6 +423,60 @@ class CoordinatorService:
             '/fedcollab.v1.CoordinatorService/Heartbeat',
             fedcollab_dot_v1_dot_coordinator__service__pb2.HeartbeatRequest.SerializeToString,
             fedcollab_dot_v1_dot_coordinator__service__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggPoll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcollab.v1.CoordinatorService/SecAggPoll',
+            fedcollab_dot_v1_dot_coordinator__service__pb2.SecAggPollRequest.SerializeToString,
+            fedcollab_dot_v1_dot_coordinator__service__pb2.SecAggPollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggSubmit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcollab.v1.CoordinatorService/SecAggSubmit',
+            fedcollab_dot_v1_dot_coordinator__service__pb2.SecAggSubmitRequest.SerializeToString,
+            fedcollab_dot_v1_dot_coordinator__service__pb2.SecAggSubmitResponse.FromString,
             options,
             channel_credentials,
             insecure,

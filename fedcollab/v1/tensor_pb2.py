@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x65\x64\x63ollab/v1/tensor.proto\x12\x0c\x66\x65\x64\x63ollab.v1\"S\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05\x64type\x18\x02 \x01(\x0e\x32\x19.fedcollab.v1.TensorDtype\x12\r\n\x05shape\x18\x03 \x03(\x03\":\n\rModelManifest\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.fedcollab.v1.TensorSpec\"5\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c*\x94\x01\n\x0bTensorDtype\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14TENSOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14TENSOR_DTYPE_FLOAT64\x10\x02\x12\x18\n\x14TENSOR_DTYPE_FLOAT16\x10\x03\x12\x19\n\x15TENSOR_DTYPE_BFLOAT16\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x65\x64\x63ollab/v1/tensor.proto\x12\x0c\x66\x65\x64\x63ollab.v1\"S\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05\x64type\x18\x02 \x01(\x0e\x32\x19.fedcollab.v1.TensorDtype\x12\r\n\x05shape\x18\x03 \x03(\x03\":\n\rModelManifest\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.fedcollab.v1.TensorSpec\"5\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c*\xad\x01\n\x0bTensorDtype\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14TENSOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14TENSOR_DTYPE_FLOAT64\x10\x02\x12\x18\n\x14TENSOR_DTYPE_FLOAT16\x10\x03\x12\x19\n\x15TENSOR_DTYPE_BFLOAT16\x10\x04\x12\x17\n\x13TENSOR_DTYPE_UINT32\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedcollab.v1.tensor_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSORDTYPE']._serialized_start=244
-  _globals['_TENSORDTYPE']._serialized_end=392
+  _globals['_TENSORDTYPE']._serialized_end=417
   _globals['_TENSORSPEC']._serialized_start=43
   _globals['_TENSORSPEC']._serialized_end=126
   _globals['_MODELMANIFEST']._serialized_start=128

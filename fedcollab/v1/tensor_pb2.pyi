@@ -14,11 +14,13 @@ class TensorDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TENSOR_DTYPE_FLOAT64: _ClassVar[TensorDtype]
     TENSOR_DTYPE_FLOAT16: _ClassVar[TensorDtype]
     TENSOR_DTYPE_BFLOAT16: _ClassVar[TensorDtype]
+    TENSOR_DTYPE_UINT32: _ClassVar[TensorDtype]
 TENSOR_DTYPE_UNSPECIFIED: TensorDtype
 TENSOR_DTYPE_FLOAT32: TensorDtype
 TENSOR_DTYPE_FLOAT64: TensorDtype
 TENSOR_DTYPE_FLOAT16: TensorDtype
 TENSOR_DTYPE_BFLOAT16: TensorDtype
+TENSOR_DTYPE_UINT32: TensorDtype
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")

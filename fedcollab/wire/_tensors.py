@@ -20,7 +20,9 @@ _TO_TORCH: dict[int, torch.dtype] = {
     tensor_pb2.TENSOR_DTYPE_FLOAT16: torch.float16,
     tensor_pb2.TENSOR_DTYPE_BFLOAT16: torch.bfloat16,
 }
+# Models hold only floating-point tensors; uint32 travels only as masked updates.
 _TO_WIRE: dict[torch.dtype, int] = {v: k for k, v in _TO_TORCH.items()}
+_TO_TORCH[tensor_pb2.TENSOR_DTYPE_UINT32] = torch.uint32
 
 
 def torch_dtype(wire: int) -> torch.dtype:

@@ -1,0 +1,139 @@
+"""A secure-aggregation round's running sum: masked uploads added mod 2^bits as their
+chunks arrive, in a uint32 vector of the model's size.
+
+Modular sums are exact, so an upload that fails part-way is subtracted back out (its
+folded chunks read back from its spool), no rebuild needed. The coordinator never
+holds an unmasked update: only this sum, and, once the round's survivors are known,
+the masks to remove come from the revealed shares (unmask()), after which the sum is
+decoded to floats and applied to the base model chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedcollab.coordinator._upload import UploadReceiver
+from fedcollab.secagg import Quantizer, apply_masks
+from fedcollab.v1 import tensor_pb2
+from fedcollab.wire import TensorPiece, spec_numel
+
+_APPLY_ELEMS = 1 << 20
+
+
+@dataclass
+class _Upload:
+    receiver: UploadReceiver
+    folded: int = 0  # bytes of the stream already in the sum
+    state: str = "active"  # active | complete | excluded
+
+
+class MaskedSum:
+    def __init__(self, *, model_manifest: tensor_pb2.ModelManifest, quantizer: Quantizer, piece_bytes: int) -> None:
+        self._model_manifest = model_manifest
+        self.dim = sum(spec_numel(s) for s in model_manifest.tensors)
+        self.quantizer = quantizer
+        self._keep = np.uint32((1 << quantizer.bits) - 1 if quantizer.bits < 32 else 0xFFFFFFFF)
+        self._sum = np.zeros(self.dim, dtype=np.uint32)
+        self._piece_bytes = piece_bytes
+        self._uploads: dict[str, _Upload] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self.clip_norm = None  # RoundSum's interface: no clipping at the coordinator
+
+    def add(self, key: str, *, receiver: UploadReceiver, weight: float) -> None:
+        with self._lock:
+            self._uploads[key] = _Upload(receiver)
+
+    def _fold_values(self, pieces: Iterable[TensorPiece], sign: int) -> None:
+        """Caller holds the lock."""
+        for p in pieces:
+            values = p.values.numpy()
+            view = self._sum[p.start:p.start + len(values)]
+            if sign > 0:
+                view += values  # wraps mod 2^32
+            else:
+                view -= values
+            view &= self._keep
+
+    def fold(self, key: str, pieces: Iterable[TensorPiece], *, upto: int) -> bool:
+        with self._lock:
+            u = self._uploads.get(key)
+            if u is None or u.state != "active" or self._closed:
+                return False
+            self._fold_values(pieces, +1)
+            u.folded = upto
+            return True
+
+    def finish(self, key: str) -> bool:
+        with self._lock:
+            u = self._uploads.get(key)
+            return u is not None and u.state == "active" and not self._closed
+
+    def complete(self, key: str) -> bool:
+        with self._lock:
+            u = self._uploads.get(key)
+            if u is None or u.state != "active" or self._closed:
+                return False
+            u.state = "complete"
+            return True
+
+    def _subtract(self, u: _Upload) -> None:
+        """Caller holds the lock: takes an upload's folded chunks back out, exactly."""
+        if u.folded:
+            self._fold_values(u.receiver.pieces(piece_bytes=self._piece_bytes, limit=u.folded), -1)
+            u.folded = 0
+
+    def exclude(self, key: str) -> None:
+        with self._lock:
+            u = self._uploads.get(key)
+            if u is None or u.state == "excluded":
+                return
+            u.state = "excluded"
+            if not self._closed:
+                self._subtract(u)
+
+    def close(self) -> list[str]:
+        """Takes uploads still in flight back out; returns the keys of complete ones."""
+        with self._lock:
+            if not self._closed:
+                for u in self._uploads.values():
+                    if u.state == "active":
+                        u.state = "excluded"
+                        self._subtract(u)
+                self._closed = True
+                for u in self._uploads.values():
+                    u.receiver.discard()
+            return [k for k, u in self._uploads.items() if u.state == "complete"]
+
+    @property
+    def num_updates(self) -> int:
+        with self._lock:
+            return sum(u.state == "complete" for u in self._uploads.values())
+
+    def unmask_apply(self, base: Mapping[str, torch.Tensor], *, add: list[bytes], subtract: list[bytes],
+                     count: int) -> dict[str, torch.Tensor]:
+        """base + (the unmasked, decoded sum) / count: removes the masks chunk by chunk
+        (vectorized keystreams), then decodes the signed integers to floats."""
+        with self._lock:
+            assert self._closed, "close() the round's sum before unmasking it"
+            out: dict[str, torch.Tensor] = {}
+            start = 0
+            for spec in self._model_manifest.tensors:
+                b = base[spec.name]
+                flat_base = b.detach().reshape(-1)
+                new = torch.empty_like(flat_base)
+                for a in range(0, flat_base.numel(), _APPLY_ELEMS):
+                    n = min(_APPLY_ELEMS, flat_base.numel() - a)
+                    plain = apply_masks(self._sum[start + a:start + a + n], start=start + a,
+                                        bits=self.quantizer.bits, add=add, subtract=subtract)
+                    mean = torch.from_numpy(self.quantizer.decode(plain) / count)
+                    new[a:a + n] = (flat_base[a:a + n].to(torch.float64) + mean).to(b.dtype)
+                out[spec.name] = new.reshape(b.shape)
+                start += flat_base.numel()
+            self._sum = np.zeros(0, dtype=np.uint32)  # release the round's memory
+            return out

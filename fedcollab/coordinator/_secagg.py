@@ -1,0 +1,202 @@
+"""The coordinator's bookkeeping of one secure-aggregation round: stages, who is still
+in, what each institution submitted, and what each one is handed when it polls.
+
+Every submission is checked against the stage and the sender's place in the graph
+before it is stored, so one misbehaving institution is refused (and eventually timed
+out of the round) without touching anyone else's part. The engine holds its lock
+around every call; nothing here blocks or computes masks.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from fedcollab.config import SecureAggregationConfig
+from fedcollab.errors import Rejected
+from fedcollab.secagg import (
+    MASK_PRIVATE_KEY,
+    SELF_MASK_SEED,
+    SecAggError,
+    Share,
+    degree_for,
+    neighbour_graph,
+    removal_seeds,
+    threshold_for,
+)
+from fedcollab.v1 import coordinator_service_pb2 as pb
+
+ADVERTISE = pb.SEC_AGG_STAGE_ADVERTISE_KEYS
+SHARE = pb.SEC_AGG_STAGE_SHARE_KEYS
+MASKED = pb.SEC_AGG_STAGE_MASKED_INPUT
+UNMASK = pb.SEC_AGG_STAGE_UNMASK
+DONE = pb.SEC_AGG_STAGE_DONE
+_CIPHERTEXT_BYTES = 12 + 2 * 70 + 16  # nonce, two shares, GCM tag
+_KIND = {pb.SECRET_KIND_SELF_MASK_SEED: SELF_MASK_SEED, pb.SECRET_KIND_MASK_PRIVATE_KEY: MASK_PRIVATE_KEY}
+
+
+def _refuse(reason: str, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> Rejected:
+    return Rejected(code=code, reason=reason, message=message)
+
+
+class SecAggRound:
+    def __init__(self, *, names: list[str], config: SecureAggregationConfig, round_id: bytes,
+                 params: pb.SecAggParams) -> None:
+        self.participants = sorted(names)
+        self.round_id = round_id
+        self.degree = degree_for(len(self.participants), config.neighbours)
+        self.graph = neighbour_graph(self.participants, degree=self.degree, seed=round_id)
+        self.threshold = threshold_for(self.degree + 1, config.reconstruction_threshold)
+        self._params = params
+        self.stage = ADVERTISE
+        self.stage_deadline = float("inf")
+        self.keys: dict[str, pb.PeerKeys] = {}
+        self.shares: dict[str, list[pb.EncryptedShare]] = {}
+        self.u1: set[str] = set()
+        self.u2: set[str] = set()
+        self.u3: set[str] = set()
+        self.revealed: dict[tuple[str, str], list[Share]] = {}
+        self.revealers: set[str] = set()
+        self.failure = ""
+
+    def hood(self, name: str) -> set[str]:
+        return {name, *self.graph[name]}
+
+    def params_for(self, name: str) -> pb.SecAggParams:
+        p = pb.SecAggParams()
+        p.CopyFrom(self._params)
+        p.round_id = self.round_id
+        p.participants[:] = self.participants
+        p.neighbours[:] = self.graph[name]
+        p.threshold = self.threshold
+        return p
+
+    # ------------------------------------------------------------ submissions
+    def _expect(self, stage: int, name: str, members: set[str] | None) -> None:
+        if self.stage != stage:
+            raise _refuse("SECAGG_WRONG_STAGE", f"the round is at stage {pb.SecAggStage.Name(self.stage)}, not "
+                          f"{pb.SecAggStage.Name(stage)}", grpc.StatusCode.FAILED_PRECONDITION)
+        if members is not None and name not in members:
+            raise _refuse("SECAGG_EXCLUDED", f"{name} is no longer part of this round's secure aggregation",
+                          grpc.StatusCode.FAILED_PRECONDITION)
+
+    def submit_keys(self, name: str, keys: pb.PeerKeys) -> None:
+        self._expect(ADVERTISE, name, None)
+        if name in self.keys:
+            raise _refuse("SECAGG_ALREADY_SUBMITTED", "keys for this round were already advertised (a restarted "
+                          "daemon cannot rejoin a round it began)", grpc.StatusCode.ALREADY_EXISTS)
+        c, m = bytes(keys.cipher_public_key), bytes(keys.mask_public_key)
+        if len(c) != 32 or len(m) != 32 or c == m:
+            raise _refuse("SECAGG_BAD_KEY", "advertise two distinct 32-byte X25519 public keys")
+        if any(m == bytes(k.mask_public_key) or c == bytes(k.cipher_public_key) for k in self.keys.values()):
+            raise _refuse("SECAGG_BAD_KEY", "these public keys were already advertised by another institution")
+        self.keys[name] = pb.PeerKeys(institution=name, cipher_public_key=c, mask_public_key=m)
+
+    def submit_shares(self, name: str, payload: pb.ShareKeysPayload) -> None:
+        self._expect(SHARE, name, self.u1)
+        if name in self.shares:
+            raise _refuse("SECAGG_ALREADY_SUBMITTED", "shares were already sent", grpc.StatusCode.ALREADY_EXISTS)
+        expected = (self.hood(name) & self.u1) - {name}
+        holders = [s.holder for s in payload.shares]
+        if len(set(holders)) != len(holders) or set(holders) != expected:
+            raise _refuse("SECAGG_BAD_SHARES", f"send exactly one share to each neighbour with keys: "
+                          f"{sorted(expected)[:10]}")
+        for s in payload.shares:
+            if s.owner != name or len(s.ciphertext) != _CIPHERTEXT_BYTES:
+                raise _refuse("SECAGG_BAD_SHARES", f"each share is owned by its sender and {_CIPHERTEXT_BYTES} bytes")
+        self.shares[name] = list(payload.shares)
+
+    def submit_unmask(self, name: str, payload: pb.UnmaskPayload) -> None:
+        self._expect(UNMASK, name, self.u3)
+        if name in self.revealers:
+            raise _refuse("SECAGG_ALREADY_SUBMITTED", "shares were already revealed", grpc.StatusCode.ALREADY_EXISTS)
+        hood = self.hood(name)
+        x = self.participants.index(name) + 1
+        parsed: list[tuple[str, str, Share]] = []
+        seen: set[str] = set()
+        for r in payload.shares:
+            kind = _KIND.get(r.kind)
+            if r.owner not in hood or r.owner in seen or kind is None:
+                raise _refuse("SECAGG_BAD_REVEAL", f"reveal at most one known kind of share per neighbour; "
+                              f"{r.owner!r} is not one, or is named twice")
+            want = SELF_MASK_SEED if r.owner in self.u3 else MASK_PRIVATE_KEY if r.owner in self.u2 else None
+            if kind != want:
+                raise _refuse("SECAGG_BAD_REVEAL", f"{r.owner}'s {kind.replace('_', ' ')} is not to be revealed")
+            try:
+                share = Share.from_bytes(bytes(r.share))
+            except ValueError as e:
+                raise _refuse("SECAGG_BAD_REVEAL", f"share of {r.owner}: {e}") from None
+            if share.x != x:
+                raise _refuse("SECAGG_BAD_REVEAL", "a share must be the revealer's own (its x is its position)")
+            seen.add(r.owner)
+            parsed.append((r.owner, kind, share))
+        for owner, kind, share in parsed:
+            self.revealed.setdefault((owner, kind), []).append(share)
+        self.revealers.add(name)
+
+    # ------------------------------------------------------------ polls
+    def poll(self, name: str, stage: int) -> pb.SecAggPollResponse:
+        if stage not in (SHARE, MASKED, UNMASK):
+            raise _refuse("SECAGG_WRONG_STAGE", "poll for SHARE_KEYS, MASKED_INPUT or UNMASK")
+        if self.stage < stage:
+            return pb.SecAggPollResponse(ready=False)
+        members = {SHARE: self.u1, MASKED: self.u2, UNMASK: self.u3}[stage]
+        if name not in members or (self.stage == DONE and self.failure):
+            raise _refuse("SECAGG_EXCLUDED", f"{name} is no longer part of this round's secure aggregation"
+                          + (f": {self.failure}" if self.failure else ""), grpc.StatusCode.FAILED_PRECONDITION)
+        hood = self.hood(name)
+        if stage == SHARE:
+            return pb.SecAggPollResponse(ready=True, peers=[self.keys[n] for n in sorted(hood & self.u1)])
+        if stage == MASKED:
+            mine = [s for owner in sorted((hood & self.u2) - {name}) for s in self.shares[owner] if s.holder == name]
+            return pb.SecAggPollResponse(ready=True, shares=mine)
+        return pb.SecAggPollResponse(ready=True, survivors=sorted(hood & self.u3),
+                                     dropped=sorted(((hood & self.u2) - self.u3)))
+
+    # ------------------------------------------------------------ stages
+    def waiting(self, alive: set[str]) -> set[str]:
+        """Institutions still alive that owe the current stage a submission."""
+        if self.stage == ADVERTISE:
+            return alive - set(self.keys)
+        if self.stage == SHARE:
+            return (alive & self.u1) - set(self.shares)
+        if self.stage == UNMASK:
+            return (alive & self.u3) - self.revealers
+        return set()
+
+    def to_share(self, alive: set[str], *, deadline: float) -> None:
+        self.u1 = alive & set(self.keys)
+        self.stage, self.stage_deadline = SHARE, deadline
+
+    def to_masked(self, alive: set[str], *, deadline: float) -> None:
+        self.u2 = alive & set(self.shares)
+        self.stage, self.stage_deadline = MASKED, deadline
+
+    def to_unmask(self, completed: set[str], *, deadline: float) -> None:
+        self.u3 = completed & self.u2
+        self.stage, self.stage_deadline = UNMASK, deadline
+
+    def fail(self, why: str) -> None:
+        self.failure = why
+        self.stage = DONE
+
+    def removal(self) -> tuple[list[bytes], list[bytes]]:
+        """The seeds that unmask the survivors' sum; SecAggError if shares are missing."""
+        return removal_seeds(
+            round_id=self.round_id, participants=self.participants, graph=self.graph,
+            mask_keys={n: bytes(k.mask_public_key) for n, k in self.keys.items()},
+            survivors=self.u3, dropped=self.u2 - self.u3, revealed=self.revealed, threshold=self.threshold,
+        )
+
+    def can_unmask(self) -> bool:
+        try:
+            self.removal_check()
+        except SecAggError:
+            return False
+        return True
+
+    def removal_check(self) -> None:
+        """Cheap: enough distinct shares for every secret the unmasking needs."""
+        needs = [(u, SELF_MASK_SEED) for u in self.u3] + [(v, MASK_PRIVATE_KEY) for v in self.u2 - self.u3]
+        for owner, kind in needs:
+            if len({s.x for s in self.revealed.get((owner, kind), ())}) < self.threshold:
+                raise SecAggError("SECAGG_UNMASK_FAILED", f"too few shares of {owner}'s {kind.replace('_', ' ')}")

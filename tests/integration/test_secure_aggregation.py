@@ -1,0 +1,99 @@
+"""Secure aggregation over real gRPC with mutual TLS: the committed model is the mean
+of the institutions' updates within the quantization error, the coordinator only
+receives masked updates, and a round survives an institution that drops out after
+the key exchange."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fedcollab.institution._secure as secure
+from fedcollab.config import SecureAggregationConfig
+from fedcollab.coordinator import Coordinator
+from fedcollab.lineage import read_record_file, record_path
+from tests.conftest import institution_config, recording_daemon, running, tiny_federation, wait_until
+
+pytestmark = pytest.mark.integration
+
+NAMES = ["hospital-a", "hospital-b", "lab-c", "lab-d"]
+
+
+def _run(tmp_path: Path, test_ca, *, rounds: int, min_institutions: int, fail: dict[tuple[str, int], str]):
+    """Runs the study; `fail[(name, round)]` makes that institution vanish at that step
+    ("after_shares": it shared keys, then sends no masked update)."""
+    server_creds, client_creds = test_ca.mutual_tls(NAMES)
+    config = tiny_federation(tmp_path / "coordinator", rounds=rounds, min_institutions=min_institutions,
+                             min_available_institutions=len(NAMES),
+                             secure_aggregation=SecureAggregationConfig(stage_timeout_s=3, clipping_range=8.0))
+    original = secure.encode_masked
+    uploads: dict[tuple[str, int], str] = {}
+
+    def encode(tensors, *, secagg, **kw):  # type: ignore[no-untyped-def]
+        key = (secagg.setup.name, len([k for k in uploads if k[0] == secagg.setup.name]) + 1)
+        if fail.get(key) == "after_shares":
+            uploads[key] = "dropped"
+            raise ConnectionError("simulated crash after the key exchange")
+        masked = original(tensors, secagg=secagg, **kw)
+        uploads[key] = hashlib.sha256(masked.tobytes()).hexdigest()
+        return masked
+
+    secure.encode_masked = encode
+    try:
+        with Coordinator(config=config, credentials=server_creds) as coordinator:
+            pairs = [recording_daemon(institution_config(n, address=f"127.0.0.1:{coordinator.port}", index=i,
+                                                         parts=len(NAMES), state_root=tmp_path),
+                                      credentials=client_creds[n]) for i, n in enumerate(NAMES)]
+            with running([d for d, _ in pairs]) as outcome:
+                assert coordinator.wait(timeout=120), "study did not finish"
+                wait_until(lambda: len(outcome) == len(NAMES), timeout=30, what="daemons to finish")
+            store = coordinator.store
+            return ({m.version: m for m in store.models()}, [r for r in store.rounds() if r["status"] == "committed"],
+                    {r: store.participations(round_number=r) for r in range(1, rounds + 1)}, pairs, uploads,
+                    Path(config.server.state_dir))
+    finally:
+        secure.encode_masked = original
+
+
+def _expected_mean(pairs, round_number: int, names: list[str]) -> dict[str, torch.Tensor]:
+    sent = {d.name: t.sent[round_number][1] for d, t in pairs if round_number in t.sent and d.name in names}
+    assert sorted(sent) == sorted(names)
+    return {k: sum(s[k].double() for s in sent.values()) / len(sent) for k in next(iter(sent.values()))}
+
+
+def test_the_committed_model_is_the_mean_of_masked_updates(tmp_path: Path, test_ca) -> None:
+    models, rounds, store, pairs, uploads, _ = _run(tmp_path, test_ca, rounds=2, min_institutions=4, fail={})
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in (1, 2):
+        committed = load_file(str(models[r].path))
+        expected = _expected_mean(pairs, r, NAMES)
+        for name, value in committed.items():
+            # 4 summands, each off by at most one quantization level (8 * 4 / 2^31)
+            torch.testing.assert_close(value.double(), expected[name], rtol=0, atol=1e-6)
+    # What reached the coordinator were the masked uploads, not the updates.
+    done = [p for p in store[1] if p["status"] == "done"]
+    assert sorted(p["update_sha256"] for p in done) == sorted(v for (n, r), v in uploads.items() if r == 1)
+
+
+def test_a_round_survives_an_institution_that_drops_after_sharing_keys(tmp_path: Path, test_ca) -> None:
+    models, rounds, store, pairs, uploads, state_dir = _run(
+        tmp_path, test_ca, rounds=2, min_institutions=3, fail={("lab-c", 1): "after_shares"})
+    assert [r["round"] for r in rounds] == [1, 2]
+    first = {p["institution"]: p for p in store[1]}
+    assert first["lab-c"]["status"] == "failed" and "SECAGG_STAGE_TIMEOUT" in first["lab-c"]["reason"]
+    survivors = [n for n in NAMES if n != "lab-c"]
+    committed = load_file(str(models[1].path))
+    # lab-c trained (its pairwise masks are in the others' uploads) but sent nothing:
+    # its masks were removed with its mask key rebuilt from the survivors' shares.
+    expected = _expected_mean(pairs, 1, survivors)
+    for name, value in committed.items():
+        torch.testing.assert_close(value.double(), expected[name], rtol=0, atol=1e-6)
+    assert rounds[1]["metrics"]["num_updates"] == 4  # lab-c is back in round 2
+    record = json.loads(read_record_file(record_path(state_dir, 1))[0])
+    assert record["aggregator"]["name"] == "secagg+fedavg"
+    assert record["aggregator"]["masked_updates"] == 3 and record["aggregator"]["dropped_after_sharing"] == 1
