@@ -138,11 +138,12 @@ def _print_privacy_spend(store: Any) -> None:
             table.add_row(name, str(p["round"]), f"{p['epsilon']:.3f}", f"{p['budget_epsilon']:g}",
                           f"{p['delta']:g}", p["accountant"], p["status"])
         console.print(table)
-    central = [r for r in store.rounds() if "central_dp_epsilon" in r["metrics"]]
+    from fedcollab._dp_metrics import federation_dp
+
+    central = [(r["round"], dp) for r in store.rounds() if (dp := federation_dp(r["metrics"])) is not None]
     if central:
-        m = central[-1]["metrics"]
-        console.print(f"federation-level DP (DP-FedAvg) after round {central[-1]['round']}: epsilon "
-                      f"{m['central_dp_epsilon']:.3f} at delta {m.get('central_dp_delta', float('nan')):g}")
+        last, (eps, delta, mechanism) = central[-1]
+        console.print(f"federation-level DP ({mechanism}) after round {last}: epsilon {eps:.3f} at delta {delta:g}")
 
 
 def cmd_institution_run(args: argparse.Namespace) -> int:

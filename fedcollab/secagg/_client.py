@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, PublicFormat, NoEncryption
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from fedcollab.secagg._masks import apply_masks, pair_seed
 from fedcollab.secagg._shamir import Share, split
@@ -61,11 +61,13 @@ class RoundSetup:
         if len(self.round_id) != 16:
             raise SecAggError("SECAGG_BAD_PARAMS", "round_id must be 16 bytes")
         if list(self.participants) != sorted(set(self.participants)) or self.name not in self.participants:
-            raise SecAggError("SECAGG_BAD_PARAMS", "participants must be sorted, distinct, and include this institution")
+            raise SecAggError("SECAGG_BAD_PARAMS",
+                              "participants must be sorted, distinct, and include this institution")
         if self.name in self.neighbours or not set(self.neighbours) <= set(self.participants):
             raise SecAggError("SECAGG_BAD_PARAMS", "neighbours must be other participants of the round")
         if not 2 <= self.threshold <= len(self.neighbours) + 1:
-            raise SecAggError("SECAGG_BAD_PARAMS", f"threshold {self.threshold} is outside 2..{len(self.neighbours) + 1}")
+            raise SecAggError("SECAGG_BAD_PARAMS",
+                              f"threshold {self.threshold} is outside 2..{len(self.neighbours) + 1}")
         if not 2 <= self.bits <= 32:
             raise SecAggError("SECAGG_BAD_PARAMS", "bits must be in 2..32")
 
@@ -165,7 +167,8 @@ class InstitutionSecAgg:
             raise SecAggError("SECAGG_OUT_OF_ORDER", "shares arrived before this institution shared its own")
         for owner, ciphertext in shares:
             if owner == s.name or owner not in self._peers:
-                raise SecAggError("SECAGG_NOT_A_NEIGHBOUR", f"a share from {owner!r}, which is not a neighbour with keys")
+                raise SecAggError("SECAGG_NOT_A_NEIGHBOUR",
+                                  f"a share from {owner!r}, which is not a neighbour with keys")
             if owner in self._held:
                 raise SecAggError("SECAGG_DUPLICATE_SHARE", f"two shares from {owner}")
             if len(ciphertext) != 12 + 2 * _SHARE_BYTES + 16:
@@ -182,8 +185,8 @@ class InstitutionSecAgg:
             self._held[owner] = (seed_share, key_share)
         maskers = [o for o in self._held if o != s.name]
         if len(maskers) + 1 < s.threshold:
-            raise SecAggError("SECAGG_TOO_FEW_NEIGHBOURS",
-                              f"{len(maskers) + 1} of this institution's neighbourhood shared keys, {s.threshold} needed")
+            raise SecAggError("SECAGG_TOO_FEW_NEIGHBOURS", f"{len(maskers) + 1} of this institution's "
+                                                           f"neighbourhood shared keys, {s.threshold} needed")
         me = s.x_of(s.name)
         self._add, self._subtract = [self._self_seed], []
         for v in maskers:

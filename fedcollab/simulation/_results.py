@@ -8,6 +8,8 @@ from typing import Any
 
 import matplotlib
 
+from fedcollab._dp_metrics import federation_dp
+
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
@@ -59,12 +61,13 @@ def plot_privacy(results: dict[str, Any], path: Path, *, title: str) -> None:
         ax_acc.plot([by_round[r] for r in rounds], [committed[r].get("central_accuracy", float("nan")) for r in rounds],
                     marker="o", ms=3, label=name)
         ax_eps.plot(rounds, [by_round[r] for r in rounds], marker="o", ms=3, label=name)
-    central = [(r, m["central_dp_epsilon"]) for r, m in sorted(committed.items()) if "central_dp_epsilon" in m]
+    central = [(r, dp) for r, m in sorted(committed.items()) if (dp := federation_dp(m)) is not None]
     if central:
-        ax_acc.plot([e for _, e in central], [committed[r].get("central_accuracy", float("nan")) for r, _ in central],
-                    ls="--", color="black", label="federation (DP-FedAvg)")
-        ax_eps.plot([r for r, _ in central], [e for _, e in central], ls="--", color="black",
-                    label="federation (DP-FedAvg)")
+        label = f"federation ({central[-1][1][2]})"
+        ax_acc.plot([dp[0] for _, dp in central],
+                    [committed[r].get("central_accuracy", float("nan")) for r, _ in central],
+                    ls="--", color="black", label=label)
+        ax_eps.plot([r for r, _ in central], [dp[0] for _, dp in central], ls="--", color="black", label=label)
     budgets = {led["budget_epsilon"] for led in results["privacy"]["institutions"].values()}
     for b in sorted(budgets):
         ax_eps.axhline(b, color="red", alpha=0.4, lw=1)

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedcollab import __version__
+from fedcollab._dp_metrics import federation_dp
 from fedcollab.config import (
     CentralEvaluationConfig,
     DataConfig,
@@ -132,8 +133,8 @@ def run_simulation(
             nan = float("nan")
             eps = [p["epsilon"] for p in r.participants.values() if "epsilon" in p]
             spent = f"  eps {max(eps):.2f}" if eps else ""
-            if "central_dp_epsilon" in m:
-                spent += f"  federation eps {m['central_dp_epsilon']:.2f}"
+            if (fed := federation_dp(m)) is not None:
+                spent += f"  federation eps {fed[0]:.2f}"
             progress.console.print(
                 f"round {r.round:>3}/{total}  loss {m.get('train_loss', nan):.3f}  "
                 f"fed-eval {m.get('eval_loss', nan):.3f}/{m.get('eval_accuracy', nan):.1%}  "
@@ -176,7 +177,7 @@ def run_simulation(
     dp = _dp_label(scenario)
     plot_rounds(results["rounds"], run_dir / "rounds.png", title=f"{sim.name}: {sim.institutions} institutions, "
                 f"{sim.partition} (alpha={sim.alpha}), FedAvg{dp}")
-    if results["privacy"]["per_round"] or scenario.study.central_dp is not None:
+    if results["privacy"]["per_round"] or any(federation_dp(r.get("metrics", r)) for r in results["rounds"]):
         plot_privacy(results, run_dir / "privacy.png", title=f"{sim.name}: accuracy against epsilon{dp}")
     _print_summary(console, results, run_dir)
     return SimulationResult(run_dir=run_dir, results=results)
@@ -188,6 +189,10 @@ def _dp_label(scenario: Scenario) -> str:
         parts.append(f"DP-SGD eps={scenario.privacy.target_epsilon:g} per institution")
     if scenario.study.central_dp is not None:
         parts.append(f"DP-FedAvg z={scenario.study.central_dp.noise_multiplier:g}")
+    sa = scenario.study.secure_aggregation
+    if sa is not None:
+        parts.append("SecAgg+" + (f", distributed DP z={sa.distributed_dp.noise_multiplier:g}"
+                                  if sa.distributed_dp is not None else ""))
     return f", {', '.join(parts)}" if parts else ""
 
 
@@ -264,9 +269,8 @@ def _print_summary(console: Console, results: dict[str, Any], run_dir: Path) -> 
         f"[bold]{acc:.2%}[/bold] on {int(final.get('central_examples', 0))} held-out examples"
         if acc is not None else "no round committed"
     )
-    if "central_dp_epsilon" in final:
-        console.print(f"federation-level DP (DP-FedAvg): epsilon {final['central_dp_epsilon']:.2f} at delta "
-                      f"{final.get('central_dp_delta', float('nan')):g}")
+    if (fed := federation_dp(final)) is not None:
+        console.print(f"federation-level DP ({fed[2]}): epsilon {fed[0]:.2f} at delta {fed[1]:g}")
     console.print(f"results: {run_dir / 'results.json'}\nplot:    {run_dir / 'rounds.png'}")
     if (run_dir / "privacy.png").is_file():
         console.print(f"privacy: {run_dir / 'privacy.png'}")

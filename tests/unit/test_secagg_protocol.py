@@ -76,7 +76,8 @@ def _run(n: int, *, t: int | float, neighbours: str | int = "auto", drop_adverti
         for owner, kind, share in clients[a].reveal(survivors=sorted(hood & set(u3)),
                                                     dropped=sorted(hood & dropped)):
             revealed[(owner, kind)].append(Share.from_bytes(share))
-    add, subtract = removal_seeds(round_id=round_id, participants=names, graph=graph, mask_keys={a: keys[a][1] for a in u1},
+    add, subtract = removal_seeds(round_id=round_id, participants=names, graph=graph,
+                                  mask_keys={a: keys[a][1] for a in u1},
                                   survivors=u3, dropped=dropped, revealed=revealed, threshold=threshold)
     unmasked = apply_masks(total, start=0, bits=BITS, add=add, subtract=subtract)
     plain = np.zeros(SIZE, dtype=np.uint32)
@@ -161,3 +162,69 @@ def test_relayed_keys_and_shares_are_checked() -> None:
         clients["a"].receive_shares([("b", bytes(tampered))])
     with pytest.raises(SecAggError, match="SECAGG_BAD_SHARE"):  # a share for c is not a's to read
         clients["a"].receive_shares([("b", dict(clients["b"].make_shares(keys))["c"])])
+
+
+def test_a_real_masked_update_looks_uniform() -> None:
+    """An actual encoded update (small values near 2^32's zero, so its top bits are
+    all 0 or all 1), masked: its top 8 bits are spread evenly over 256 bins."""
+    from fedcollab.secagg import Quantizer
+
+    names = ["a", "b", "c"]
+    round_id = secrets.token_bytes(16)
+    clients = {x: InstitutionSecAgg(RoundSetup(name=x, round_id=round_id, participants=tuple(names),
+                                               neighbours=tuple(y for y in names if y != x), threshold=2, bits=BITS))
+               for x in names}
+    keys = {x: (c.cipher_public_key, c.mask_public_key) for x, c in clients.items()}
+    mail: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
+    for x, c in clients.items():
+        for holder, ct in c.make_shares(keys):
+            mail[holder].append((x, ct))
+    clients["a"].receive_shares(mail["a"])
+    q = Quantizer.for_range(clip=8.0, bits=BITS, max_summands=3)
+    rng = np.random.default_rng(0)
+    encoded = q.encode(rng.normal(0, 1e-3, 1 << 18), rng=rng)
+    assert len(np.unique(encoded >> np.uint32(24))) <= 2  # plain: only 0x00 and 0xFF
+    masked = clients["a"].mask(encoded, start=0)
+    counts = np.bincount((masked >> np.uint32(24)).astype(np.int64), minlength=256)
+    expected = len(masked) / 256
+    assert float(((counts - expected) ** 2 / expected).sum()) < 340  # chi-square, 255 dof, p < 3e-4
+
+
+def test_the_coordinator_refuses_submissions_out_of_place() -> None:
+    """One institution sending the wrong thing is refused; the round state is untouched."""
+    from fedcollab.config import SecureAggregationConfig
+    from fedcollab.coordinator._secagg import SecAggRound
+    from fedcollab.errors import Rejected
+    from fedcollab.v1 import coordinator_service_pb2 as pb
+
+    sa = SecAggRound(names=["a", "b", "c"], config=SecureAggregationConfig(reconstruction_threshold=2),
+                     round_id=secrets.token_bytes(16), params=pb.SecAggParams(bits=32, scale=1.0))
+    good = {n: InstitutionSecAgg(RoundSetup(name=n, round_id=sa.round_id, participants=("a", "b", "c"),
+                                            neighbours=tuple(sa.graph[n]), threshold=2, bits=32)) for n in "abc"}
+
+    def refused(reason: str, call) -> None:  # type: ignore[no-untyped-def]
+        with pytest.raises(Rejected) as err:
+            call()
+        assert err.value.reason == reason
+
+    refused("SECAGG_BAD_KEY", lambda: sa.submit_keys("a", pb.PeerKeys(cipher_public_key=b"x" * 31,
+                                                                       mask_public_key=b"y" * 32)))
+    refused("SECAGG_WRONG_STAGE", lambda: sa.submit_shares("a", pb.ShareKeysPayload()))
+    for n, c in good.items():
+        sa.submit_keys(n, pb.PeerKeys(cipher_public_key=c.cipher_public_key, mask_public_key=c.mask_public_key))
+    refused("SECAGG_ALREADY_SUBMITTED", lambda: sa.submit_keys("a", pb.PeerKeys(
+        cipher_public_key=secrets.token_bytes(32), mask_public_key=secrets.token_bytes(32))))
+    sa.to_share({"a", "b", "c"}, deadline=0)
+    peers = {k.institution: (k.cipher_public_key, k.mask_public_key) for k in sa.poll("a", SHARE_STAGE).peers}
+    shares = good["a"].make_shares(peers)
+    refused("SECAGG_BAD_SHARES", lambda: sa.submit_shares("a", pb.ShareKeysPayload(shares=[
+        pb.EncryptedShare(owner="a", holder=h, ciphertext=ct) for h, ct in shares[:1]])))  # one holder missing
+    refused("SECAGG_BAD_SHARES", lambda: sa.submit_shares("a", pb.ShareKeysPayload(shares=[
+        pb.EncryptedShare(owner="b", holder=h, ciphertext=ct) for h, ct in shares])))  # not its own
+    sa.submit_shares("a", pb.ShareKeysPayload(shares=[pb.EncryptedShare(owner="a", holder=h, ciphertext=ct)
+                                                      for h, ct in shares]))
+    assert sa.waiting({"a", "b", "c"}) == {"b", "c"}
+    refused("SECAGG_WRONG_STAGE", lambda: sa.poll("a", 7))
+
+
+SHARE_STAGE = 2  # pb.SEC_AGG_STAGE_SHARE_KEYS
