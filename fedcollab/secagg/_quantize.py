@@ -37,7 +37,8 @@ class Quantizer:
         if max_summands < 1:
             raise ValueError("max_summands must be at least 1")
         half = (1 << (bits - 1)) - 1
-        scale = half / (max_summands * clip + 10.0 * noise_std)
+        # Rounding can add up to one level per summand on top of the scaled values.
+        scale = (half - max_summands) / (max_summands * clip + 10.0 * noise_std)
         if scale * clip < 1.0:
             raise ValueError(f"{bits} bits cannot hold the sum of {max_summands} values in [-{clip}, {clip}] "
                              "with any resolution; use more bits or fewer institutions per round")
