@@ -97,3 +97,44 @@ def test_a_round_survives_an_institution_that_drops_after_sharing_keys(tmp_path:
     record = json.loads(read_record_file(record_path(state_dir, 1))[0])
     assert record["aggregator"]["name"] == "secagg+fedavg"
     assert record["aggregator"]["masked_updates"] == 3 and record["aggregator"]["dropped_after_sharing"] == 1
+
+
+def test_distributed_dp_noises_the_sum_and_accounts_it(tmp_path: Path, test_ca) -> None:
+    """With distributed DP every institution clips and adds its share of Skellam noise:
+    the committed model is the mean of the clipped updates plus noise of the planned
+    std, and each round records the federation's epsilon, growing round by round."""
+    from fedcollab.config import DistributedDPConfig
+
+    clip, z = 0.5, 0.5
+    server_creds, client_creds = test_ca.mutual_tls(NAMES)
+    config = tiny_federation(
+        tmp_path / "coordinator", rounds=2, min_institutions=4, min_available_institutions=4,
+        secure_aggregation=SecureAggregationConfig(
+            stage_timeout_s=10, distributed_dp=DistributedDPConfig(clip_norm=clip, noise_multiplier=z)))
+    with Coordinator(config=config, credentials=server_creds) as coordinator:
+        pairs = [recording_daemon(institution_config(n, address=f"127.0.0.1:{coordinator.port}", index=i,
+                                                     parts=len(NAMES), state_root=tmp_path),
+                                  credentials=client_creds[n]) for i, n in enumerate(NAMES)]
+        with running([d for d, _ in pairs]) as outcome:
+            assert coordinator.wait(timeout=120), "study did not finish"
+            wait_until(lambda: len(outcome) == len(NAMES), timeout=30, what="daemons to finish")
+        models = {m.version: m for m in coordinator.store.models()}
+        rounds = [r for r in coordinator.store.rounds() if r["status"] == "committed"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    eps = [r["metrics"]["federation_dp_epsilon"] for r in rounds]
+    assert 0 < eps[0] < eps[1] < float("inf")
+    base = load_file(str(models[0].path))
+    committed = load_file(str(models[1].path))
+    names = list(base)
+    clipped = []
+    for _, t in pairs:
+        delta = torch.cat([(t.sent[1][1][k].double() - base[k].double()).reshape(-1) for k in names])
+        clipped.append(delta * min(1.0, clip / float(delta.norm())))
+    mean = torch.stack(clipped).mean(0)
+    got = torch.cat([(committed[k].double() - base[k].double()).reshape(-1) for k in names])
+    noise = got - mean
+    expected_std = rounds[0]["metrics"]["distributed_dp_noise_std"]
+    assert abs(expected_std - z * clip / 4) < 1e-9  # std on the mean: z * clip / survivors
+    # 1,210 coordinates: the sample std of the noise is within 10% of the planned one.
+    assert abs(float(noise.std()) / expected_std - 1) < 0.1
+    assert abs(float(noise.mean())) < 4 * expected_std / len(noise) ** 0.5

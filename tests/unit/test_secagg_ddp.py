@@ -232,7 +232,11 @@ def test_plan_meets_the_target_with_min_survivors_and_never_wraps() -> None:
     # Quantizer.for_range headroom: the largest sum plus ten noise standard deviations fits
     headroom = PLAN["max_summands"] * c + 10 * math.sqrt(PLAN["max_summands"] * plan.institution_variance)
     assert headroom < 2 ** (PLAN["bits"] - 1)
-    assert headroom > 0.99 * 2 ** (PLAN["bits"] - 1)  # and the scale is the finest that fits
+    # ...and the scale is the finest that fits, or the one where each institution's
+    # Poisson mean reaches the sampler's accurate range (1e9), whichever is coarser.
+    poisson_mean = plan.institution_variance / 2
+    assert headroom > 0.99 * 2 ** (PLAN["bits"] - 1) or poisson_mean == pytest.approx(1e9)
+    assert poisson_mean <= 1e9 * (1 + 1e-9)
     assert plan.quantizer() == Quantizer(scale=plan.scale, bits=PLAN["bits"])
     assert isinstance(plan, DistributedDPPlan)
     with pytest.raises(ValueError, match="surviving institution"):
@@ -289,3 +293,13 @@ def test_quantization_too_coarse_for_the_model_size_is_refused() -> None:
     with pytest.raises(ValueError, match="too coarse.*more bits"):
         plan_distributed_dp(**{**PLAN, "bits": 12, "dim": 1_000_000, "max_summands": 2, "min_survivors": 2})
     plan_distributed_dp(**{**PLAN, "bits": 24, "dim": 1_000_000, "max_summands": 2, "min_survivors": 2})
+
+
+def test_large_variances_keep_the_poisson_sampler_in_its_accurate_range() -> None:
+    """At 32 bits the finest scale would ask for Poisson means near 1e15, where numpy's
+    sampler is off by tens of percent in variance: the plan caps the scale instead."""
+    plan = plan_distributed_dp(clip_norm=0.5, noise_multiplier=0.5, bits=32, dim=1_210, max_summands=4,
+                               min_survivors=4, beta=math.exp(-0.5))
+    assert plan.institution_variance / 2 <= 1e9 * (1 + 1e-9)
+    noise = skellam_noise(variance=plan.institution_variance, size=400_000, rng=np.random.default_rng(5))
+    assert abs(float(noise.astype(np.float64).var()) / plan.institution_variance - 1) < 0.02
