@@ -17,6 +17,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 _BLOCK = 64  # ChaCha20 block bytes
 _WORD = 4  # one mask element per 32-bit keystream word
+# Zeros to encrypt, allocated once: a fresh zero buffer per 4 MiB chunk cost more time
+# than ChaCha20 itself (1.8 GB/s of masks instead of ~5).
+_ZEROS = bytes(4 * 1024 * 1024 + _BLOCK)
 
 
 def pair_seed(*, private_key: X25519PrivateKey, peer_public_key: bytes, context: bytes) -> bytes:
@@ -49,7 +52,9 @@ def mask(seed: bytes, *, start: int, count: int, bits: int) -> np.ndarray:
     # bytes of nonce proper (zero: each seed is used for one stream only).
     nonce = block.to_bytes(4, "little") + bytes(12)
     encryptor = Cipher(algorithms.ChaCha20(seed, nonce), mode=None).encryptor()
-    stream = encryptor.update(bytes(skip + count * _WORD))  # keystream = ChaCha20 of zeros
+    need = skip + count * _WORD
+    zeros = memoryview(_ZEROS)[:need] if need <= len(_ZEROS) else bytes(need)
+    stream = encryptor.update(zeros)  # keystream = ChaCha20 of zeros
     words = np.frombuffer(stream, dtype="<u4", offset=skip, count=count)  # read-only view, no copy
     return words & np.uint32((1 << bits) - 1) if bits < 32 else words
 
