@@ -32,6 +32,7 @@ protos: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/round_overhead.py
 	$(BIN)/python benchmarks/dp_overhead.py
+	$(BIN)/python benchmarks/secagg_overhead.py
 
 # Coverage-guided fuzzing of the coordinator's request handling (fuzz/README.md), in
 # one process; crash reproducers land in fuzz/. `make fuzz FUZZ_SECONDS=600`.
