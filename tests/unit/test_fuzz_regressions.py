@@ -136,7 +136,7 @@ def _upload_messages(session: str, task: pb.Task, *, manifest: tensor_pb2.ModelM
 # (Fuzz input, minimised: ea000000000000000a27ea00000000000a.)
 
 
-@pytest.mark.parametrize("dtype", [5, 99, -1, -(2**31), 2**31 - 1])
+@pytest.mark.parametrize("dtype", [6, 99, -1, -(2**31), 2**31 - 1])  # 5 is UINT32 (masked updates)
 def test_unknown_dtype_in_manifest_is_a_dtype_mismatch(dtype: int) -> None:
     expected = manifest_of({"w": torch.zeros(2, 3)})
     got = tensor_pb2.ModelManifest()
