@@ -24,13 +24,15 @@ pytestmark = pytest.mark.integration
 NAMES = ["hospital-a", "hospital-b", "lab-c", "lab-d"]
 
 
-def _run(tmp_path: Path, test_ca, *, rounds: int, min_institutions: int, fail: dict[tuple[str, int], str]):
+def _run(tmp_path: Path, test_ca, *, rounds: int, min_institutions: int, fail: dict[tuple[str, int], str],
+         secure_aggregation: SecureAggregationConfig | None = None):
     """Runs the study; `fail[(name, round)]` makes that institution vanish at that step
     ("after_shares": it shared keys, then sends no masked update)."""
     server_creds, client_creds = test_ca.mutual_tls(NAMES)
-    config = tiny_federation(tmp_path / "coordinator", rounds=rounds, min_institutions=min_institutions,
-                             min_available_institutions=len(NAMES),
-                             secure_aggregation=SecureAggregationConfig(stage_timeout_s=3, clipping_range=8.0))
+    config = tiny_federation(
+        tmp_path / "coordinator", rounds=rounds, min_institutions=min_institutions,
+        min_available_institutions=len(NAMES),
+        secure_aggregation=secure_aggregation or SecureAggregationConfig(stage_timeout_s=3, clipping_range=8.0))
     original = secure.encode_masked
     uploads: dict[tuple[str, int], str] = {}
 
@@ -106,20 +108,10 @@ def test_distributed_dp_noises_the_sum_and_accounts_it(tmp_path: Path, test_ca) 
     from fedcollab.config import DistributedDPConfig
 
     clip, z = 0.5, 0.5
-    server_creds, client_creds = test_ca.mutual_tls(NAMES)
-    config = tiny_federation(
-        tmp_path / "coordinator", rounds=2, min_institutions=4, min_available_institutions=4,
+    models, rounds, _, pairs, _, _ = _run(
+        tmp_path, test_ca, rounds=2, min_institutions=4, fail={},
         secure_aggregation=SecureAggregationConfig(
             stage_timeout_s=10, distributed_dp=DistributedDPConfig(clip_norm=clip, noise_multiplier=z)))
-    with Coordinator(config=config, credentials=server_creds) as coordinator:
-        pairs = [recording_daemon(institution_config(n, address=f"127.0.0.1:{coordinator.port}", index=i,
-                                                     parts=len(NAMES), state_root=tmp_path),
-                                  credentials=client_creds[n]) for i, n in enumerate(NAMES)]
-        with running([d for d, _ in pairs]) as outcome:
-            assert coordinator.wait(timeout=120), "study did not finish"
-            wait_until(lambda: len(outcome) == len(NAMES), timeout=30, what="daemons to finish")
-        models = {m.version: m for m in coordinator.store.models()}
-        rounds = [r for r in coordinator.store.rounds() if r["status"] == "committed"]
     assert [r["round"] for r in rounds] == [1, 2]
     eps = [r["metrics"]["federation_dp_epsilon"] for r in rounds]
     assert 0 < eps[0] < eps[1] < float("inf")

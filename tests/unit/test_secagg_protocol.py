@@ -119,7 +119,9 @@ def test_large_rounds_mask_with_log_n_neighbours_and_still_sum_exactly() -> None
     np.testing.assert_array_equal(unmasked, plain)
 
 
-def test_a_holder_never_reveals_both_secrets_or_reveals_twice() -> None:
+def _three_after_key_exchange() -> tuple[dict[str, InstitutionSecAgg], dict[str, list[tuple[str, bytes]]]]:
+    """Institutions a, b, c (complete graph, t = 2) that advertised keys and made shares;
+    mail[holder] holds the (owner, ciphertext) pairs addressed to it."""
     names = ["a", "b", "c"]
     round_id = secrets.token_bytes(16)
     clients = {x: InstitutionSecAgg(RoundSetup(name=x, round_id=round_id, participants=tuple(names),
@@ -130,6 +132,11 @@ def test_a_holder_never_reveals_both_secrets_or_reveals_twice() -> None:
     for x, c in clients.items():
         for holder, ct in c.make_shares(keys):
             mail[holder].append((x, ct))
+    return clients, mail
+
+
+def test_a_holder_never_reveals_both_secrets_or_reveals_twice() -> None:
+    clients, mail = _three_after_key_exchange()
     a = clients["a"]
     a.receive_shares(mail["a"])
     with pytest.raises(SecAggError, match="SECAGG_INCONSISTENT"):
@@ -169,16 +176,7 @@ def test_a_real_masked_update_looks_uniform() -> None:
     all 0 or all 1), masked: its top 8 bits are spread evenly over 256 bins."""
     from fedcollab.secagg import Quantizer
 
-    names = ["a", "b", "c"]
-    round_id = secrets.token_bytes(16)
-    clients = {x: InstitutionSecAgg(RoundSetup(name=x, round_id=round_id, participants=tuple(names),
-                                               neighbours=tuple(y for y in names if y != x), threshold=2, bits=BITS))
-               for x in names}
-    keys = {x: (c.cipher_public_key, c.mask_public_key) for x, c in clients.items()}
-    mail: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
-    for x, c in clients.items():
-        for holder, ct in c.make_shares(keys):
-            mail[holder].append((x, ct))
+    clients, mail = _three_after_key_exchange()
     clients["a"].receive_shares(mail["a"])
     q = Quantizer.for_range(clip=8.0, bits=BITS, max_summands=3)
     rng = np.random.default_rng(0)
