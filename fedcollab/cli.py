@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from fedcollab._memory import tune_malloc
 from fedcollab.config import FederationConfig, InstitutionConfig, Scenario, load_config
 from fedcollab.errors import ConfigError, FedcollabError
 from fedcollab.transport import is_loopback
@@ -55,6 +56,7 @@ def _require_tls_or_insecure(*, has_tls: bool, args: argparse.Namespace, address
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    tune_malloc()
     from fedcollab.simulation import plot_comparison, run_simulation
 
     paths = [Path(p) for p in args.scenario] if args.scenario else [_default_scenario()]
@@ -78,6 +80,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator_serve(args: argparse.Namespace) -> int:
+    tune_malloc()
     from fedcollab.coordinator import Coordinator
 
     config = load_config(FederationConfig, args.config)
@@ -147,6 +150,7 @@ def _print_privacy_spend(store: Any) -> None:
 
 
 def cmd_institution_run(args: argparse.Namespace) -> int:
+    tune_malloc()
     from fedcollab.institution import daemon_from_config
 
     config = load_config(InstitutionConfig, args.config)

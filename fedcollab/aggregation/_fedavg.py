@@ -59,6 +59,19 @@ class StreamingFedAvg:
         dtypes). Without a generator, one with a fresh secret seed is used. The
         aggregator is spent afterwards.
         """
+        out = {}
+        for spec, acc in zip(self._specs, self.mean_deltas(noise_std=noise_std, generator=generator).values(),
+                             strict=True):
+            b = base[spec.name]
+            acc.add_(b.reshape(-1).to(acc.dtype))
+            out[spec.name] = acc.reshape(b.shape).to(b.dtype)  # no copy when dtypes match
+        return out
+
+    def mean_deltas(self, *, noise_std: float = 0.0,
+                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The weighted mean of the deltas (+ noise), flat per tensor, computed in place
+        in the sums: adding the base is left to the caller, who may stream it from disk.
+        The aggregator is spent afterwards."""
         if self.num_updates == 0 or self.total_weight <= 0:
             raise ValueError("no update was aggregated")
         if noise_std < 0 or not math.isfinite(noise_std):
@@ -67,12 +80,10 @@ class StreamingFedAvg:
             generator = noise_generator()
         out = {}
         for spec, acc in zip(self._specs, self._sums, strict=True):
-            b = base[spec.name]
             acc.div_(self.total_weight)
             if noise_std > 0:
                 assert generator is not None
                 add_gaussian_noise_(acc, std=noise_std, generator=generator)
-            acc.add_(b.reshape(-1).to(acc.dtype))
-            out[spec.name] = acc.reshape(b.shape).to(b.dtype)  # no copy when dtypes match
+            out[spec.name] = acc
         self._sums = []
         return out

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from fedcollab._fileio import file_sha256, fsync_dir
 
-__all__ = ["ModelVersion", "file_sha256", "load_tensors", "read_pieces", "remove_orphans", "write_atomic"]
+__all__ = ["ModelVersion", "StoredTensor", "add_file_into", "file_sha256", "load_tensors", "read_pieces",
+           "remove_orphans", "stored_tensors", "write_atomic", "write_streaming"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,107 @@ def write_atomic(tensors: Mapping[str, torch.Tensor], *, folder: Path, version: 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+# safetensors' dtype names for the dtypes a model may hold (wire.py allows no others).
+_ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16"}
+_FROM_ST = {v: k for k, v in _ST_DTYPES.items()}
+_IO_BYTES = 4 * 1024 * 1024
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def stored_tensors(path: Path) -> list[StoredTensor]:
+    """The tensors of a safetensors file, from its header alone (no data is read),
+    sorted by name."""
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if not 0 < length <= _MAX_HEADER:
+            raise ValueError(f"{path}: not a safetensors file (header length {length})")
+        header = json.loads(f.read(length))
+    base = 8 + length
+    out = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = meta["data_offsets"]
+        out.append(StoredTensor(name=name, dtype=_FROM_ST[meta["dtype"]], shape=tuple(meta["shape"]),
+                                start=base + a, end=base + b))
+    return sorted(out, key=lambda t: t.name)
+
+
+def add_file_into(path: Path, targets: Mapping[str, torch.Tensor]) -> None:
+    """targets[name] (flat) += the file's tensor `name`, read 4 MiB at a time: a commit
+    adds the base model to the mean of the deltas without holding the base."""
+    with path.open("rb") as f:
+        for t in stored_tensors(path):
+            acc = targets[t.name]
+            if acc.numel() != t.numel:
+                raise ValueError(f"{t.name}: {t.numel} elements in {path.name}, {acc.numel()} in the sum")
+            item = t.dtype.itemsize
+            step = max(item, _IO_BYTES - _IO_BYTES % item)
+            f.seek(t.start)
+            done = 0
+            while done < t.end - t.start:
+                block = bytearray(f.read(min(step, t.end - t.start - done)))
+                values = torch.frombuffer(block, dtype=t.dtype)
+                first = done // item
+                acc[first:first + len(values)].add_(values.to(acc.dtype))
+                done += len(block)
+
+
+def write_streaming(tensors: Mapping[str, tuple[torch.Tensor, torch.dtype, tuple[int, ...]]], *, folder: Path,
+                    version: int) -> ModelVersion:
+    """A safetensors file written tensor by tensor and 4 MiB at a time from flat
+    tensors (converted to each one's dtype on the way), hashed as it is written: a
+    1-billion-parameter model is never held twice, nor read back for its SHA-256.
+    `tensors[name] = (flat values, dtype to store, shape)`. Atomic like write_atomic."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(tensors)
+    header: dict[str, object] = {}
+    offset = 0
+    for name in names:
+        flat, dtype, shape = tensors[name]
+        nbytes = flat.numel() * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+    tmp = folder / f".v{version:06d}.tmp"
+    digest = hashlib.sha256()
+    with tmp.open("wb") as f:
+        for part in (struct.pack("<Q", len(raw)), raw):
+            f.write(part)
+            digest.update(part)
+        for name in names:
+            flat, dtype, _ = tensors[name]
+            step = max(1, _IO_BYTES // dtype.itemsize)
+            for a in range(0, flat.numel(), step):
+                data = flat[a:a + step].to(dtype).contiguous().view(torch.uint8).numpy().tobytes()
+                f.write(data)
+                digest.update(data)
+        f.flush()
+        os.fsync(f.fileno())
+    sha = digest.hexdigest()
+    final = folder / f"v{version:06d}-{sha[:16]}.safetensors"
+    os.replace(tmp, final)
+    fsync_dir(folder)
+    return ModelVersion(version=version, sha256=sha, path=final, size_bytes=final.stat().st_size)
 
 
 def read_pieces(path: Path, *, offset: int, piece_bytes: int) -> Iterator[bytes]:

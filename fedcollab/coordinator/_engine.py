@@ -32,10 +32,12 @@ from fedcollab import __version__, models
 from fedcollab.config import FederationConfig, StudyConfig
 from fedcollab.coordinator._checkpoints import (
     ModelVersion,
+    add_file_into,
     file_sha256,
     load_tensors,
     remove_orphans,
-    write_atomic,
+    stored_tensors,
+    write_streaming,
 )
 from fedcollab.coordinator._masked_sum import MaskedSum
 from fedcollab.coordinator._round_sum import RoundSum
@@ -59,7 +61,7 @@ from fedcollab.secagg import Quantizer, SecAggError, degree_for, threshold_for
 from fedcollab.secagg._encode import masked_manifest
 from fedcollab.v1 import coordinator_service_pb2 as pb
 from fedcollab.v1 import tensor_pb2
-from fedcollab.wire import manifest_of, spec_numel
+from fedcollab.wire import spec_numel, wire_dtype
 
 if TYPE_CHECKING:
     from fedcollab.privacy import CentralDP
@@ -190,7 +192,11 @@ class RoundEngine:
             from fedcollab.privacy import CentralDP
 
             self._central_dp = CentralDP(config=self._study.central_dp, rounds=store.rounds())
-        self.manifest = manifest_of(dict(sorted(load_tensors(self._current.path).items())))
+        # From the file's header: loading a 4 GB model only to name its tensors would
+        # double the coordinator's start-up peak.
+        self.manifest = tensor_pb2.ModelManifest(tensors=[
+            tensor_pb2.TensorSpec(name=t.name, dtype=wire_dtype(t.dtype), shape=list(t.shape))
+            for t in stored_tensors(self._current.path)])
         self.dim = sum(spec_numel(s) for s in self.manifest.tensors)
         self.masked_manifest = masked_manifest(self.dim)
         # Distributed DP under secure aggregation: one release per committed round.
@@ -218,9 +224,11 @@ class RoundEngine:
                 )
             except ValueError as e:
                 raise ConfigError(f"study.model: {e}") from None
-            state = {k: v.detach() for k, v in model.state_dict().items()}
+            state = {k: (v.detach().reshape(-1), v.dtype, tuple(v.shape)) for k, v in model.state_dict().items()}
+            del model
             remove_orphans(self._models_dir, keep=set())
-            latest = write_atomic(state, folder=self._models_dir, version=0)
+            latest = write_streaming(state, folder=self._models_dir, version=0)
+            del state
             signed = self._signed_record(
                 model=latest, round_number=0, parent_sha256=None, contributions=[], central_dp=None,
                 aggregator={"name": "initial", "model": {"kind": self._study.model.kind,
@@ -978,23 +986,29 @@ class RoundEngine:
     def _commit(self, r: _Round, done: list[_Participant], bytes_at_open: tuple[int, int]) -> dict[str, float]:
         central = self._central_dp
         dp = central.release(update_norms=r.total.update_norms()) if central is not None else None
-        base = load_tensors(r.base.path)
         ddp_metrics: dict[str, float] = {}
+        stored = {t.name: t for t in stored_tensors(r.base.path)}
         if isinstance(r.total, MaskedSum):
             assert r.secagg is not None
             try:
                 add, subtract = r.secagg.removal()
             except SecAggError as e:
                 raise _NotCommitted(f"SECAGG_UNMASK_FAILED: {e.message}") from None
-            new = r.total.unmask_apply(base, add=add, subtract=subtract, count=len(done))
+            base = load_tensors(r.base.path)
+            new = {k: v.reshape(-1) for k, v in
+                   r.total.unmask_apply(base, add=add, subtract=subtract, count=len(done)).items()}
+            del base
             if r.ddp is not None:
                 ddp_metrics = self._ddp_release(r.ddp, survivors=len(done))
         else:
-            new = r.total.apply(base, noise_std=dp.noise_std if dp else 0.0)
-        del base
+            # The mean of the deltas is computed in the round's sums, and the base is
+            # added from its file 4 MiB at a time: the commit holds one model, not three.
+            new = r.total.mean_deltas(noise_std=dp.noise_std if dp else 0.0)
+            add_file_into(r.base.path, new)
         # Every update was finite, but finite values can still overflow the weighted
         # sum: a model of Inf would poison every later round, so it is never committed.
-        broken = [name for name, t in new.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        # A float64 sum is non-finite exactly when an element is (no boolean mask of 1B).
+        broken = [name for name, t in new.items() if not math.isfinite(float(t.sum(dtype=torch.float64)))]
         if broken:
             raise _NotCommitted(f"NON_FINITE_AGGREGATE: the aggregate of tensors {broken[:5]} overflowed; "
                                 "bound what one update may contribute (central_dp.clip_norm)")
@@ -1009,12 +1023,14 @@ class RoundEngine:
         train_losses = [(p.num_examples, p.metrics["train_loss"]) for p in done if "train_loss" in p.metrics]
         if train_losses:
             metrics["train_loss"] = sum(n * v for n, v in train_losses) / sum(n for n, _ in train_losses)
-        if self._evaluator is not None:
-            metrics.update({f"central_{k}": float(v) for k, v in self._evaluator(new).items()})
         if dp is not None:
             metrics.update(dp.metrics)
         metrics.update(ddp_metrics)
-        model = write_atomic(new, folder=self._models_dir, version=r.base.version + 1)
+        model = write_streaming({name: (flat, stored[name].dtype, stored[name].shape) for name, flat in new.items()},
+                                folder=self._models_dir, version=r.base.version + 1)
+        del new  # evaluation reads the written model back: the sums are gone by then
+        if self._evaluator is not None:
+            metrics.update({f"central_{k}": float(v) for k, v in self._evaluator(load_tensors(model.path)).items()})
         aggregator, central_figures = self._aggregation(dp.metrics if dp is not None else {})
         if r.secagg is not None:
             aggregator, central_figures = self._secagg_aggregation(r, ddp_metrics)

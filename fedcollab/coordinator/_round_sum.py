@@ -175,6 +175,13 @@ class RoundSum:
             assert self._closed, "close() the round's sum before applying it"
             return self._sum.apply(base, noise_std=noise_std, generator=generator)
 
+    def mean_deltas(self, *, noise_std: float = 0.0, generator: torch.Generator | None = None
+                    ) -> dict[str, torch.Tensor]:
+        """The mean of the complete updates (+ noise), flat per tensor, without the base."""
+        with self._lock:
+            assert self._closed, "close() the round's sum before applying it"
+            return self._sum.mean_deltas(noise_std=noise_std, generator=generator)
+
     def _rebuild(self) -> None:
         """Caller holds the lock. The sum of every non-excluded upload's folded bytes,
         read back from the spools."""
