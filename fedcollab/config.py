@@ -160,6 +160,29 @@ class CentralEvaluationConfig(_Strict):
     data_dir: Path | None = None
 
 
+CompressionMethod = Literal["none", "fp16", "bf16", "int8", "topk"]
+
+
+class CompressionConfig(_Strict):
+    """How institutions encode their updates (fedcollab.compression): fp16/bf16 halve
+    them, int8 with one float32 scale per block of `block_elements` elements (per
+    tensor) quarters them, topk sends the ceil(topk_fraction * elements) largest
+    entries of the whole update as (index, value) pairs and keeps the rest at the
+    institution for the next round (error feedback)."""
+
+    method: CompressionMethod = "none"
+    topk_fraction: float = Field(default=0.01, gt=0, le=1)
+    block_elements: int = Field(default=256, ge=16, le=65536)
+
+    @model_validator(mode="after")
+    def _settings_match_method(self) -> CompressionConfig:
+        stray = [f"{k} applies only to method = {m!r}" for k, m in (("topk_fraction", "topk"),
+                 ("block_elements", "int8")) if k in self.model_fields_set and self.method != m]
+        if stray:
+            raise ValueError(f"{'; '.join(stray)}, not {self.method!r}: remove it or change the method")
+        return self
+
+
 class StudyConfig(_Strict):
     name: str = "study"
     rounds: int = Field(default=10, ge=1)
@@ -178,6 +201,7 @@ class StudyConfig(_Strict):
     central_evaluation: CentralEvaluationConfig | None = None
     central_dp: CentralDPConfig | None = None
     secure_aggregation: SecureAggregationConfig | None = None
+    compression: CompressionConfig = CompressionConfig()
 
     @property
     def wait_for_institutions(self) -> int:
@@ -206,6 +230,18 @@ class StudyConfig(_Strict):
                     f"({self.min_institutions}): a round that reaches its quorum could not be unmasked. Lower the "
                     "threshold or raise min_institutions"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _compression_fits(self) -> StudyConfig:
+        # Central DP and institution-level DP-SGD are fine with every method: the
+        # coordinator clips the decoded update, and DP-SGD's output may be post-processed.
+        if self.compression.method != "none" and self.secure_aggregation is not None:
+            raise ValueError(
+                f"compression.method = {self.compression.method!r} cannot run with secure_aggregation: masked "
+                "updates are already integers mod 2^bits (lower secure_aggregation.bits to send fewer bytes) and "
+                "the coordinator never sees an update to decode. Set compression.method = \"none\""
+            )
         return self
 
 

@@ -29,6 +29,7 @@ import torch
 from google.protobuf import struct_pb2
 
 from fedcollab import __version__, models
+from fedcollab.compression import compression_to_proto
 from fedcollab.config import FederationConfig, StudyConfig
 from fedcollab.coordinator._checkpoints import (
     ModelVersion,
@@ -505,6 +506,7 @@ class RoundEngine:
                     ),
                     manifest=self.manifest,
                     secure_aggregation=r.secagg.params_for(institution) if r.secagg is not None else None,
+                    compression=compression_to_proto(self._study.compression),
                 )
         e = self._eval
         if e is not None and not e.closed and institution in e.nonces and institution not in e.reports:
@@ -568,6 +570,7 @@ class RoundEngine:
                     header=header, manifest=self.masked_manifest if r.secagg is not None else self.manifest,
                     max_chunk_bytes=self.max_chunk_bytes,
                     spool=self._spool_dir / f"r{r.number}-a{r.attempt}-{institution}.upload",
+                    compression=self._study.compression,
                 )
             except Rejected as e:
                 self._fail(r, p, e.reason)

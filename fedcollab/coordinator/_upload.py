@@ -1,7 +1,9 @@
 """One institution's upload: every chunk checked as it arrives, spooled to disk.
 
 The spool lets the round's sum be rebuilt without this upload if it fails after
-some of its chunks were folded in (see _round_sum.py).
+some of its chunks were folded in (see _round_sum.py). Under compression the stream,
+its size, hashes and spool are the encoded ones; decoding happens chunk by chunk,
+here and again when the spool is read back.
 """
 
 from __future__ import annotations
@@ -9,21 +11,22 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import grpc
-import torch
 
-from fedcollab.config import ACCOUNTANTS
+from fedcollab.compression import EncodingError, UpdateDecoder, check_encoding, encoded_nbytes, update_decoder
+from fedcollab.config import ACCOUNTANTS, CompressionConfig
 from fedcollab.errors import Rejected
 from fedcollab.v1 import coordinator_service_pb2 as pb
 from fedcollab.v1 import tensor_pb2
-from fedcollab.wire import TensorPiece, TensorStreamDecoder, manifest_nbytes
+from fedcollab.wire import TensorPiece
 
 MAX_METRICS = 32
 MAX_METRIC_KEY = 64
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
+_UNCOMPRESSED = CompressionConfig()
 
 
 def _reject(reason: str, message: str, code: grpc.StatusCode = _INVALID, **meta: object) -> Rejected:
@@ -103,20 +106,33 @@ def check_header_values(header: pb.UpdateHeader, *, max_examples: int = 10**12) 
         check_privacy_spend(header.privacy)
 
 
+def _rejected(error: EncodingError) -> Rejected:
+    return _reject(error.reason, error.message, **error.metadata)
+
+
 class UploadReceiver:
+    """`compression` is the study's: the header must declare exactly it (ENCODING_MISMATCH)."""
+
     def __init__(
-        self, *, header: pb.UpdateHeader, manifest: tensor_pb2.ModelManifest, max_chunk_bytes: int, spool: Path
+        self, *, header: pb.UpdateHeader, manifest: tensor_pb2.ModelManifest, max_chunk_bytes: int, spool: Path,
+        compression: CompressionConfig = _UNCOMPRESSED,
     ) -> None:
         check_manifest(got=header.manifest, expected=manifest)
         check_header_values(header)
-        total = manifest_nbytes(manifest)
+        try:
+            check_encoding(header.encoding, expected=compression)
+        except EncodingError as e:
+            raise _rejected(e) from None
+        total = encoded_nbytes(manifest, compression=compression)
         if header.total_bytes != total:
-            raise _reject("SIZE_MISMATCH", f"total_bytes is {header.total_bytes}, the model needs {total}")
+            encoded = "" if compression.method == "none" else f" encoded as {compression.method}"
+            raise _reject("SIZE_MISMATCH", f"total_bytes is {header.total_bytes}, the model needs {total}{encoded}",
+                          expected=total)
         self.header = header
         self._manifest = manifest
-        self._names = [s.name for s in manifest.tensors]
+        self._compression = compression
         self._max_chunk = max_chunk_bytes
-        self._decoder = TensorStreamDecoder(manifest)
+        self._decoder: UpdateDecoder = update_decoder(manifest, compression=compression)
         self._digest = hashlib.sha256()
         self.spool = spool
         spool.parent.mkdir(parents=True, exist_ok=True)
@@ -126,8 +142,9 @@ class UploadReceiver:
     def received(self) -> int:
         return self._decoder.received
 
-    def accept(self, chunk: tensor_pb2.Chunk) -> list[TensorPiece]:
-        """Checks a chunk, spools it, and returns its whole-element pieces to fold."""
+    def accept(self, chunk: tensor_pb2.Chunk) -> Iterable[TensorPiece]:
+        """Checks a chunk, spools it, and returns its decoded pieces to fold (under top-k
+        a lazy iterable: iterate it once)."""
         if len(chunk.data) > self._max_chunk:
             raise _reject("CHUNK_TOO_LARGE", f"chunk of {len(chunk.data)} bytes exceeds the limit of {self._max_chunk}",
                           grpc.StatusCode.RESOURCE_EXHAUSTED, limit=self._max_chunk)
@@ -140,15 +157,9 @@ class UploadReceiver:
             raise _reject("CHUNK_HASH_MISMATCH", f"chunk at offset {chunk.offset} does not match its SHA-256",
                           grpc.StatusCode.DATA_LOSS, offset=chunk.offset)
         try:
-            pieces = self._decoder.feed(chunk.data)
-        except ValueError as e:
-            raise _reject("SIZE_MISMATCH", str(e)) from None
-        for p in pieces:
-            # One float64 sum is NaN or Inf exactly when a value is: finite float32/16
-            # values cannot overflow it, and it allocates no mask.
-            if p.values.is_floating_point() and not math.isfinite(p.values.sum(dtype=torch.float64)):
-                raise _reject("NON_FINITE_VALUES", f"tensor {self._names[p.index]!r} holds NaN or Inf",
-                              tensor=self._names[p.index])
+            pieces = self._decoder.feed(chunk.data)  # every value checked here, NaN/Inf included
+        except EncodingError as e:
+            raise _rejected(e) from None
         self._digest.update(chunk.data)
         self._file.write(chunk.data)
         self._file.flush()  # a rebuild may read it back before the upload ends
@@ -166,7 +177,7 @@ class UploadReceiver:
 
     def pieces(self, *, piece_bytes: int, limit: int) -> Iterator[TensorPiece]:
         """The first `limit` bytes of the update, read back from the spool."""
-        decoder = TensorStreamDecoder(self._manifest)
+        decoder = update_decoder(self._manifest, compression=self._compression)
         left = limit
         with self.spool.open("rb") as f:
             while left > 0 and (block := f.read(min(piece_bytes, left))):

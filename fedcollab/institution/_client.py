@@ -13,6 +13,8 @@ import grpc
 import torch
 
 from fedcollab import __version__
+from fedcollab.compression import compression_from_proto, compression_to_proto, encode_update
+from fedcollab.config import CompressionConfig
 from fedcollab.errors import RemoteError
 from fedcollab.transport import create_channel
 from fedcollab.v1 import coordinator_service_pb2 as pb
@@ -113,25 +115,32 @@ class CoordinatorClient:
         metrics: dict[str, float],
         privacy: pb.PrivacySpend | None = None,
         manifest: tensor_pb2.ModelManifest | None = None,
+        compression: CompressionConfig | None = None,
     ) -> pb.UploadUpdateResponse:
-        """`manifest` overrides the one of the task's tensors (masked updates)."""
+        """`manifest` overrides the one of the task's tensors (masked updates).
+        `compression` overrides the task's (a TRAIN task says how its update travels);
+        `deltas` are the update itself, encoded here."""
         names = [s.name for s in task.manifest.tensors]
+        if compression is None:
+            compression = compression_from_proto(task.compression)
+        encoded = encode_update(deltas, compression=compression)
         header = pb.UpdateHeader(
             session_id=session_id,
             round=task.round,
             nonce=task.nonce,
             base_version=task.model.version,
             manifest=manifest if manifest is not None else manifest_of(dict(zip(names, deltas, strict=True))),
-            total_bytes=sum(d.numel() * d.element_size() for d in deltas),
-            sha256=stream_sha256(deltas),
+            total_bytes=sum(e.numel() * e.element_size() for e in encoded),
+            sha256=stream_sha256(encoded),
             num_examples=num_examples,
             metrics=metrics,
             privacy=privacy,
+            encoding=compression_to_proto(compression),
         )
 
         def requests() -> Iterator[pb.UploadUpdateRequest]:
             yield pb.UploadUpdateRequest(header=header)
-            for chunk in iter_chunks(deltas, chunk_bytes=self.chunk_bytes):
+            for chunk in iter_chunks(encoded, chunk_bytes=self.chunk_bytes):
                 yield pb.UploadUpdateRequest(chunk=chunk)
 
         size = header.total_bytes

@@ -29,6 +29,7 @@ from fedcollab.errors import ConfigError, FedcollabError, RemoteError
 from fedcollab.institution._backoff import Backoff
 from fedcollab.institution._client import CoordinatorClient
 from fedcollab.institution._data import load_local_data
+from fedcollab.institution._error_feedback import with_error_feedback
 from fedcollab.institution._secure import send_secure
 from fedcollab.institution._trainer import SyntheticTrainer, TorchTrainer, Trainer, pick_device
 from fedcollab.lineage import LineageError, check_model, file_sha256, key_fingerprint, load_public_key, raw_public_key
@@ -243,7 +244,13 @@ class InstitutionDaemon:
         assert self._study is not None
         if self._model is None:
             spec = self._study.model
-            model = models.build_model(kind=spec.kind, params=_integral(json_format.MessageToDict(spec.params)))
+            try:
+                model = models.build_model(kind=spec.kind, params=_integral(json_format.MessageToDict(spec.params)))
+            except (ValueError, ImportError) as e:
+                # The coordinator built this model, so it is this machine that cannot, e.g. a
+                # lora_transformer whose frozen base hashes otherwise here: refused, and declined at once.
+                raise LineageError(f"refused model v{ref.version}: cannot build the study's {spec.kind!r} model "
+                                   f"here: {e}", reason="MODEL_BUILD_FAILED") from None
             if self.privacy is not None:
                 validate_model(model)
             self._model = model
@@ -289,6 +296,8 @@ class InstitutionDaemon:
                                   message=f"the task names tensor {spec.name!r} that the model does not have")
             delta = local[spec.name].detach().to("cpu") - base[spec.name]
             deltas.append(delta.to(torch_dtype(spec.dtype)).contiguous())
+        deltas = with_error_feedback(state_dir=Path(self.config.institution.state_dir), study=study, task=task,
+                                     deltas=deltas)  # top-k: the residual of earlier rounds in, the unsent kept
         spend = None
         if rp is not None:
             assert self.privacy is not None

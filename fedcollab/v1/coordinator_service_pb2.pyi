@@ -17,6 +17,15 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_KIND_EVALUATE: _ClassVar[TaskKind]
     TASK_KIND_FINISHED: _ClassVar[TaskKind]
 
+class CompressionMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPRESSION_METHOD_UNSPECIFIED: _ClassVar[CompressionMethod]
+    COMPRESSION_METHOD_NONE: _ClassVar[CompressionMethod]
+    COMPRESSION_METHOD_FP16: _ClassVar[CompressionMethod]
+    COMPRESSION_METHOD_BF16: _ClassVar[CompressionMethod]
+    COMPRESSION_METHOD_INT8: _ClassVar[CompressionMethod]
+    COMPRESSION_METHOD_TOPK: _ClassVar[CompressionMethod]
+
 class SecAggStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SEC_AGG_STAGE_UNSPECIFIED: _ClassVar[SecAggStage]
@@ -36,6 +45,12 @@ TASK_KIND_WAIT: TaskKind
 TASK_KIND_TRAIN: TaskKind
 TASK_KIND_EVALUATE: TaskKind
 TASK_KIND_FINISHED: TaskKind
+COMPRESSION_METHOD_UNSPECIFIED: CompressionMethod
+COMPRESSION_METHOD_NONE: CompressionMethod
+COMPRESSION_METHOD_FP16: CompressionMethod
+COMPRESSION_METHOD_BF16: CompressionMethod
+COMPRESSION_METHOD_INT8: CompressionMethod
+COMPRESSION_METHOD_TOPK: CompressionMethod
 SEC_AGG_STAGE_UNSPECIFIED: SecAggStage
 SEC_AGG_STAGE_ADVERTISE_KEYS: SecAggStage
 SEC_AGG_STAGE_SHARE_KEYS: SecAggStage
@@ -123,7 +138,7 @@ class TrainPlan(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("kind", "round", "nonce", "model", "train", "manifest", "secure_aggregation")
+    __slots__ = ("kind", "round", "nonce", "model", "train", "manifest", "secure_aggregation", "compression")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +146,7 @@ class Task(_message.Message):
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     kind: TaskKind
     round: int
     nonce: str
@@ -138,7 +154,18 @@ class Task(_message.Message):
     train: TrainPlan
     manifest: _tensor_pb2.ModelManifest
     secure_aggregation: SecAggParams
-    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., nonce: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., train: _Optional[_Union[TrainPlan, _Mapping]] = ..., manifest: _Optional[_Union[_tensor_pb2.ModelManifest, _Mapping]] = ..., secure_aggregation: _Optional[_Union[SecAggParams, _Mapping]] = ...) -> None: ...
+    compression: Compression
+    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., nonce: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., train: _Optional[_Union[TrainPlan, _Mapping]] = ..., manifest: _Optional[_Union[_tensor_pb2.ModelManifest, _Mapping]] = ..., secure_aggregation: _Optional[_Union[SecAggParams, _Mapping]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ...) -> None: ...
+
+class Compression(_message.Message):
+    __slots__ = ("method", "block_elements", "topk_fraction")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    TOPK_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    method: CompressionMethod
+    block_elements: int
+    topk_fraction: float
+    def __init__(self, method: _Optional[_Union[CompressionMethod, str]] = ..., block_elements: _Optional[int] = ..., topk_fraction: _Optional[float] = ...) -> None: ...
 
 class SecAggParams(_message.Message):
     __slots__ = ("round_id", "participants", "neighbours", "threshold", "bits", "scale", "clipping_range", "distributed_dp")
@@ -293,7 +320,7 @@ class DownloadModelResponse(_message.Message):
     def __init__(self, chunk: _Optional[_Union[_tensor_pb2.Chunk, _Mapping]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("session_id", "round", "nonce", "base_version", "manifest", "total_bytes", "sha256", "num_examples", "metrics", "privacy")
+    __slots__ = ("session_id", "round", "nonce", "base_version", "manifest", "total_bytes", "sha256", "num_examples", "metrics", "privacy", "encoding")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -311,6 +338,7 @@ class UpdateHeader(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     round: int
     nonce: str
@@ -321,7 +349,8 @@ class UpdateHeader(_message.Message):
     num_examples: int
     metrics: _containers.ScalarMap[str, float]
     privacy: PrivacySpend
-    def __init__(self, session_id: _Optional[str] = ..., round: _Optional[int] = ..., nonce: _Optional[str] = ..., base_version: _Optional[int] = ..., manifest: _Optional[_Union[_tensor_pb2.ModelManifest, _Mapping]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., privacy: _Optional[_Union[PrivacySpend, _Mapping]] = ...) -> None: ...
+    encoding: Compression
+    def __init__(self, session_id: _Optional[str] = ..., round: _Optional[int] = ..., nonce: _Optional[str] = ..., base_version: _Optional[int] = ..., manifest: _Optional[_Union[_tensor_pb2.ModelManifest, _Mapping]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., privacy: _Optional[_Union[PrivacySpend, _Mapping]] = ..., encoding: _Optional[_Union[Compression, _Mapping]] = ...) -> None: ...
 
 class PrivacySpend(_message.Message):
     __slots__ = ("epsilon", "delta", "budget_epsilon", "noise_multiplier", "sample_rate", "steps", "accountant", "max_grad_norm")

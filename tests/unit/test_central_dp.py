@@ -367,7 +367,7 @@ def test_clip_norm_and_history_are_restored_after_a_restart(tmp_path: Path) -> N
         count_noise_multiplier=0.6))
     dp = CentralDP(config=config, rounds=store.rounds())
     for number in (1, 2):
-        r = dp.release(update_norms=[0.01, 0.02])  # S shrinks each round
+        r = dp.release(update_norms=[0.01, 0.02])  # S adapts each round
         _commit(store, tmp_path, number, {"num_updates": 2.0, **r.metrics})
         dp.commit(r)
     # Round 3 fails: it released nothing, and is not counted.
@@ -377,7 +377,7 @@ def test_clip_norm_and_history_are_restored_after_a_restart(tmp_path: Path) -> N
 
     store = Store(tmp_path / "coordinator.sqlite")
     restarted = CentralDP(config=config, rounds=store.rounds())
-    assert restarted.clip_norm == dp.clip_norm and dp.clip_norm < 0.95
+    assert restarted.clip_norm == dp.clip_norm != 1.0  # S moved (the count is noised: up or down)
     assert restarted.history == [(1.0, 1.0, 2)]
     assert restarted.epsilon() == dp.epsilon()
     r = restarted.release(update_norms=[0.01])
