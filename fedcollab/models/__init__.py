@@ -1,7 +1,10 @@
-"""Models with float-only parameters and no buffers (Opacus-compatible), plus a registry."""
+"""Models with float-only parameters and no buffers (Opacus-compatible), plus a registry.
+
+`lora_transformer` exchanges only LoRA adapters over a frozen, hash-named base (peft)."""
 
 from fedcollab.models._blob import Blob, BlobConfig
 from fedcollab.models._cnn import CNNConfig, SmallCNN
+from fedcollab.models._lora import LoraTransformer, LoraTransformerConfig, lora_base_sha256
 from fedcollab.models._mlp import MLP, MLPConfig
 from fedcollab.models._registry import MODEL_KINDS, build_model
 from fedcollab.models._transformer import TinyTransformer, TransformerConfig
@@ -12,9 +15,12 @@ __all__ = [
     "Blob",
     "BlobConfig",
     "CNNConfig",
+    "LoraTransformer",
+    "LoraTransformerConfig",
     "MLPConfig",
     "SmallCNN",
     "TinyTransformer",
     "TransformerConfig",
     "build_model",
+    "lora_base_sha256",
 ]

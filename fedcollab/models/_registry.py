@@ -11,16 +11,18 @@ from torch import nn
 
 from fedcollab.models._blob import Blob, BlobConfig
 from fedcollab.models._cnn import CNNConfig, SmallCNN
+from fedcollab.models._lora import LoraTransformer, LoraTransformerConfig
 from fedcollab.models._mlp import MLP, MLPConfig
 from fedcollab.models._transformer import TinyTransformer, TransformerConfig
 
-MODEL_KINDS: tuple[str, ...] = ("mlp", "cnn", "blob", "transformer")
+MODEL_KINDS: tuple[str, ...] = ("mlp", "cnn", "blob", "transformer", "lora_transformer")
 
 _BUILDERS: dict[str, tuple[type, type[nn.Module]]] = {
     "mlp": (MLPConfig, MLP),
     "cnn": (CNNConfig, SmallCNN),
     "blob": (BlobConfig, Blob),
     "transformer": (TransformerConfig, TinyTransformer),
+    "lora_transformer": (LoraTransformerConfig, LoraTransformer),  # peft imported only when built
 }
 
 

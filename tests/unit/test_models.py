@@ -104,7 +104,7 @@ def test_params_accept_lists_and_ints_for_floats() -> None:
 
 
 def test_model_kinds_match_registry() -> None:
-    assert MODEL_KINDS == ("mlp", "cnn", "blob", "transformer")
+    assert MODEL_KINDS == ("mlp", "cnn", "blob", "transformer", "lora_transformer")  # built in test_lora.py
     for kind, params in ALL_KINDS:
         build_model(kind=kind, params=params)
 
