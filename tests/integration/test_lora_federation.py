@@ -81,6 +81,10 @@ def test_adapters_train_under_institution_dp(tmp_path: Path) -> None:
     names, adapter_bytes = _reference()
     config = tiny_federation(tmp_path / "coordinator", model=LORA, rounds=2,
                              train=TrainConfig(local_epochs=1, batch_size=64, learning_rate=1.0, optimizer="sgd"))
+    # A 10 s lease: the first DP round imports peft and times Opacus' modes, which on a
+    # loaded 2-core machine can starve the heartbeat thread past the tiny default of 2 s;
+    # a lapsed round would then spend budget and leave none for the second one.
+    config = config.model_copy(update={"server": config.server.model_copy(update={"lease_intervals": 50})})
     with Coordinator(config=config) as coordinator:
         daemons = []
         for i, n in enumerate(NAMES):

@@ -32,7 +32,7 @@ def _run(tmp_path: Path, test_ca, *, rounds: int, min_institutions: int, fail: d
     config = tiny_federation(
         tmp_path / "coordinator", rounds=rounds, min_institutions=min_institutions,
         min_available_institutions=len(NAMES),
-        secure_aggregation=secure_aggregation or SecureAggregationConfig(stage_timeout_s=3, clipping_range=8.0))
+        secure_aggregation=secure_aggregation or SecureAggregationConfig(stage_timeout_s=5, clipping_range=8.0))
     original = secure.encode_masked
     uploads: dict[tuple[str, int], str] = {}
 
