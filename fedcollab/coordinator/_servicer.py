@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -23,6 +24,8 @@ from fedcollab.wire import to_grpc_status
 
 log = logging.getLogger("fedcollab.coordinator")
 F = TypeVar("F", bound=Callable[..., Any])
+# Chunk digests kept for downloads: 32 bytes each, ~8 models of 1B parameters in 4 MiB chunks.
+_MAX_CACHED_DIGESTS = 8192
 
 
 def _translated(method: F) -> F:
@@ -47,6 +50,22 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def __init__(self, *, engine: RoundEngine, join_rate: float = 1.0, join_burst: int = 10) -> None:
         self._engine = engine
         self._joins = RateLimiter(rate=join_rate, burst=join_burst)
+        self._digests: dict[tuple[str, int, int], bytes] = {}
+        self._digests_lock = threading.Lock()
+
+    def _chunk_digest(self, model_sha256: str, offset: int, data: bytes) -> bytes:
+        """Every institution downloads the same chunks of a version: each chunk's SHA-256
+        is computed once (models are immutable, named by their hash). The whole file's
+        hash, checked by the institution, still covers every byte it receives."""
+        key = (model_sha256, offset, len(data))
+        digest = self._digests.get(key)
+        if digest is None:
+            digest = hashlib.sha256(data).digest()
+            with self._digests_lock:
+                if len(self._digests) > _MAX_CACHED_DIGESTS:
+                    self._digests.clear()
+                self._digests[key] = digest
+        return digest
 
     def _check_owner(self, context: grpc.ServicerContext, session_id: str) -> None:
         caller = caller_of(context)
@@ -106,7 +125,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         offset = request.offset
         for data in read_pieces(model.path, offset=offset, piece_bytes=self._engine.chunk_bytes):
             yield pb.DownloadModelResponse(
-                chunk=tensor_pb2.Chunk(offset=offset, data=data, sha256=hashlib.sha256(data).digest()),
+                chunk=tensor_pb2.Chunk(offset=offset, data=data, sha256=self._chunk_digest(model.sha256, offset, data)),
                 total_bytes=model.size_bytes,
             )
             offset += len(data)

@@ -35,6 +35,8 @@ class CoordinatorClient:
         self._stub = pb_grpc.CoordinatorServiceStub(self._channel)
         self._timeout = rpc_timeout_s
         self.chunk_bytes = 4 * 1024 * 1024
+        # The file the last download() wrote and hashed as it arrived (None: from the cache).
+        self.just_verified: Path | None = None
 
     def close(self) -> None:
         self._channel.close()
@@ -71,6 +73,7 @@ class CoordinatorClient:
             raise RemoteError(code=grpc.StatusCode.INVALID_ARGUMENT, reason="BAD_MODEL_REF",
                               message=f"the coordinator named a model by {model.sha256[:80]!r}, not a SHA-256")
         final = cache_dir / f"{model.sha256}.safetensors"
+        self.just_verified = None
         if final.is_file():
             return final
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +106,7 @@ class CoordinatorClient:
             raise RemoteError(code=grpc.StatusCode.DATA_LOSS, reason="MODEL_HASH_MISMATCH",
                               message=f"downloaded model does not match SHA-256 {model.sha256}")
         os.replace(part, final)
+        self.just_verified = final
         return final
 
     def upload(

@@ -235,7 +235,10 @@ class InstitutionDaemon:
     def _load_model(self, ref: pb.ModelRef) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
         record = self._verified(ref)  # before the download: a refused model is not even fetched
         path = self._client.download(session_id=self._session or "", model=ref, cache_dir=self._cache_dir)
-        actual = file_sha256(path)  # again, also for a cached file: the file used is the file signed
+        # A cached file is hashed again (the file used must be the file signed); one this
+        # call just downloaded was hashed as it arrived and matched ref.sha256.
+        fresh = self._client.just_verified == path and ref.sha256 == record["model_sha256"]
+        actual = ref.sha256 if fresh else file_sha256(path)
         if actual != record["model_sha256"]:
             path.unlink(missing_ok=True)
             raise LineageError(f"refused model v{ref.version}: the file's SHA-256 is {actual[:16]}.., its signed "
