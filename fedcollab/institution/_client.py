@@ -93,7 +93,8 @@ class CoordinatorClient:
                     if chunk.offset != offset or hashlib.sha256(chunk.data).digest() != chunk.sha256:
                         part.unlink(missing_ok=True)
                         raise RemoteError(code=grpc.StatusCode.DATA_LOSS, reason="CHUNK_HASH_MISMATCH",
-                                          message=f"model chunk at offset {chunk.offset} is corrupt; retrying from scratch")
+                                          message=f"model chunk at offset {chunk.offset} is corrupt; "
+                                                  "retrying from scratch")
                     out.write(chunk.data)
                     digest.update(chunk.data)
                     offset += len(chunk.data)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import safetensors
 import torch
 from google.protobuf import json_format
-import safetensors
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -31,9 +31,27 @@ from fedcollab.institution._client import CoordinatorClient
 from fedcollab.institution._data import load_local_data
 from fedcollab.institution._error_feedback import with_error_feedback
 from fedcollab.institution._secure import send_secure
-from fedcollab.institution._trainer import SyntheticTrainer, TorchTrainer, Trainer, pick_device
-from fedcollab.lineage import LineageError, check_model, file_sha256, key_fingerprint, load_public_key, raw_public_key
-from fedcollab.privacy import BudgetExhausted, InstitutionPrivacy, PrivacyError, RoundPrivacy, validate_model
+from fedcollab.institution._trainer import (
+    SyntheticTrainer,
+    TorchTrainer,
+    Trainer,
+    pick_device,
+)
+from fedcollab.lineage import (
+    LineageError,
+    check_model,
+    file_sha256,
+    key_fingerprint,
+    load_public_key,
+    raw_public_key,
+)
+from fedcollab.privacy import (
+    BudgetExhausted,
+    InstitutionPrivacy,
+    PrivacyError,
+    RoundPrivacy,
+    validate_model,
+)
 from fedcollab.privacy._ledger import PrivacyLedger, ledger_path
 from fedcollab.secagg import SecAggError
 from fedcollab.transport import channel_credentials_from
