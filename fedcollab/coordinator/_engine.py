@@ -997,10 +997,8 @@ class RoundEngine:
                 add, subtract = r.secagg.removal()
             except SecAggError as e:
                 raise _NotCommitted(f"SECAGG_UNMASK_FAILED: {e.message}") from None
-            base = load_tensors(r.base.path)
-            new = {k: v.reshape(-1) for k, v in
-                   r.total.unmask_apply(base, add=add, subtract=subtract, count=len(done)).items()}
-            del base
+            new = r.total.unmask_mean(add=add, subtract=subtract, count=len(done))
+            add_file_into(r.base.path, new)
             if r.ddp is not None:
                 ddp_metrics = self._ddp_release(r.ddp, survivors=len(done))
         else:

@@ -11,7 +11,7 @@ decoded to floats and applied to the base model chunk by chunk.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,25 +115,23 @@ class MaskedSum:
         with self._lock:
             return sum(u.state == "complete" for u in self._uploads.values())
 
-    def unmask_apply(self, base: Mapping[str, torch.Tensor], *, add: list[bytes], subtract: list[bytes],
-                     count: int) -> dict[str, torch.Tensor]:
-        """base + (the unmasked, decoded sum) / count: removes the masks chunk by chunk
-        (vectorized keystreams), then decodes the signed integers to floats."""
+    def unmask_mean(self, *, add: list[bytes], subtract: list[bytes], count: int) -> dict[str, torch.Tensor]:
+        """The mean of the survivors' updates, flat float32 per tensor: the masks are
+        removed chunk by chunk (vectorized keystreams) and the signed integers decoded
+        into the sum's own memory (4 bytes per element either way), so unmasking holds
+        one model; the caller adds the base from its file."""
         with self._lock:
             assert self._closed, "close() the round's sum before unmasking it"
+            values = self._sum.view(np.float32)
+            for a in range(0, self.dim, _APPLY_ELEMS):
+                plain = apply_masks(self._sum[a:a + _APPLY_ELEMS], start=a, bits=self.quantizer.bits, add=add,
+                                    subtract=subtract)  # a copy: its slice can be overwritten
+                values[a:a + len(plain)] = self.quantizer.decode(plain) / count
             out: dict[str, torch.Tensor] = {}
             start = 0
             for spec in self._model_manifest.tensors:
-                b = base[spec.name]
-                flat_base = b.detach().reshape(-1)
-                new = torch.empty_like(flat_base)
-                for a in range(0, flat_base.numel(), _APPLY_ELEMS):
-                    n = min(_APPLY_ELEMS, flat_base.numel() - a)
-                    plain = apply_masks(self._sum[start + a:start + a + n], start=start + a,
-                                        bits=self.quantizer.bits, add=add, subtract=subtract)
-                    mean = torch.from_numpy(self.quantizer.decode(plain) / count)
-                    new[a:a + n] = (flat_base[a:a + n].to(torch.float64) + mean).to(b.dtype)
-                out[spec.name] = new.reshape(b.shape)
-                start += flat_base.numel()
-            self._sum = np.zeros(0, dtype=np.uint32)  # release the round's memory
+                n = spec_numel(spec)
+                out[spec.name] = torch.from_numpy(values[start:start + n])
+                start += n
+            self._sum = np.zeros(0, dtype=np.uint32)  # the returned tensors keep the buffer alive
             return out
