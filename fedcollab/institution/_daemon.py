@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fedcollab import models
+from fedcollab.compression import EncodingError, compression_from_proto
 from fedcollab.config import InstitutionConfig
 from fedcollab.errors import ConfigError, FedcollabError, RemoteError
 from fedcollab.institution._backoff import Backoff
@@ -282,6 +283,11 @@ class InstitutionDaemon:
     def _train(self, task: pb.Task) -> None:
         assert self._study is not None
         study = self._study.name
+        try:  # before training or spending: an encoding this daemon cannot produce is declined
+            compression_from_proto(task.compression)
+        except EncodingError as e:
+            self._decline(task, "COMPRESSION_UNSUPPORTED", e.message)
+            return
         rp: RoundPrivacy | None = None
         if self.privacy is not None:
             if self._resend_recorded(task):

@@ -112,3 +112,22 @@ def test_an_update_encoded_another_way_is_refused(tmp_path: Path) -> None:
             assert "int8 (block_elements=256)" in refused.value.message
         finally:
             client.close()
+
+
+def test_an_encoding_the_daemon_cannot_produce_is_declined_before_training(tmp_path: Path, monkeypatch) -> None:
+    """A newer coordinator asking for a method this daemon does not know: the daemon
+    declines at once (COMPRESSION_UNSUPPORTED) instead of training and failing at upload."""
+    import fedcollab.coordinator._engine as engine
+
+    monkeypatch.setattr(engine, "compression_to_proto", lambda _: pb.Compression(method=99))
+    config = tiny_federation(tmp_path / "coordinator", rounds=1, max_round_attempts=1)
+    with Coordinator(config=config) as coordinator:
+        pairs = [recording_daemon(institution_config(n, address=f"127.0.0.1:{coordinator.port}", index=i, parts=3,
+                                                     state_root=tmp_path)) for i, n in enumerate(NAMES)]
+        with running([d for d, _ in pairs]):
+            wait_until(lambda: len(coordinator.store.participations(round_number=1)) == len(NAMES) and all(
+                p["status"] == "declined" for p in coordinator.store.participations(round_number=1)),
+                timeout=30, what="every institution to decline round 1")
+            parts = coordinator.store.participations(round_number=1)
+    assert all(p["reason"].startswith("COMPRESSION_UNSUPPORTED") for p in parts)
+    assert all(not t.sent for _, t in pairs), "nothing was trained"
