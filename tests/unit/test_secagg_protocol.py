@@ -119,15 +119,21 @@ def test_large_rounds_mask_with_log_n_neighbours_and_still_sum_exactly() -> None
     np.testing.assert_array_equal(unmasked, plain)
 
 
-def _three_after_key_exchange() -> tuple[dict[str, InstitutionSecAgg], dict[str, list[tuple[str, bytes]]]]:
-    """Institutions a, b, c (complete graph, t = 2) that advertised keys and made shares;
-    mail[holder] holds the (owner, ciphertext) pairs addressed to it."""
+def _three() -> tuple[dict[str, InstitutionSecAgg], dict[str, tuple[bytes, bytes]]]:
+    """Institutions a, b, c of one round (complete graph, t = 2) and their public keys."""
     names = ["a", "b", "c"]
     round_id = secrets.token_bytes(16)
     clients = {x: InstitutionSecAgg(RoundSetup(name=x, round_id=round_id, participants=tuple(names),
                                                neighbours=tuple(y for y in names if y != x), threshold=2, bits=BITS))
                for x in names}
     keys = {x: (c.cipher_public_key, c.mask_public_key) for x, c in clients.items()}
+    return clients, keys
+
+
+def _three_after_key_exchange() -> tuple[dict[str, InstitutionSecAgg], dict[str, list[tuple[str, bytes]]]]:
+    """The three after each made its shares; mail[holder] holds the (owner, ciphertext)
+    pairs addressed to it."""
+    clients, keys = _three()
     mail: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
     for x, c in clients.items():
         for holder, ct in c.make_shares(keys):
@@ -151,12 +157,7 @@ def test_a_holder_never_reveals_both_secrets_or_reveals_twice() -> None:
 
 
 def test_relayed_keys_and_shares_are_checked() -> None:
-    names = ["a", "b", "c"]
-    round_id = secrets.token_bytes(16)
-    clients = {x: InstitutionSecAgg(RoundSetup(name=x, round_id=round_id, participants=tuple(names),
-                                               neighbours=tuple(y for y in names if y != x), threshold=2, bits=BITS))
-               for x in names}
-    keys = {x: (c.cipher_public_key, c.mask_public_key) for x, c in clients.items()}
+    clients, keys = _three()
     with pytest.raises(SecAggError, match="SECAGG_KEY_MISMATCH"):
         clients["a"].make_shares({**keys, "a": keys["b"]})
     with pytest.raises(SecAggError, match="SECAGG_NOT_A_NEIGHBOUR"):
