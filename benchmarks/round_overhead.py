@@ -65,7 +65,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -719,23 +719,32 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                    keep=a.keep)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    opts = parse_args(argv)
+def run_cli(run: Callable[[], dict[str, Any]], *, json_path: Path | None,
+            show: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, Any] | None, int]:
+    """Runs a benchmark as its command line does: children stopped on SIGTERM as on
+    Ctrl-C, a failure reported with its log, results shown and written as JSON.
+    Returns (results, exit code); results is None when it did not complete."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        results = benchmark(opts=opts)
-    except BenchError as e:
+        results = run()
+    except BenchError as e:  # e.g. fedcollab cannot be imported by the children
         console.print("[red]benchmark failed:[/]")
         console.print(str(e), markup=False, highlight=False)
-        return 1
+        return None, 1
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: every process started here was stopped")
-        return 130
-    print_results(results)
-    if opts.json_path is not None:
-        opts.json_path.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-        console.print(f"results written to {opts.json_path}")
-    return 0
+        return None, 130
+    if show is not None:
+        show(results)
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
+        console.print(f"results written to {json_path}")
+    return results, 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+    return run_cli(lambda: benchmark(opts=opts), json_path=opts.json_path, show=print_results)[1]
 
 
 if __name__ == "__main__":

@@ -63,7 +63,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -535,21 +534,10 @@ def benchmark(opts: Options) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
-    signal.signal(signal.SIGTERM, ro._raise_interrupt)  # clean up the children on SIGTERM as on Ctrl-C
-    try:
-        results = benchmark(opts)
-    except ro.BenchError as e:  # e.g. fedcollab cannot be imported by the children
-        console.print("[red]benchmark failed:[/]")
-        console.print(str(e), markup=False, highlight=False)
-        return 1
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]: every process started here was stopped")
-        return 130
-    if opts.json_path is not None:
-        opts.json_path.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-        console.print(f"results written to {opts.json_path}")
-    runs = results.get("rounds", [])
-    return 0 if all(r["ok"] for r in runs) else 1
+    results, code = ro.run_cli(lambda: benchmark(opts), json_path=opts.json_path)
+    if results is None:
+        return code
+    return 0 if all(r["ok"] for r in results.get("rounds", [])) else 1
 
 
 if __name__ == "__main__":

@@ -503,19 +503,9 @@ def benchmark(opts: Options) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
-    signal.signal(signal.SIGTERM, ro._raise_interrupt)  # clean up the children on SIGTERM as on Ctrl-C
-    try:
-        results = benchmark(opts)
-    except ro.BenchError as e:
-        console.print("[red]benchmark failed:[/]")
-        console.print(str(e), markup=False, highlight=False)
-        return 1
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]: every process started here was stopped")
-        return 130
-    if opts.json_path is not None:
-        opts.json_path.write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
-        console.print(f"results written to {opts.json_path}")
+    results, code = ro.run_cli(lambda: benchmark(opts), json_path=opts.json_path)
+    if results is None:
+        return code
     failed = [r for r in results["runs"] if "error" in r["fedcollab"] or (r["flower"] and "error" in r["flower"])]
     return 1 if failed else 0
 

@@ -43,7 +43,6 @@ class MaskedSum:
         self._uploads: dict[str, _Upload] = {}
         self._lock = threading.Lock()
         self._closed = False
-        self.clip_norm = None  # RoundSum's interface: no clipping at the coordinator
 
     def add(self, key: str, *, receiver: UploadReceiver, weight: float) -> None:
         with self._lock:
@@ -109,11 +108,6 @@ class MaskedSum:
                 for u in self._uploads.values():
                     u.receiver.discard()
             return [k for k, u in self._uploads.items() if u.state == "complete"]
-
-    @property
-    def num_updates(self) -> int:
-        with self._lock:
-            return sum(u.state == "complete" for u in self._uploads.values())
 
     def unmask_mean(self, *, add: list[bytes], subtract: list[bytes], count: int) -> dict[str, torch.Tensor]:
         """The mean of the survivors' updates, flat float32 per tensor: the masks are

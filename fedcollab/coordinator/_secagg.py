@@ -187,13 +187,6 @@ class SecAggRound:
             survivors=self.u3, dropped=self.u2 - self.u3, revealed=self.revealed, threshold=self.threshold,
         )
 
-    def can_unmask(self) -> bool:
-        try:
-            self.removal_check()
-        except SecAggError:
-            return False
-        return True
-
     def removal_check(self) -> None:
         """Cheap: enough distinct shares for every secret the unmasking needs."""
         needs = [(u, SELF_MASK_SEED) for u in self.u3] + [(v, MASK_PRIVATE_KEY) for v in self.u2 - self.u3]

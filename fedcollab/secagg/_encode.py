@@ -70,7 +70,7 @@ def _encode_private(tensors: Sequence[torch.Tensor], out: np.ndarray, *, quantiz
                     rng: np.random.Generator, chunk_elems: int) -> None:
     """Clip to L2 norm clip_norm, scale, round conditionally (the rounded norm must stay
     within l2_bound, the sensitivity the accounting assumes), add Skellam noise."""
-    from fedcollab.secagg._ddp import skellam_noise  # numpy only, but only needed here
+    from fedcollab.secagg._ddp import conditional_rounding_accepts, skellam_noise  # only needed here
 
     squares = sum(float(np.dot(v, v)) for _, v in _chunks(tensors, chunk_elems))
     norm = math.sqrt(squares)
@@ -82,7 +82,7 @@ def _encode_private(tensors: Sequence[torch.Tensor], out: np.ndarray, *, quantiz
             as_float = ints.astype(np.float64)  # int64 squares would overflow
             rounded_squares += float(np.dot(as_float, as_float))
             out[start:start + len(v)] = quantizer.wrap(ints)
-        if rounded_squares <= noise.l2_bound ** 2:
+        if conditional_rounding_accepts(squared_norm=rounded_squares, bound=noise.l2_bound):
             break
     else:
         raise SecAggError("SECAGG_ROUNDING_FAILED", f"{_MAX_ROUNDINGS} roundings of the update all exceeded the "

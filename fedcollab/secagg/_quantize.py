@@ -44,10 +44,6 @@ class Quantizer:
                              "with any resolution; use more bits or fewer institutions per round")
         return cls(scale=scale, bits=bits)
 
-    @property
-    def mask_bits(self) -> int:
-        return self.bits
-
     def scaled(self, values: np.ndarray) -> np.ndarray:
         return np.asarray(values, dtype=np.float64) * self.scale
 
