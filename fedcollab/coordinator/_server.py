@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
@@ -14,9 +14,9 @@ import grpc
 from fedcollab.config import FederationConfig
 from fedcollab.coordinator._auth import Authenticator, IdentityInterceptor
 from fedcollab.coordinator._central_eval import central_evaluator
+from fedcollab.coordinator._engine import Evaluator, RoundEngine, RoundResult
 from fedcollab.coordinator._operator import OperatorServicer
 from fedcollab.coordinator._servicer import CoordinatorServicer
-from fedcollab.coordinator._engine import Evaluator, RoundEngine, RoundResult
 from fedcollab.coordinator._store import Store
 from fedcollab.transport import message_limit, server_credentials_from, warn_insecure
 from fedcollab.v1 import coordinator_service_pb2_grpc as pb_grpc

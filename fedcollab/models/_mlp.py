@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
 
 
