@@ -9,14 +9,13 @@ update is still refused.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
 from fedcollab.compression._errors import EncodingError
 from fedcollab.v1 import tensor_pb2
-from fedcollab.wire import TensorPiece, TensorStreamDecoder, manifest_nbytes, wire_dtype
+from fedcollab.wire import TensorPiece, TensorStreamDecoder, all_finite, manifest_nbytes, wire_dtype
 
 
 def encode_cast(tensors: Sequence[torch.Tensor], *, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -40,9 +39,7 @@ def cast_nbytes(manifest: tensor_pb2.ModelManifest, *, dtype: torch.dtype | None
 
 
 def check_finite(values: torch.Tensor, name: str) -> None:
-    # One float64 sum is NaN or Inf exactly when a value is: finite float32/16 values
-    # cannot overflow it, and it allocates no mask. uint32 (masked updates) has neither.
-    if values.is_floating_point() and not math.isfinite(values.sum(dtype=torch.float64)):
+    if not all_finite(values):
         raise EncodingError("NON_FINITE_VALUES", f"tensor {name!r} holds NaN or Inf", tensor=name)
 
 

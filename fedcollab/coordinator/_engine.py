@@ -62,7 +62,7 @@ from fedcollab.secagg import Quantizer, SecAggError, degree_for, threshold_for
 from fedcollab.secagg._encode import masked_manifest
 from fedcollab.v1 import coordinator_service_pb2 as pb
 from fedcollab.v1 import tensor_pb2
-from fedcollab.wire import spec_numel, wire_dtype
+from fedcollab.wire import all_finite, spec_numel, wire_dtype
 
 if TYPE_CHECKING:
     from fedcollab.privacy import CentralDP
@@ -1008,8 +1008,7 @@ class RoundEngine:
             add_file_into(r.base.path, new)
         # Every update was finite, but finite values can still overflow the weighted
         # sum: a model of Inf would poison every later round, so it is never committed.
-        # A float64 sum is non-finite exactly when an element is (no boolean mask of 1B).
-        broken = [name for name, t in new.items() if not math.isfinite(float(t.sum(dtype=torch.float64)))]
+        broken = [name for name, t in new.items() if not all_finite(t)]
         if broken:
             raise _NotCommitted(f"NON_FINITE_AGGREGATE: the aggregate of tensors {broken[:5]} overflowed; "
                                 "bound what one update may contribute (central_dp.clip_norm)")

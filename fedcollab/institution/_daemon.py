@@ -264,10 +264,12 @@ class InstitutionDaemon:
                                f"record says {str(record['model_sha256'])[:16]}..")
         self._evict_cache(keep=path)
         assert self._study is not None
+        state = load_file(str(path))
         if self._model is None:
             spec = self._study.model
             try:
-                model = models.build_model(kind=spec.kind, params=_integral(json_format.MessageToDict(spec.params)))
+                params = _integral(json_format.MessageToDict(spec.params))
+                model = models.build_model_to_load(kind=spec.kind, params=params, state_names=state)
             except (ValueError, ImportError) as e:
                 # The coordinator built this model, so it is this machine that cannot, e.g. a
                 # lora_transformer whose frozen base hashes otherwise here: refused, and declined at once.
@@ -276,7 +278,6 @@ class InstitutionDaemon:
             if self.privacy is not None:
                 validate_model(model)
             self._model = model
-        state = load_file(str(path))
         self._model.load_state_dict(state, strict=True)
         return self._model, state
 

@@ -4,6 +4,7 @@ from fedcollab.wire._status import ERROR_DOMAIN, from_rpc_error, to_grpc_status
 from fedcollab.wire._tensors import (
     TensorPiece,
     TensorStreamDecoder,
+    all_finite,
     iter_chunks,
     iter_stream,
     manifest_nbytes,
@@ -20,6 +21,7 @@ __all__ = [
     "ERROR_DOMAIN",
     "TensorPiece",
     "TensorStreamDecoder",
+    "all_finite",
     "from_rpc_error",
     "iter_chunks",
     "iter_stream",

@@ -17,7 +17,14 @@ from opacus import GradSampleModule
 from safetensors.torch import load_file, save_file
 from torch.func import functional_call, grad, vmap
 
-from fedcollab.models import MODEL_KINDS, LoraTransformer, LoraTransformerConfig, build_model, lora_base_sha256
+from fedcollab.models import (
+    MODEL_KINDS,
+    LoraTransformer,
+    LoraTransformerConfig,
+    build_model,
+    build_model_to_load,
+    lora_base_sha256,
+)
 from fedcollab.models._lora import _build_base, weights_sha256
 from fedcollab.models._transformer import TransformerConfig
 from fedcollab.privacy import validate_model
@@ -258,3 +265,13 @@ def test_scenarios_name_the_base_built_here(path: Path) -> None:
         return  # the full-weights twin
     assert model["params"]["base_sha256"] == lora_base_sha256(params=model["params"])
     build_model(kind=model["kind"], params=model["params"])
+
+
+def test_a_lora_model_to_load_keeps_its_frozen_base() -> None:
+    """Only the adapters and the head arrive: the base must be built from its seed, as its hash says."""
+    reference = lora(seed=1)
+    model = build_model_to_load(kind="lora_transformer", params=SMALL, state_names=reference.state_dict())
+    model.load_state_dict(reference.state_dict(), strict=True)
+    everything = torch.nn.Module.state_dict(model)  # base included, under peft's internal names
+    assert everything.keys() == torch.nn.Module.state_dict(reference).keys()
+    assert all(torch.equal(t, torch.nn.Module.state_dict(reference)[n]) for n, t in everything.items())

@@ -14,6 +14,7 @@ from fedcollab.models import (
     MLPConfig,
     SmallCNN,
     build_model,
+    build_model_to_load,
 )
 
 SMALL_BLOB = {"num_parameters": 1000, "max_tensor_elements": 300}
@@ -129,3 +130,18 @@ BAD_BUILDS = [
 def test_bad_builds_raise_clear_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_model(**kwargs)
+
+
+@pytest.mark.parametrize(("kind", "params"), ALL_KINDS)
+def test_a_model_whose_whole_state_arrives_is_not_initialised_first(kind: str, params: dict | None) -> None:
+    state = {n: torch.randn_like(t) for n, t in build_model(kind=kind, params=params, seed=3).state_dict().items()}
+    model = build_model_to_load(kind=kind, params=params, state_names=state)
+    assert all(not p.is_meta for p in model.parameters())
+    model.load_state_dict(state, strict=True)
+    assert all(torch.equal(model.state_dict()[n], t) for n, t in state.items())
+    # A state that leaves a weight out gets a model with its seeded weights, not garbage.
+    partial = dict(state)
+    dropped = next(iter(partial))
+    del partial[dropped]
+    built = build_model_to_load(kind=kind, params=params, state_names=partial)
+    assert torch.equal(built.state_dict()[dropped], build_model(kind=kind, params=params).state_dict()[dropped])

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from fedcollab.wire import (
     TensorStreamDecoder,
+    all_finite,
     iter_chunks,
     iter_stream,
     manifest_nbytes,
@@ -78,3 +79,20 @@ def test_decoder_refuses_a_stream_longer_than_its_manifest() -> None:
 def test_non_float_tensors_are_refused_with_the_reason() -> None:
     with pytest.raises(ValueError, match="cannot be averaged"):
         manifest_of({"steps": torch.zeros(3, dtype=torch.int64)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_all_finite_sees_every_nan_and_inf_and_no_false_alarm_on_overflowing_sums(dtype: torch.dtype) -> None:
+    top = torch.finfo(dtype).max
+    big = torch.full((1000,), top, dtype=dtype)  # finite values whose sum overflows any accumulator
+    assert all_finite(big)
+    assert all_finite(torch.zeros(0, dtype=dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        values = torch.ones(4097, dtype=dtype)
+        values[4096] = bad
+        assert not all_finite(values)
+        big[17] = bad
+        assert not all_finite(big)
+        big[17] = top
+    assert all_finite(torch.tensor([top, -top], dtype=dtype))  # a sum that is exactly finite
+    assert all_finite(torch.arange(10, dtype=torch.int64).to(torch.uint32))
