@@ -319,10 +319,11 @@ def write_institution_toml(*, folder: Path, name: str, port: int) -> Path:
 
 
 def measure_import_baseline(*, env: dict[str, str]) -> int:
-    """RSS of a process that has only imported fedcollab's coordinator and institution
-    code (python, torch, grpc, protobuf, safetensors): the floor under every figure."""
+    """RSS of a process that has only imported what `fedcollab coordinator serve` imports
+    (python, torch, grpc, protobuf, safetensors, cryptography): the floor under the
+    coordinator's figures."""
     code = (
-        "import fedcollab.cli, fedcollab.coordinator, fedcollab.institution\n"
+        "import fedcollab.cli, fedcollab.coordinator\n"
         "print(next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmRSS:')))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
@@ -703,7 +704,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--params", type=int, default=50_000_000, help="float32 parameters in the model (default 50M)")
     p.add_argument("--institutions", type=int, default=4, help="institution processes (default 4)")
     p.add_argument("--rounds", type=int, default=1, help="rounds (default 1)")
-    p.add_argument("--chunk-mib", type=int, default=4, help="transfer chunk size in MiB, 1..64 (default 4)")
+    p.add_argument("--chunk-mib", type=int, default=1, help="transfer chunk size in MiB, 1..64 (default 1, the server's)")
     p.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds (default 1800)")
     p.add_argument("--sample-ms", type=float, default=25.0, help="RSS sampling interval (default 25 ms)")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")

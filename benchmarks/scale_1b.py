@@ -246,7 +246,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=int, default=1_000_000_000)
     parser.add_argument("--institutions", type=int, default=8)
-    parser.add_argument("--chunk-mib", type=int, default=4)
+    parser.add_argument("--chunk-mib", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true")

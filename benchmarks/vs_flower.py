@@ -108,7 +108,7 @@ class Options:
 def run_fedcollab(opts: Options, institutions: int) -> dict[str, Any]:
     """round_overhead's whole benchmark for K institutions, reduced to the figures compared
     here ({"error": why} if it failed; its folder is then kept)."""
-    ro_opts = ro.Options(params=opts.params, institutions=institutions, rounds=opts.rounds, chunk_mib=4,
+    ro_opts = ro.Options(params=opts.params, institutions=institutions, rounds=opts.rounds, chunk_mib=1,
                          timeout_s=opts.timeout_s, sample_s=0.025, json_path=None, workdir=None, keep=opts.keep)
     console.rule(f"fedcollab: {opts.params:,} params x {institutions} institutions, {opts.rounds} round(s)")
     load = os.getloadavg()[0]

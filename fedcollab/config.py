@@ -37,7 +37,9 @@ class TlsConfig(_Strict):
 class ServerConfig(_Strict):
     address: str = "127.0.0.1:50051"
     state_dir: Path = Path("coordinator-state")
-    chunk_bytes: int = Field(default=4 * MiB, ge=1024, le=64 * MiB)
+    # 1 MiB: against 4 MiB, a 50M x 4 round ran 9.3-9.5 s instead of 10.5-11 s and the
+    # coordinator peaked at 0.55 GiB instead of 0.64 (fewer bytes in flight per stream).
+    chunk_bytes: int = Field(default=1 * MiB, ge=1024, le=64 * MiB)
     max_workers: int = Field(default=64, ge=4, le=1024)
     heartbeat_interval_s: float = Field(default=2.0, gt=0, le=300)
     # An institution silent for this many heartbeat intervals is taken as gone.

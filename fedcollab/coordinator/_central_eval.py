@@ -10,11 +10,14 @@ import torch.nn.functional as F
 from fedcollab import models
 from fedcollab.config import CentralEvaluationConfig, ModelConfig
 from fedcollab.coordinator._engine import Evaluator
-from fedcollab.data import load_dataset
 from fedcollab.errors import ConfigError
 
 
 def central_evaluator(*, config: CentralEvaluationConfig, model: ModelConfig) -> Evaluator:
+    # Imported here: the datasets pull in scikit-learn and SciPy (about 60 MiB resident),
+    # which a coordinator without central evaluation never needs.
+    from fedcollab.data import load_dataset
+
     try:
         _, test = load_dataset(config.dataset, seed=config.seed, test_fraction=config.test_fraction,
                                data_dir=config.data_dir)

@@ -34,7 +34,7 @@ class CoordinatorClient:
         self._channel = create_channel(address, credentials=credentials, chunk_bytes=_MAX_CHUNK)
         self._stub = pb_grpc.CoordinatorServiceStub(self._channel)
         self._timeout = rpc_timeout_s
-        self.chunk_bytes = 4 * 1024 * 1024
+        self.chunk_bytes = 1024 * 1024  # until Join says the coordinator's
         # The file the last download() wrote and hashed as it arrived (None: from the cache).
         self.just_verified: Path | None = None
 
