@@ -29,6 +29,7 @@ import torch
 from google.protobuf import struct_pb2
 
 from fedcollab import __version__, models
+from fedcollab._faults import crash_point
 from fedcollab.compression import compression_to_proto
 from fedcollab.config import FederationConfig, StudyConfig
 from fedcollab.coordinator._checkpoints import (
@@ -586,6 +587,7 @@ class RoundEngine:
         if not upload.round.total.fold(upload.institution, pieces, upto=upload.receiver.received):
             raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="ROUND_CLOSED",
                            message=f"round {upload.round.number} closed during the upload")
+        crash_point("coordinator.upload_chunk")
         with self._cond:
             self.bytes_in += len(chunk.data)
             session = self._sessions.get(upload.receiver.header.session_id)
@@ -1012,6 +1014,7 @@ class RoundEngine:
         if broken:
             raise _NotCommitted(f"NON_FINITE_AGGREGATE: the aggregate of tensors {broken[:5]} overflowed; "
                                 "bound what one update may contribute (central_dp.clip_norm)")
+        crash_point("coordinator.aggregated")
         total = sum(p.num_examples for p in done)
         metrics: dict[str, float] = {
             "num_examples": float(total),
@@ -1029,6 +1032,7 @@ class RoundEngine:
         model = write_streaming({name: (flat, stored[name].dtype, stored[name].shape) for name, flat in new.items()},
                                 folder=self._models_dir, version=r.base.version + 1)
         del new  # evaluation reads the written model back: the sums are gone by then
+        crash_point("coordinator.commit_written")
         if self._evaluator is not None:
             metrics.update({f"central_{k}": float(v) for k, v in self._evaluator(load_tensors(model.path)).items()})
         aggregator, central_figures = self._aggregation(dp.metrics if dp is not None else {})
@@ -1042,6 +1046,7 @@ class RoundEngine:
         )
         self._store.commit_round(round_number=r.number, attempt=r.attempt, model=model, parent=r.base.version,
                                  metrics=metrics, lineage=signed)
+        crash_point("coordinator.commit_recorded")
         self._current = model
         self._keep_lineage(model.version, signed)
         if ddp_metrics:

@@ -13,6 +13,7 @@ import grpc
 import torch
 
 from fedcollab import __version__
+from fedcollab._faults import crash_point
 from fedcollab.compression import compression_from_proto, compression_to_proto, encode_update
 from fedcollab.config import CompressionConfig
 from fedcollab.errors import RemoteError
@@ -98,6 +99,7 @@ class CoordinatorClient:
                     out.write(chunk.data)
                     digest.update(chunk.data)
                     offset += len(chunk.data)
+                    crash_point("institution.download_chunk")
                 out.flush()
                 os.fsync(out.fileno())
         except grpc.RpcError as e:
@@ -147,6 +149,7 @@ class CoordinatorClient:
             yield pb.UploadUpdateRequest(header=header)
             for chunk in iter_chunks(encoded, chunk_bytes=self.chunk_bytes):
                 yield pb.UploadUpdateRequest(chunk=chunk)
+                crash_point("institution.upload_chunk")
 
         size = header.total_bytes
         return self._call(self._stub.UploadUpdate, requests(), timeout=self._timeout + size / 1e6)

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fedcollab import models
+from fedcollab._faults import crash_point
 from fedcollab.compression import EncodingError, compression_from_proto
 from fedcollab.config import InstitutionConfig
 from fedcollab.errors import ConfigError, FedcollabError, RemoteError
@@ -315,6 +316,7 @@ class InstitutionDaemon:
                 log.warning("%s: could not decline round %d: %s", self.name, task.round, declined)
             raise
         result = self._trainer.train(model=model, plan=task.train, round_number=task.round, privacy=rp)
+        crash_point("institution.trained")
         self._emit("trained", task.round, f"{result.metrics}")
         local = model.state_dict()
         deltas = []
