@@ -185,6 +185,68 @@ class CompressionConfig(_Strict):
         return self
 
 
+StrategyName = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "fedmedian",
+                       "fedtrimmedavg", "krum", "multikrum", "bulyan"]
+SERVER_OPTIMIZERS: tuple[str, ...] = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
+ROBUST_STRATEGIES: tuple[str, ...] = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+# Which settings each strategy reads; the defaults (None) are Flower 1.41's for that strategy.
+_STRATEGY_SETTINGS: dict[str, tuple[str, ...]] = {
+    "fedavg": (), "fedprox": ("proximal_mu",),
+    "fedavgm": ("server_learning_rate", "server_momentum"),
+    "fedadam": ("eta", "beta_1", "beta_2", "tau"), "fedyogi": ("eta", "beta_1", "beta_2", "tau"),
+    "fedadagrad": ("eta", "tau"),
+    "fedmedian": (), "fedtrimmedavg": ("trim_fraction",),
+    "krum": ("num_malicious",), "multikrum": ("num_malicious", "to_keep"), "bulyan": ("num_malicious",),
+}
+
+
+class StrategyConfig(_Strict):
+    """The aggregation rule, named as Flower names its strategies, with their semantics:
+    server optimizers (FedAvgM, FedAdam, FedYogi, FedAdagrad; Reddi et al. 2021) step on
+    the streamed mean of the updates; FedProx adds a proximal term at the institutions;
+    robust rules (coordinate median, trimmed mean, Krum, Multi-Krum, Bulyan) keep each
+    update spilled on disk and aggregate it coordinate block by block."""
+
+    name: StrategyName = "fedavg"
+    eta: float | None = Field(default=None, gt=0)
+    beta_1: float | None = Field(default=None, ge=0, lt=1)
+    beta_2: float | None = Field(default=None, ge=0, lt=1)
+    tau: float | None = Field(default=None, gt=0)
+    server_learning_rate: float | None = Field(default=None, gt=0)
+    server_momentum: float | None = Field(default=None, ge=0, lt=1)
+    proximal_mu: float | None = Field(default=None, ge=0)
+    trim_fraction: float | None = Field(default=None, ge=0, lt=0.5)
+    num_malicious: int | None = Field(default=None, ge=0)
+    to_keep: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _settings_match_name(self) -> StrategyConfig:
+        allowed = _STRATEGY_SETTINGS[self.name]
+        stray = sorted(k for k in self.model_fields_set - {"name"} if k not in allowed)
+        if stray:
+            uses = ", ".join(allowed) if allowed else "no settings"
+            raise ValueError(f"{', '.join(stray)} do not apply to strategy {self.name!r} (it uses {uses}): remove "
+                             "them or change the name")
+        return self
+
+    @property
+    def robust(self) -> bool:
+        return self.name in ROBUST_STRATEGIES
+
+    @property
+    def num_malicious_or_default(self) -> int:
+        return self.num_malicious or 0
+
+    def needed_updates(self) -> int:
+        """The fewest updates the rule is defined for (Krum: n >= 2f + 3; Bulyan: n >= 4f + 3)."""
+        f = self.num_malicious_or_default
+        if self.name in ("krum", "multikrum"):
+            return max(2 * f + 3, self.to_keep or 1)
+        if self.name == "bulyan":
+            return 4 * f + 3
+        return 1
+
+
 class StudyConfig(_Strict):
     name: str = "study"
     rounds: int = Field(default=10, ge=1)
@@ -204,6 +266,15 @@ class StudyConfig(_Strict):
     central_dp: CentralDPConfig | None = None
     secure_aggregation: SecureAggregationConfig | None = None
     compression: CompressionConfig = CompressionConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    # Over-selection: a round closes as soon as this many updates are accepted (0: it
+    # waits for every selected institution, or the deadline). Select more institutions
+    # than this (institutions_per_round) and stragglers no longer hold rounds back; their
+    # late uploads are refused with ROUND_CLOSED.
+    updates_per_round: int = Field(default=0, ge=0)
+    # An update whose L2 norm exceeds this is refused (UPDATE_NORM_OUT_OF_BOUNDS) and
+    # recorded; NaN and Inf are always refused (NON_FINITE_VALUES). None: no bound.
+    max_update_norm: float | None = Field(default=None, gt=0)
 
     @property
     def wait_for_institutions(self) -> int:
@@ -232,6 +303,32 @@ class StudyConfig(_Strict):
                     f"({self.min_institutions}): a round that reaches its quorum could not be unmasked. Lower the "
                     "threshold or raise min_institutions"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> StudyConfig:
+        st = self.strategy
+        if self.updates_per_round:
+            if self.updates_per_round < self.min_institutions:
+                raise ValueError(f"updates_per_round ({self.updates_per_round}) is below min_institutions "
+                                 f"({self.min_institutions}): the round would close before its quorum")
+            if self.institutions_per_round and self.updates_per_round > self.institutions_per_round:
+                raise ValueError(f"updates_per_round ({self.updates_per_round}) exceeds institutions_per_round "
+                                 f"({self.institutions_per_round}): it could never be reached")
+        if st.robust:
+            if self.secure_aggregation is not None:
+                raise ValueError(f"strategy {st.name!r} cannot run with secure_aggregation: a robust rule looks at "
+                                 "each update, and secure aggregation shows the coordinator only their sum. Use "
+                                 "fedavg (or a server optimizer) with secure aggregation")
+            if self.central_dp is not None:
+                raise ValueError(f"strategy {st.name!r} cannot run with central_dp: DP-FedAvg's guarantee is for a "
+                                 "clipped mean, not for a median or a selection. Use fedavg with central_dp, or bound "
+                                 "updates with max_update_norm")
+            needed = st.needed_updates()
+            if self.min_institutions < needed:
+                raise ValueError(f"strategy {st.name!r} with num_malicious = {st.num_malicious_or_default} needs at "
+                                 f"least {needed} updates per round, but min_institutions is {self.min_institutions}: "
+                                 "raise min_institutions or lower num_malicious")
         return self
 
     @model_validator(mode="after")
@@ -365,6 +462,15 @@ class InstitutionConfig(_Strict):
         return self
 
 
+class AttackConfig(_Strict):
+    """[simulation.attack]: the last `institutions` institutions of a simulation send
+    poisoned updates (fedcollab/simulation/_attacks.py), to rehearse robust rules."""
+
+    institutions: int = Field(ge=1)
+    kind: Literal["sign_flip", "scale", "random"]
+    scale: float = Field(default=10.0, gt=0)
+
+
 class SimulationConfig(_Strict):
     """The [simulation] table of a scenario file; the rest of it is a federation.toml."""
 
@@ -377,6 +483,14 @@ class SimulationConfig(_Strict):
     partition_seed: int = 42
     val_fraction: float = Field(default=0.2, ge=0, lt=1)
     output_dir: Path = Path("runs")
+    attack: AttackConfig | None = None
+
+    @model_validator(mode="after")
+    def _some_institutions_are_honest(self) -> SimulationConfig:
+        if self.attack is not None and self.attack.institutions >= self.institutions:
+            raise ValueError(f"attack.institutions ({self.attack.institutions}) must leave at least one of the "
+                             f"{self.institutions} institutions honest")
+        return self
 
 
 class Scenario(_Strict):

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from fedcollab._fileio import file_sha256, fsync_dir
 
-__all__ = ["ModelVersion", "StoredTensor", "add_file_into", "file_sha256", "load_tensors", "read_pieces",
-           "remove_orphans", "stored_tensors", "write_atomic", "write_streaming"]
+__all__ = ["ModelVersion", "StoredTensor", "StreamingWriter", "add_file_into", "file_sha256", "load_tensors",
+           "read_pieces", "read_tensor", "remove_orphans", "stored_tensors", "write_atomic", "write_streaming"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,57 @@ def add_file_into(path: Path, targets: Mapping[str, torch.Tensor]) -> None:
                 done += len(block)
 
 
+class StreamingWriter:
+    """A safetensors file written tensor by tensor, in the order of `specs`, each from
+    flat values converted to its dtype 4 MiB at a time, and hashed as it is written.
+    The header comes first, so every name, dtype and shape is given up front; nothing
+    is read back. finish() fsyncs and returns the SHA-256; the caller renames."""
+
+    def __init__(self, path: Path, *, specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
+        header: dict[str, object] = {}
+        offset = 0
+        self._order: list[tuple[str, torch.dtype, int]] = []
+        for name, dtype, shape in specs:
+            numel = 1
+            for d in shape:
+                numel *= d
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + numel * dtype.itemsize]}
+            offset += numel * dtype.itemsize
+            self._order.append((name, dtype, numel))
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+        self._next = 0
+        self._digest = hashlib.sha256()
+        self._file = path.open("wb")
+        for part in (struct.pack("<Q", len(raw)), raw):
+            self._write(part)
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._digest.update(data)
+
+    def write(self, name: str, flat: torch.Tensor) -> None:
+        want, dtype, numel = self._order[self._next]
+        if name != want or flat.numel() != numel:
+            raise ValueError(f"StreamingWriter: got {name!r} ({flat.numel()} elements), expected {want!r} ({numel})")
+        step = max(1, _IO_BYTES // dtype.itemsize)
+        for a in range(0, numel, step):
+            self._write(flat[a:a + step].to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+        self._next += 1
+
+    def finish(self) -> str:
+        if self._next != len(self._order):
+            raise ValueError(f"StreamingWriter: {len(self._order) - self._next} tensors were never written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self._digest.hexdigest()
+
+    def abandon(self) -> None:
+        self._file.close()
+
+
 def write_streaming(tensors: Mapping[str, tuple[torch.Tensor, torch.dtype, tuple[int, ...]]], *, folder: Path,
                     version: int) -> ModelVersion:
     """A safetensors file written tensor by tensor and 4 MiB at a time from flat
@@ -116,35 +167,29 @@ def write_streaming(tensors: Mapping[str, tuple[torch.Tensor, torch.dtype, tuple
     `tensors[name] = (flat values, dtype to store, shape)`. Atomic like write_atomic."""
     folder.mkdir(parents=True, exist_ok=True)
     names = sorted(tensors)
-    header: dict[str, object] = {}
-    offset = 0
-    for name in names:
-        flat, dtype, shape = tensors[name]
-        nbytes = flat.numel() * dtype.itemsize
-        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
     tmp = folder / f".v{version:06d}.tmp"
-    digest = hashlib.sha256()
-    with tmp.open("wb") as f:
-        for part in (struct.pack("<Q", len(raw)), raw):
-            f.write(part)
-            digest.update(part)
+    writer = StreamingWriter(tmp, specs=[(n, tensors[n][1], tensors[n][2]) for n in names])
+    try:
         for name in names:
-            flat, dtype, _ = tensors[name]
-            step = max(1, _IO_BYTES // dtype.itemsize)
-            for a in range(0, flat.numel(), step):
-                data = flat[a:a + step].to(dtype).contiguous().view(torch.uint8).numpy().tobytes()
-                f.write(data)
-                digest.update(data)
-        f.flush()
-        os.fsync(f.fileno())
-    sha = digest.hexdigest()
+            writer.write(name, tensors[name][0])
+    except BaseException:
+        writer.abandon()
+        raise
+    sha = writer.finish()
     final = folder / f"v{version:06d}-{sha[:16]}.safetensors"
     os.replace(tmp, final)
     fsync_dir(folder)
     return ModelVersion(version=version, sha256=sha, path=final, size_bytes=final.stat().st_size)
+
+
+def read_tensor(path: Path, t: StoredTensor) -> torch.Tensor:
+    """One tensor of a safetensors file, flat, read from its byte range alone."""
+    with path.open("rb") as f:
+        f.seek(t.start)
+        data = bytearray(f.read(t.end - t.start))
+    if len(data) != t.end - t.start:
+        raise ValueError(f"{path}: truncated at tensor {t.name!r}")
+    return torch.frombuffer(data, dtype=t.dtype) if data else torch.empty(0, dtype=t.dtype)
 
 
 def read_pieces(path: Path, *, offset: int, piece_bytes: int) -> Iterator[bytes]:

@@ -42,9 +42,10 @@ from fedcollab.coordinator._checkpoints import (
     write_streaming,
 )
 from fedcollab.coordinator._masked_sum import MaskedSum
-from fedcollab.coordinator._round_sum import RoundSum
+from fedcollab.coordinator._round_sum import NormOutOfBounds, RoundSum
 from fedcollab.coordinator._secagg import ADVERTISE, DONE, MASKED, SHARE, UNMASK, SecAggRound
 from fedcollab.coordinator._store import Store
+from fedcollab.coordinator._strategy import OptimizerStates, optimizer_for, robust_mean_deltas, robust_settings_for
 from fedcollab.coordinator._upload import UploadReceiver, check_privacy_spend, spend_dict
 from fedcollab.errors import ConfigError, Rejected
 from fedcollab.lineage import (
@@ -209,6 +210,13 @@ class RoundEngine:
         ]
         if self._study.secure_aggregation is not None:
             self._check_secure_aggregation()
+        # The strategy: a server optimizer steps on the mean, a robust rule replaces it.
+        self._robust = robust_settings_for(self._study.strategy)
+        optimizer = optimizer_for(self._study.strategy)
+        self._optimizer_states = (OptimizerStates(folder=self._state_dir / "optimizer", optimizer=optimizer)
+                                  if optimizer is not None else None)
+        if self._optimizer_states is not None:
+            self._optimizer_states.check(current_version=self._current.version)
         self._study_info = pb.StudyInfo(
             name=self._study.name,
             model=pb.ModelSpec(kind=self._study.model.kind, params=_struct(self._study.model.params)),
@@ -504,6 +512,7 @@ class RoundEngine:
                         local_epochs=t.local_epochs, batch_size=t.batch_size,
                         learning_rate=t.learning_rate * t.learning_rate_decay ** (r.number - 1),
                         optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
+                        proximal_mu=self._study.strategy.proximal_mu or 0.0,
                     ),
                     manifest=self.manifest,
                     secure_aggregation=r.secagg.params_for(institution) if r.secagg is not None else None,
@@ -610,7 +619,14 @@ class RoundEngine:
             raise
         # Under central DP the whole update is folded now, clipped, from its spool:
         # outside the lock, as it reads the update back.
-        if not r.total.finish(upload.institution):
+        try:
+            finished = r.total.finish(upload.institution)
+        except NormOutOfBounds as e:
+            self.abort_upload(upload, reason="UPDATE_NORM_OUT_OF_BOUNDS")
+            raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="UPDATE_NORM_OUT_OF_BOUNDS",
+                           message=f"{e}; the update is refused", metadata={"norm": f"{e.norm:.6g}",
+                                                                            "bound": f"{e.bound:.6g}"}) from None
+        if not finished:
             raise closed
         with self._cond:
             if r.closed or p.status != "uploading" or not r.total.complete(upload.institution):
@@ -912,7 +928,8 @@ class RoundEngine:
             total, secagg, plan = self._secagg_round(selected)
         else:
             total = RoundSum(manifest=self.manifest, piece_bytes=self.chunk_bytes,
-                             clip_norm=self._central_dp.clip_norm if self._central_dp else None)
+                             clip_norm=self._central_dp.clip_norm if self._central_dp else None,
+                             max_norm=self._study.max_update_norm, keep_updates=self._study.strategy.robust)
         r = _Round(
             number=number, attempt=attempt, base=base,
             participants={n: _Participant(n, secrets.token_hex(16)) for n in selected},
@@ -933,6 +950,14 @@ class RoundEngine:
                         break
                 elif all(p.status not in _OPEN for p in r.participants.values()):
                     break
+                elif self._study.updates_per_round and sum(
+                        p.status == "done" for p in r.participants.values()) >= self._study.updates_per_round:
+                    # Over-selection: enough updates; the stragglers' uploads meet ROUND_CLOSED.
+                    for p in r.participants.values():
+                        if p.status in _OPEN:
+                            self._fail(r, p, "ROUND_CLOSED", status="late",
+                                       message=f"the round closed at {self._study.updates_per_round} updates")
+                    break
                 now = time.monotonic()
                 if stop.is_set() or now >= r.deadline:
                     why = "COORDINATOR_STOPPING" if stop.is_set() else "ROUND_DEADLINE"
@@ -948,6 +973,16 @@ class RoundEngine:
                          **({"epsilon": p.privacy["epsilon"]} if p.privacy else {})}
                 for p in r.participants.values()
             }
+        try:
+            self._settle(r, participants, bytes_at_open, stop)
+        finally:
+            if isinstance(r.total, RoundSum):
+                r.total.discard()  # the spools a robust rule kept
+
+    def _settle(self, r: _Round, participants: dict[str, dict[str, Any]], bytes_at_open: tuple[int, int],
+                stop: threading.Event) -> None:
+        """The closed round: committed if it can be, else recorded as failed and why."""
+        number, attempt = r.number, r.attempt
         completed = r.total.close()  # uploads cut off by the close leave the sum here
         done = [p for p in r.participants.values() if p.status == "done"]
         if r.secagg is not None and (r.secagg.stage != DONE or r.secagg.failure):
@@ -992,6 +1027,7 @@ class RoundEngine:
         central = self._central_dp
         dp = central.release(update_norms=r.total.update_norms()) if central is not None else None
         ddp_metrics: dict[str, float] = {}
+        strategy_record: dict[str, Any] = {}
         stored = {t.name: t for t in stored_tensors(r.base.path)}
         if isinstance(r.total, MaskedSum):
             assert r.secagg is not None
@@ -1000,13 +1036,19 @@ class RoundEngine:
             except SecAggError as e:
                 raise _NotCommitted(f"SECAGG_UNMASK_FAILED: {e.message}") from None
             new = r.total.unmask_mean(add=add, subtract=subtract, count=len(done))
-            add_file_into(r.base.path, new)
             if r.ddp is not None:
                 ddp_metrics = self._ddp_release(r.ddp, survivors=len(done))
+        elif self._robust is not None:
+            new, strategy_record = robust_mean_deltas(kept=r.total.kept_updates(), manifest=self.manifest,
+                                                      settings=self._robust)
         else:
             # The mean of the deltas is computed in the round's sums, and the base is
             # added from its file 4 MiB at a time: the commit holds one model, not three.
             new = r.total.mean_deltas(noise_std=dp.noise_std if dp else 0.0)
+        if self._optimizer_states is not None:  # steps on the mean delta, tensor by tensor
+            strategy_record = self._optimizer_states.step(base_path=r.base.path, base_version=r.base.version,
+                                                          mean=new, round_number=r.number)
+        else:
             add_file_into(r.base.path, new)
         # Every update was finite, but finite values can still overflow the weighted
         # sum: a model of Inf would poison every later round, so it is never committed.
@@ -1038,6 +1080,8 @@ class RoundEngine:
         aggregator, central_figures = self._aggregation(dp.metrics if dp is not None else {})
         if r.secagg is not None:
             aggregator, central_figures = self._secagg_aggregation(r, ddp_metrics)
+        if self._study.strategy.name != "fedavg":
+            aggregator["strategy"] = {**self._study.strategy.model_dump(exclude_none=True), **strategy_record}
         signed = self._signed_record(
             model=model, round_number=r.number, parent_sha256=r.base.sha256, aggregator=aggregator,
             central_dp=central_figures,

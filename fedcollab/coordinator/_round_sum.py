@@ -19,13 +19,18 @@ squares costs about what folding did), and 0.05 s more runs after the last chunk
 (0.11-0.12 s when the spool must come back from disk): about 0.49-0.51 s per update
 instead of 0.41 s (1.2x). An upload that fails before it finished was never folded,
 so under DP a failure costs no rebuild.
+
+With `max_norm`, each update's L2 norm is summed as it arrives (a float32 dot per
+piece) and an update above the bound is refused at finish(); with `keep_updates`
+(robust rules, which need every update, not their sum) nothing is folded: the spools
+are kept past close() and read back, coordinate block by block, at the commit.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +49,20 @@ class _Upload:
     folded: int = 0  # bytes of the stream already in the sum
     state: str = "active"  # active | complete | excluded
     squares: float = 0.0  # with a clip norm: sum of squares of what arrived so far
-    norm: float | None = None  # with a clip norm: the whole update's L2 norm, once finished
+    norm: float | None = None  # with a clip norm or a norm bound: the whole update's L2 norm, once finished
+
+
+class NormOutOfBounds(Exception):
+    def __init__(self, norm: float, bound: float) -> None:
+        super().__init__(f"update L2 norm {norm:.6g} exceeds the study's max_update_norm {bound:.6g}")
+        self.norm, self.bound = norm, bound
+
+
+@dataclass(frozen=True)
+class KeptUpdate:
+    key: str
+    weight: float  # the example count the institution reported
+    pieces: Callable[[], Iterator[TensorPiece]]  # a fresh read of the whole update from its spool
 
 
 class RoundSum:
@@ -52,10 +70,16 @@ class RoundSum:
     is clipped to that L2 norm as a whole and counts once, whatever its example count."""
 
     def __init__(
-        self, *, manifest: tensor_pb2.ModelManifest, piece_bytes: int, clip_norm: float | None = None
+        self, *, manifest: tensor_pb2.ModelManifest, piece_bytes: int, clip_norm: float | None = None,
+        max_norm: float | None = None, keep_updates: bool = False,
     ) -> None:
-        if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
-            raise ValueError(f"clip_norm must be positive and finite, got {clip_norm}")
+        for name, v in (("clip_norm", clip_norm), ("max_norm", max_norm)):
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be positive and finite, got {v}")
+        if keep_updates and clip_norm is not None:
+            raise ValueError("keep_updates (robust rules) cannot clip: the config refuses central_dp with them")
+        self.max_norm = max_norm
+        self.keep_updates = keep_updates
         self._manifest = manifest
         self._piece_bytes = piece_bytes
         self.clip_norm = clip_norm
@@ -78,19 +102,26 @@ class RoundSum:
         """Adds the pieces (the stream up to byte `upto`); False if the upload was
         excluded meanwhile (round closed), and then nothing was added. With a clip norm
         only their squares are summed, and the update is folded by finish()."""
-        if self.clip_norm is not None:
+        if self.clip_norm is not None or self.keep_updates:
             return self._measure(key, pieces)
+        if self.max_norm is not None:
+            pieces = list(pieces)
+            squares = sum(float(torch.dot(p.values, p.values)) for p in pieces)  # outside the lock
         with self._lock:
             u = self._uploads.get(key)
             if u is None or u.state != "active" or self._closed:
                 return False
             self._sum.fold(pieces=pieces, weight=u.weight)
             u.folded = upto
+            if self.max_norm is not None:
+                u.squares += squares
             return True
 
     def _measure(self, key: str, pieces: Iterable[TensorPiece]) -> bool:
         squares = 0.0
         for p in pieces:  # outside the lock: uploads measure in parallel
+            if self.clip_norm is None and self.max_norm is None:
+                continue  # kept for a robust rule, without a bound: the decoding checked every value
             v = p.values.to(torch.float64)  # no float32 rounding of the norm, one piece at a time
             squares += float(torch.dot(v, v))
         with self._lock:
@@ -105,14 +136,19 @@ class RoundSum:
         Without a clip norm its chunks are already in the sum. With one, its norm is
         now known: the update is folded from its spool, scaled by min(1, S / norm).
         That reads the whole update back, so call it without holding other locks.
-        False if the upload was excluded meanwhile, and then nothing was added."""
+        False if the upload was excluded meanwhile, and then nothing was added.
+        NormOutOfBounds if its norm exceeds max_norm (then nothing more is folded:
+        exclude it)."""
         with self._lock:
             u = self._uploads.get(key)
             if u is None or u.state != "active" or self._closed:
                 return False
-            if self.clip_norm is None or u.norm is not None:
+            if u.norm is None and (self.max_norm is not None or self.clip_norm is not None):
+                u.norm = math.sqrt(u.squares)
+                if self.max_norm is not None and u.norm > self.max_norm:
+                    raise NormOutOfBounds(u.norm, self.max_norm)
+            if self.clip_norm is None or u.folded:
                 return True
-            u.norm = math.sqrt(u.squares)
             u.scale = clip_scale(norm=u.norm, clip_norm=self.clip_norm)
             # Marked folded first: if reading the spool fails part-way, excluding the
             # upload then rebuilds the sum without it.
@@ -126,10 +162,11 @@ class RoundSum:
             u = self._uploads.get(key)
             if u is None or u.state != "active" or self._closed:
                 return False
-            if self.clip_norm is not None and u.norm is None:
+            if self.clip_norm is not None and not u.folded:
                 raise RuntimeError(f"finish({key!r}) before complete(): the clipped update is not folded yet")
             u.state = "complete"
-            self._sum.count(weight=u.weight)
+            if not self.keep_updates:
+                self._sum.count(weight=u.weight)
             return True
 
     def exclude(self, key: str) -> None:
@@ -143,7 +180,8 @@ class RoundSum:
 
     def close(self) -> list[str]:
         """Excludes uploads still in flight and returns the keys of complete ones; the
-        sum then holds exactly those. Spools are removed."""
+        sum then holds exactly those. Spools are removed, but for kept updates, which
+        discard() removes once they are aggregated."""
         with self._lock:
             if not self._closed:
                 partial = [u for u in self._uploads.values() if u.state == "active"]
@@ -153,8 +191,31 @@ class RoundSum:
                     self._rebuild()
                 self._closed = True
                 for u in self._uploads.values():
-                    u.receiver.discard()
+                    if not (self.keep_updates and u.state == "complete"):
+                        u.receiver.discard()
             return [k for k, u in self._uploads.items() if u.state == "complete"]
+
+    def kept_updates(self) -> list[KeptUpdate]:
+        """With keep_updates, after close(): the complete updates, each readable again
+        from its spool as often as a rule needs."""
+        with self._lock:
+            assert self._closed and self.keep_updates, "kept_updates() is for a closed round that keeps its updates"
+            return [KeptUpdate(key=k, weight=u.weight, pieces=self._reader(u)) for k, u in self._uploads.items()
+                    if u.state == "complete"]
+
+    def _reader(self, u: _Upload) -> Callable[[], Iterator[TensorPiece]]:
+        return lambda: u.receiver.pieces(piece_bytes=self._piece_bytes, limit=u.receiver.received)
+
+    def discard(self) -> None:
+        """Removes every spool left (kept updates, once aggregated or abandoned)."""
+        with self._lock:
+            for u in self._uploads.values():
+                u.receiver.discard()
+
+    def norm_of(self, key: str) -> float | None:
+        with self._lock:
+            u = self._uploads.get(key)
+            return None if u is None else u.norm
 
     @property
     def num_updates(self) -> int:

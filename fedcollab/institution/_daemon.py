@@ -447,8 +447,10 @@ def daemon_from_config(
     *,
     credentials: grpc.ChannelCredentials | None = None,
     on_event: Callable[[DaemonEvent], None] | None = None,
+    wrap_trainer: Callable[[Trainer], Trainer] | None = None,
 ) -> InstitutionDaemon:
-    """The daemon as `fedcollab institution run` builds it: data, trainer and all."""
+    """The daemon as `fedcollab institution run` builds it: data, trainer and all.
+    `wrap_trainer` lets a simulation put a poisoned institution's trainer around it."""
     trainer: Trainer
     privacy: InstitutionPrivacy | None = None
     if config.institution.threads:
@@ -469,6 +471,8 @@ def daemon_from_config(
                                          num_examples=num_train)
         else:
             log.warning("%s: no [privacy] table: training WITHOUT differential privacy", config.institution.name)
+    if wrap_trainer is not None:
+        trainer = wrap_trainer(trainer)
     return InstitutionDaemon(config=config, trainer=trainer, num_train_examples=num_train,
                              credentials=credentials, on_event=on_event, privacy=privacy)
 

@@ -89,6 +89,8 @@ class TorchTrainer:
             raise ValueError(f"unknown optimizer {plan.optimizer!r}: use \"sgd\" or \"adam\"")
         gen = torch.Generator().manual_seed(self._seed * 100_003 + round_number)
         n, batch = len(self._y), max(1, plan.batch_size)
+        mu = plan.proximal_mu
+        anchor = [p.detach().clone() for p in params] if mu > 0 else []  # the round's base: FedProx's w_t
         total_loss, seen = 0.0, 0
         for _ in range(max(1, plan.local_epochs)):
             order = torch.randperm(n, generator=gen).to(self._device)
@@ -97,6 +99,8 @@ class TorchTrainer:
                 idx = order[start : start + batch]
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(self._x[idx]), self._y[idx])
+                if mu > 0:
+                    loss = loss + mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                 loss.backward()
                 opt.step()
                 total_loss += float(loss.detach()) * len(idx)
@@ -111,7 +115,7 @@ class TorchTrainer:
             model=model, x=self._x, y=self._y, epochs=max(1, plan.local_epochs), batch_size=max(1, plan.batch_size),
             optimizer=plan.optimizer, learning_rate=plan.learning_rate, momentum=plan.momentum,
             weight_decay=plan.weight_decay, noise_multiplier=privacy.noise_multiplier,
-            max_grad_norm=privacy.max_grad_norm, mode=mode,
+            max_grad_norm=privacy.max_grad_norm, mode=mode, proximal_mu=plan.proximal_mu,
         )
         if done.steps != privacy.steps:  # the ledger must hold what really ran
             raise RuntimeError(f"DP-SGD ran {done.steps} steps where {privacy.steps} were accounted")

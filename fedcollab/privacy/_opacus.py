@@ -90,11 +90,17 @@ def train_private(
     max_grad_norm: float,
     mode: str,
     generator: torch.Generator | None = None,
+    proximal_mu: float = 0.0,
 ) -> PrivateEpochs:
     """Trains `model` in place with DP-SGD for `epochs` Poisson-sampled epochs.
 
     The number of optimizer steps is epochs x ceil(n / batch_size) with sampling rate
     1 / ceil(n / batch_size), exactly what the accountant is told.
+
+    FedProx's proximal term (proximal_mu) is not part of the clipped loss: its gradient
+    mu * (w - w_round) depends on no example, so it is applied after each private step,
+    scaled by the learning rate (post-processing, free of privacy cost). Per-sample
+    clipping would otherwise clip it along with the data's gradient.
     """
     if mode not in GRAD_SAMPLE_MODES:
         raise PrivacyError(f"unknown grad_sample_mode {mode!r}; use one of {', '.join(GRAD_SAMPLE_MODES)} or \"auto\"")
@@ -118,6 +124,15 @@ def train_private(
     else:
         private_model, private_opt, private_loader = wrapped
         criterion = None
+    trained = [p for p in work.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in trained] if proximal_mu > 0 else []
+
+    def proximal_step() -> None:
+        if anchor:
+            with torch.no_grad():
+                for p, a in zip(trained, anchor, strict=True):
+                    p.add_(p - a, alpha=-learning_rate * proximal_mu)
+
     steps, total_loss, seen = 0, 0.0, 0
     for _ in range(epochs):
         total_loss, seen = 0.0, 0  # report the last epoch's loss, like the plain trainer
@@ -125,12 +140,14 @@ def train_private(
             private_opt.zero_grad(set_to_none=True)
             if len(yb) == 0:  # Poisson sampling can draw an empty batch: still a step (noise only)
                 private_opt.step()
+                proximal_step()
                 steps += 1
                 continue
             out = private_model(xb)
             loss = criterion(out, yb) if criterion is not None else F.cross_entropy(out, yb)
             loss.backward()
             private_opt.step()
+            proximal_step()
             steps += 1
             total_loss += float(loss.detach()) * len(yb)
             seen += len(yb)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +30,7 @@ from fedcollab.config import (
 from fedcollab.coordinator import Coordinator, RoundResult
 from fedcollab.errors import ConfigError, FedcollabError
 from fedcollab.institution import InstitutionDaemon, daemon_from_config
+from fedcollab.institution._trainer import Trainer
 from fedcollab.simulation._results import plot_privacy, plot_rounds, write_json
 
 log = logging.getLogger("fedcollab.simulation")
@@ -69,6 +71,16 @@ def institution_configs(scenario: Scenario, *, address: str, state_root: Path,
         )
         for i in range(sim.institutions)
     ]
+
+
+def _attacker(scenario: Scenario, index: int) -> Callable[[Trainer], Trainer] | None:
+    """The last attack.institutions institutions are poisoned."""
+    attack = scenario.simulation.attack
+    if attack is None or index < scenario.simulation.institutions - attack.institutions:
+        return None
+    from fedcollab.simulation._attacks import PoisoningTrainer
+
+    return lambda inner: PoisoningTrainer(inner=inner, kind=attack.kind, scale=attack.scale, seed=index)
 
 
 def _central(scenario: Scenario) -> CentralEvaluationConfig:
@@ -158,7 +170,7 @@ def run_simulation(
             port = coordinator.start()
             configs = institution_configs(scenario, address=f"127.0.0.1:{port}", state_root=run_dir / "institutions",
                                           tls=client_tls)
-            daemons = [daemon_from_config(c) for c in configs]
+            daemons = [daemon_from_config(c, wrap_trainer=_attacker(scenario, i)) for i, c in enumerate(configs)]
             threads = [threading.Thread(target=d.run, kwargs={"stop": stop}, name=d.name, daemon=True) for d in daemons]
             for t in threads:
                 t.start()

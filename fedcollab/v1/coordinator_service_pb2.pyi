@@ -122,20 +122,22 @@ class ModelRef(_message.Message):
     def __init__(self, version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., lineage_record: _Optional[bytes] = ..., lineage_signature: _Optional[bytes] = ...) -> None: ...
 
 class TrainPlan(_message.Message):
-    __slots__ = ("local_epochs", "batch_size", "learning_rate", "optimizer", "momentum", "weight_decay")
+    __slots__ = ("local_epochs", "batch_size", "learning_rate", "optimizer", "momentum", "weight_decay", "proximal_mu")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     batch_size: int
     learning_rate: float
     optimizer: str
     momentum: float
     weight_decay: float
-    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ...) -> None: ...
+    proximal_mu: float
+    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., proximal_mu: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("kind", "round", "nonce", "model", "train", "manifest", "secure_aggregation", "compression")

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("path, cls", [
     ("simulations/digits_fedavg.toml", Scenario),
+    ("simulations/digits_poisoned.toml", Scenario),
     ("simulations/federation.toml", FederationConfig),
     ("institutions/hospital-a.toml", InstitutionConfig),
     ("institutions/hospital-b.toml", InstitutionConfig),
@@ -48,6 +49,20 @@ BAD = [
                  id="partition index"),
     pytest.param(InstitutionConfig, '[institution]\nname = "a"\n', ["[data] table is needed"], id="no data"),
     pytest.param(FederationConfig, 'study = [1, 2\n', ["not valid TOML"], id="not toml"),
+    pytest.param(FederationConfig, '[study.strategy]\nname = "fedavg"\neta = 0.1\n[study.model]\nkind = "mlp"\n',
+                 ["eta do not apply to strategy 'fedavg'"], id="stray strategy setting"),
+    pytest.param(FederationConfig, '[study.strategy]\nname = "fedsgd"\n[study.model]\nkind = "mlp"\n',
+                 ["study.strategy.name", "fedadam"], id="unknown strategy"),
+    pytest.param(FederationConfig, '[study]\nmin_institutions = 5\n[study.strategy]\nname = "bulyan"\n'
+                 'num_malicious = 1\n[study.model]\nkind = "mlp"\n', ["needs at least 7 updates", "min_institutions is 5"],
+                 id="bulyan too few institutions"),
+    pytest.param(FederationConfig, '[study]\nmin_institutions = 3\n[study.strategy]\nname = "fedmedian"\n'
+                 '[study.secure_aggregation]\n[study.model]\nkind = "mlp"\n', ["cannot run with secure_aggregation"],
+                 id="median under secure aggregation"),
+    pytest.param(FederationConfig, '[study]\nmin_institutions = 3\nupdates_per_round = 2\n[study.model]\nkind = "mlp"\n',
+                 ["updates_per_round (2) is below min_institutions (3)"], id="over-selection below quorum"),
+    pytest.param(FederationConfig, '[study]\nmax_update_norm = -1\n[study.model]\nkind = "mlp"\n',
+                 ["study.max_update_norm", "greater than 0"], id="negative norm bound"),
 ]
 
 

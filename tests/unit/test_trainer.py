@@ -50,3 +50,27 @@ def test_asking_for_cuda_without_it_says_what_to_do() -> None:
     assert pick_device("auto").type == "cpu"
     with pytest.raises(RuntimeError, match='use "auto" or "cpu"'):
         pick_device("cuda")
+
+
+def _drift(*, mu: float, private: bool) -> float:
+    """How far local training moves the model from the round's base, with FedProx's mu."""
+    from fedcollab.privacy._opacus import train_private
+
+    train, _ = load_dataset("digits", seed=0)
+    model = build_model(kind="mlp", params={"hidden": [16]}, seed=0)
+    base = [p.detach().clone() for p in model.parameters()]
+    plan = pb.TrainPlan(local_epochs=2, batch_size=64, learning_rate=0.1, optimizer="sgd", proximal_mu=mu)
+    if private:
+        train_private(model=model, x=torch.from_numpy(train.x), y=torch.from_numpy(train.y), epochs=2, batch_size=64,
+                      optimizer="sgd", learning_rate=0.1, noise_multiplier=0.5, max_grad_norm=1.0, mode="hooks",
+                      generator=torch.Generator().manual_seed(0), proximal_mu=mu)
+    else:
+        TorchTrainer(train=train, val=train, device=torch.device("cpu"), seed=1).train(model=model, plan=plan,
+                                                                                      round_number=1)
+    return float(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), base, strict=True)) ** 0.5)
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_fedprox_keeps_local_training_near_the_round_base(private: bool) -> None:
+    free, held = _drift(mu=0.0, private=private), _drift(mu=2.0, private=private)
+    assert held < 0.8 * free, (free, held)
