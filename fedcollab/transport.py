@@ -71,13 +71,21 @@ def warn_insecure(address: str, *, role: str) -> None:
 
 
 def create_channel(
-    address: str, *, credentials: grpc.ChannelCredentials | None, chunk_bytes: int
+    address: str, *, credentials: grpc.ChannelCredentials | None, chunk_bytes: int,
+    max_reconnect_backoff_s: float = 30.0,
 ) -> grpc.Channel:
+    """`max_reconnect_backoff_s` caps gRPC's own reconnect backoff (1 s x 1.6^n up to
+    120 s by default), which sits under the daemon's: without it a daemon that started
+    before its coordinator could wait two minutes after the coordinator came up."""
     limit = message_limit(chunk_bytes)
+    backoff_ms = max(100, int(max_reconnect_backoff_s * 1000))
     options = [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.initial_reconnect_backoff_ms", min(1000, backoff_ms)),
+        ("grpc.min_reconnect_backoff_ms", min(1000, backoff_ms)),
+        ("grpc.max_reconnect_backoff_ms", backoff_ms),
     ]
     if credentials is None:
         warn_insecure(address, role="institution connecting")

@@ -163,6 +163,11 @@ class RoundEngine:
         self._store = store
         self._models_dir = models_dir
         self._spool_dir = spool_dir
+        # Spools belong to rounds in flight; at start-up no round is (a killed coordinator
+        # leaves its uploads' spools behind, and nothing else would remove them).
+        if spool_dir.is_dir():
+            for leftover in spool_dir.glob("*.upload"):
+                leftover.unlink(missing_ok=True)
         self._evaluator = evaluator
         self._on_round = on_round
         self._cond = threading.Condition()

@@ -30,9 +30,11 @@ _MAX_CHUNK = 64 * 1024 * 1024
 
 class CoordinatorClient:
     def __init__(
-        self, *, address: str, credentials: grpc.ChannelCredentials | None, rpc_timeout_s: float = 30.0
+        self, *, address: str, credentials: grpc.ChannelCredentials | None, rpc_timeout_s: float = 30.0,
+        max_reconnect_backoff_s: float = 30.0,
     ) -> None:
-        self._channel = create_channel(address, credentials=credentials, chunk_bytes=_MAX_CHUNK)
+        self._channel = create_channel(address, credentials=credentials, chunk_bytes=_MAX_CHUNK,
+                                       max_reconnect_backoff_s=max_reconnect_backoff_s)
         self._stub = pb_grpc.CoordinatorServiceStub(self._channel)
         self._timeout = rpc_timeout_s
         self.chunk_bytes = 1024 * 1024  # until Join says the coordinator's

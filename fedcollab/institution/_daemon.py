@@ -119,7 +119,8 @@ class InstitutionDaemon:
         self._num_train = num_train_examples
         if credentials is None and config.tls is not None:
             credentials = channel_credentials_from(config.tls)
-        self._client = CoordinatorClient(address=config.institution.coordinator, credentials=credentials)
+        self._client = CoordinatorClient(address=config.institution.coordinator, credentials=credentials,
+                                         max_reconnect_backoff_s=config.reconnect.max_backoff_s)
         self._cache_dir = Path(config.institution.state_dir) / "models"
         self._pending_dir = Path(config.institution.state_dir) / "pending-updates"
         self.privacy = privacy

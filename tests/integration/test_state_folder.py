@@ -36,3 +36,13 @@ def test_a_moved_state_folder_keeps_its_models_and_resumes(tmp_path: Path) -> No
         resumed.store.close()
     report = verify_chain(moved)
     assert report.ok, report.problem
+
+
+def test_spools_left_by_a_killed_coordinator_are_removed_at_start(tmp_path: Path) -> None:
+    """A coordinator killed mid-upload leaves the upload's spool; no round is in flight
+    after a restart, so it is removed then (the crash-resume harness found it left)."""
+    spool = tmp_path / "c" / "spool"
+    spool.mkdir(parents=True)
+    (spool / "r1-a1-hospital-a.upload").write_bytes(b"\0" * 4096)
+    with Coordinator(config=tiny_federation(tmp_path / "c")):
+        assert not list(spool.glob("*.upload"))
