@@ -40,7 +40,11 @@ class ServerConfig(_Strict):
     # 1 MiB: against 4 MiB, a 50M x 4 round ran 9.3-9.5 s instead of 10.5-11 s and the
     # coordinator peaked at 0.55 GiB instead of 0.64 (fewer bytes in flight per stream).
     chunk_bytes: int = Field(default=1 * MiB, ge=1024, le=64 * MiB)
-    max_workers: int = Field(default=64, ge=4, le=1024)
+    # RPC threads. Must exceed the number of institutions: each waiting PollTask holds
+    # one for up to max_poll_wait_s, and a call that finds none free queues behind the
+    # long-polls (with 64, 200 institutions got thousands of RESOURCE_EXHAUSTED and no
+    # round). 256 serves about 200 institutions; give it institutions + 64 above that.
+    max_workers: int = Field(default=256, ge=4, le=1024)
     heartbeat_interval_s: float = Field(default=2.0, gt=0, le=300)
     # An institution silent for this many heartbeat intervals is taken as gone.
     lease_intervals: float = Field(default=5.0, ge=2)
@@ -256,6 +260,11 @@ class StudyConfig(_Strict):
     min_available_institutions: int | None = Field(default=None, ge=1)
     # Institutions selected per round; 0 selects every one that is online.
     institutions_per_round: int = Field(default=0, ge=0)
+    # Institutions asked to evaluate each new model; 0 asks every one that is online.
+    # Otherwise a random sample of the online ones, reproducible per round (seed), drawn
+    # apart from the training selection: eval_* metrics then come from this many. With
+    # hundreds of institutions, every one reporting on every round is most of the load.
+    evaluation_institutions_per_round: int = Field(default=0, ge=0)
     round_timeout_s: float = Field(default=600.0, gt=0)
     evaluation_timeout_s: float = Field(default=120.0, gt=0)
     max_round_attempts: int = Field(default=3, ge=1)

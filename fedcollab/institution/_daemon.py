@@ -264,7 +264,7 @@ class InstitutionDaemon:
             path.unlink(missing_ok=True)
             raise LineageError(f"refused model v{ref.version}: the file's SHA-256 is {actual[:16]}.., its signed "
                                f"record says {str(record['model_sha256'])[:16]}..")
-        self._evict_cache(keep=path)
+        evict_cache(self._cache_dir, keep=path)
         assert self._study is not None
         state = load_file(str(path))
         if self._model is None:
@@ -432,15 +432,21 @@ class InstitutionDaemon:
         ))
         self._emit("evaluated", task.round, f"loss={result.loss:.4f} accuracy={result.accuracy:.4f}")
 
-    def _evict_cache(self, *, keep: Path) -> None:
-        """Keep the two newest versions: the current base and the one before it."""
-        files = sorted(self._cache_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in [f for f in files if f != keep][1:]:
-            old.unlink(missing_ok=True)
-
     def _emit(self, kind: str, round_number: int = 0, detail: str = "") -> None:
         if self._on_event is not None:
             self._on_event(DaemonEvent(kind, round_number, detail))
+
+
+def evict_cache(cache_dir: Path, *, keep: Path) -> None:
+    """Keeps the two newest versions: `keep` (the current base) and the one before it.
+    Partial downloads go too: one is resumed only if the same version is asked for
+    again, and once a newer version is in hand an older one never is (left behind by a
+    daemon killed mid-download, each would hold up to a whole model's bytes for good)."""
+    files = sorted(cache_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in [f for f in files if f != keep][1:]:
+        old.unlink(missing_ok=True)
+    for part in cache_dir.glob("*.part"):
+        part.unlink(missing_ok=True)
 
 
 def daemon_from_config(

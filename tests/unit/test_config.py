@@ -63,6 +63,11 @@ BAD = [
                  ["updates_per_round (2) is below min_institutions (3)"], id="over-selection below quorum"),
     pytest.param(FederationConfig, '[study]\nmax_update_norm = -1\n[study.model]\nkind = "mlp"\n',
                  ["study.max_update_norm", "greater than 0"], id="negative norm bound"),
+    pytest.param(FederationConfig, '[study]\nevaluation_institutions_per_round = -1\n[study.model]\nkind = "mlp"\n',
+                 ["study.evaluation_institutions_per_round", "greater than or equal to 0"],
+                 id="negative evaluation sample"),
+    pytest.param(FederationConfig, '[study]\nevaluation_institutions_per_round = 2.5\n[study.model]\nkind = "mlp"\n',
+                 ["study.evaluation_institutions_per_round", "valid integer"], id="fractional evaluation sample"),
 ]
 
 
