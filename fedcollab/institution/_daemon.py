@@ -160,6 +160,10 @@ class InstitutionDaemon:
                     task = self._client.poll(session_id=self._session or "", wait_s=self._poll_wait)
                     backoff.reset()
                     if task.kind == pb.TASK_KIND_FINISHED:
+                        # No version will be asked for again: a partial download (a
+                        # daemon killed mid-download) would otherwise stay for good.
+                        for part in self._cache_dir.glob("*.part"):
+                            part.unlink(missing_ok=True)
                         self._emit("finished")
                         log.info("%s: study finished", self.name)
                         return True
