@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
 from fedcollab._memory import tune_malloc
@@ -98,9 +97,12 @@ def cmd_coordinator_serve(args: argparse.Namespace) -> int:
     coordinator.start()
     console.print(f"coordinator serving study [bold]{config.study.name}[/] on {coordinator.address} "
                   f"(state in {config.server.state_dir}); Ctrl-C stops it, a restart resumes")
+    if coordinator.http_port is not None:
+        host = str(config.server.http_address).rsplit(":", 1)[0]
+        console.print(f"operators' dashboard: http://{host}:{coordinator.http_port}/ (metrics: /metrics)")
     try:
         while not stop.is_set():
-            if coordinator.wait(timeout=0.5):
+            if coordinator.wait(timeout=0.5) and not args.keep_serving:
                 stop.wait(args.linger)  # let institutions hear that the study finished
                 break
     finally:
@@ -158,16 +160,19 @@ def _print_privacy_spend(store: Any) -> None:
 
 def cmd_institution_run(args: argparse.Namespace) -> int:
     tune_malloc()
-    from fedcollab.institution import daemon_from_config
+    from fedcollab.institution._agent import InstitutionAgent
 
     config = load_config(InstitutionConfig, args.config)
     _require_tls_or_insecure(has_tls=config.tls is not None, args=args, address=config.institution.coordinator,
                              what=args.config)
     stop = _stop_on_signals()
-    daemon = daemon_from_config(config)
-    console.print(f"institution [bold]{daemon.name}[/] ({daemon.num_train_examples} training examples) "
-                  f"connecting to {config.institution.coordinator}")
-    finished = daemon.run(stop=stop)
+    agent = InstitutionAgent(config=config, keep_running=args.keep_running)
+    console.print(f"institution [bold]{agent.name}[/] connecting to {config.institution.coordinator}; "
+                  f"studies accepted by its policy: {', '.join(config.policy.studies)}")
+    finished = agent.run(stop=stop)
+    for study, decision in sorted(agent.decisions.items()):
+        if not decision.accept:
+            console.print(f"declined study [bold]{study}[/]: {decision.reason}: {decision.message}")
     return 0 if finished else 130
 
 
@@ -371,6 +376,8 @@ def cmd_lineage_verify(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedcollab", description="Federated learning for research institutions.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("--log-format", choices=("rich", "json"), default="rich",
+                        help="log lines for a terminal (rich, the default) or one JSON object per line (json)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="rehearse a whole federation on this machine")
@@ -388,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--insecure", action="store_true", help="allow plaintext gRPC when no [tls] is configured")
     serve.add_argument("--force-insecure", action="store_true", help="allow --insecure on a non-loopback address")
     serve.add_argument("--linger", type=float, default=5.0, help="seconds to keep serving after the last round")
+    serve.add_argument("--keep-serving", action="store_true",
+                       help="keep serving once every study has ended (operators submit more with `fedcollab study`)")
     serve.set_defaults(func=cmd_coordinator_serve)
     status = coord.add_parser("status", help="rounds recorded in a coordinator's state")
     status.add_argument("--config", required=True, help="federation.toml")
@@ -398,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="institution.toml")
     run.add_argument("--insecure", action="store_true", help="allow plaintext gRPC when no [tls] is configured")
     run.add_argument("--force-insecure", action="store_true", help="allow --insecure to a non-loopback address")
+    run.add_argument("--keep-running", action="store_true",
+                     help="once every accepted study has ended, wait for new ones instead of exiting")
     run.set_defaults(func=cmd_institution_run)
     ledger = inst.add_parser("ledger", help="show or verify an institution's privacy ledger (epsilon spent)")
     where = ledger.add_mutually_exclusive_group(required=True)
@@ -407,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     ledger.add_argument("--verify", action="store_true", help="check the hash chain; exit 1 if it is broken")
     ledger.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ledger.set_defaults(func=cmd_institution_ledger)
+
+    from fedcollab._operator_cli import add_commands
+
+    add_commands(sub)
 
     lineage = sub.add_parser("lineage", help="check the signed lineage of a study's models").add_subparsers(
         dest="action", required=True)
@@ -418,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "which proves integrity but not origin)")
     lverify.add_argument("--json", action="store_true", help="print the report as JSON")
     lverify.set_defaults(func=cmd_lineage_verify)
+
+    from fedcollab.serving import add_serve_command
+
+    add_serve_command(sub)  # `fedcollab serve`: a pulled model over gRPC and HTTP/JSON
 
     pki = sub.add_parser("pki", help="the federation's certificates: CA, requests, signing, revocation")
     pki_sub = pki.add_subparsers(dest="action", required=True)
@@ -466,8 +485,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     if args.command != "simulate":
         level = min(level, logging.INFO)
-    logging.basicConfig(level=level, format="%(name)s: %(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
+    from fedcollab._logging import configure_logging
+
+    configure_logging(level=level, fmt=args.log_format)
     try:
         code = args.func(args)
     except ConfigError as e:

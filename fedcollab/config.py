@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedcollab.errors import ConfigError
 
@@ -45,6 +45,14 @@ class ServerConfig(_Strict):
     # long-polls (with 64, 200 institutions got thousands of RESOURCE_EXHAUSTED and no
     # round). 256 serves about 200 institutions; give it institutions + 64 above that.
     max_workers: int = Field(default=256, ge=4, le=1024)
+    # The operators' read-only web page and Prometheus endpoint (/ and /metrics), plain
+    # HTTP: keep it on loopback (or behind the operator's own proxy). None (the default
+    # for a library-built config; federation.toml sets 127.0.0.1:8080): not served.
+    http_address: str | None = None
+    # Membership: False admits every institution with a valid certificate (the CA's
+    # signature was the approval) and records it "approved"; True records a newcomer
+    # "pending" and refuses it until `fedcollab institutions approve NAME`.
+    require_approval: bool = False
     heartbeat_interval_s: float = Field(default=2.0, gt=0, le=300)
     # An institution silent for this many heartbeat intervals is taken as gone.
     lease_intervals: float = Field(default=5.0, ge=2)
@@ -453,6 +461,37 @@ class InstitutionInfo(_Strict):
     lineage_public_key: Path | None = None
 
 
+class PolicyConfig(_Strict):
+    """[policy]: what this institution takes part in, decided here; the coordinator
+    cannot override it. Each study is accepted or declined when the daemon first sees
+    it (the decline and its reason are recorded on both sides), and every task is
+    checked again against the limits."""
+
+    # Study names, or shell patterns ("*": every study), this institution takes part in.
+    studies: list[str] = Field(default_factory=lambda: ["*"])
+    # Model kinds accepted (e.g. ["mlp", "lora_transformer"]); empty: any kind.
+    model_kinds: list[str] = Field(default_factory=list)
+    # Privacy budget (epsilon) per study name, in place of [privacy] budget_epsilon for
+    # that study; each study has its own ledger. 0 declines the study.
+    budgets: dict[str, float] = Field(default_factory=dict)
+    # Local compute: at most this many epochs per round; a round's training at most this
+    # long (a study whose last round here took longer is declined from then on); at most
+    # this much GPU memory (torch's per-process cap, on CUDA).
+    max_local_epochs: int | None = Field(default=None, ge=1)
+    max_train_seconds: float | None = Field(default=None, gt=0)
+    max_gpu_memory_gb: float | None = Field(default=None, gt=0)
+    # Only studies whose coordinator never sees an update in the clear.
+    require_secure_aggregation: bool = False
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets_in_range(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, eps in v.items():
+            if not 0 <= eps <= 100:
+                raise ValueError(f"budgets.{name} = {eps}: an epsilon between 0 (decline the study) and 100")
+        return v
+
+
 class InstitutionConfig(_Strict):
     """An institution daemon's file (institution.toml)."""
 
@@ -461,6 +500,7 @@ class InstitutionConfig(_Strict):
     privacy: PrivacyConfig | None = None
     reconnect: ReconnectConfig = ReconnectConfig()
     tls: TlsConfig | None = None
+    policy: PolicyConfig = PolicyConfig()
 
     @model_validator(mode="after")
     def _torch_needs_data(self) -> InstitutionConfig:
@@ -515,6 +555,15 @@ class Scenario(_Strict):
 
 
 T = TypeVar("T", bound=BaseModel)
+
+
+class StudyFile(_Strict):
+    """A study submitted to a running coordinator (`fedcollab study submit FILE`): the
+    [study] table of federation.toml, and when to start it."""
+
+    study: StudyConfig
+    # Start once this study has finished or was cancelled; empty: at once, side by side.
+    start_after: str = ""
 
 
 def _describe(error: ValidationError, *, source: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -106,8 +107,11 @@ class IdentityInterceptor(grpc.ServerInterceptor):
     """Runs before every handler: identify, check the role for the service, and pass
     the caller on. `authenticator` None means plaintext: no identity to check."""
 
-    def __init__(self, *, authenticator: Authenticator | None) -> None:
+    def __init__(self, *, authenticator: Authenticator | None, operator_token: str | None = None) -> None:
+        """`operator_token`, over plaintext only: what operator calls must present
+        (metadata "authorization: Bearer <token>") in place of a certificate."""
         self._auth = authenticator
+        self._operator_token = operator_token
         # method -> (the server's handler, its guarded copy). Building the copy (closures,
         # functools.wraps, a new handler) on every call was measurable under load, and a
         # method's handler does not change once the server runs. Bounded: only registered
@@ -131,6 +135,7 @@ class IdentityInterceptor(grpc.ServerInterceptor):
         service = method.strip("/").split("/")[0]
         role = SERVICE_ROLES.get(service)
         auth = self._auth
+        token = self._operator_token if role == "operator" else None
 
         def guard(behavior: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(behavior)
@@ -149,6 +154,16 @@ class IdentityInterceptor(grpc.ServerInterceptor):
                     except Rejected as e:
                         log.warning("refused %s from %s: %s", method, context.peer(), e.reason)
                         context.abort_with_status(to_grpc_status(e))
+                elif token is not None:
+                    presented = dict(context.invocation_metadata()).get("authorization", "")
+                    if not secrets.compare_digest(presented.encode(), f"Bearer {token}".encode()):
+                        log.warning("refused %s from %s: no operator token", method, context.peer())
+                        context.abort_with_status(to_grpc_status(Rejected(
+                            code=grpc.StatusCode.UNAUTHENTICATED, reason="OPERATOR_CREDENTIAL_REQUIRED",
+                            message="operator calls need an operator certificate (mutual TLS) or, over plaintext, "
+                                    "the coordinator's operator token: pass --token-file "
+                                    "<state_dir>/operator.token (the fedcollab CLI reads it with --config)")))
+                    caller = Caller(role="operator", name="operator-token", serial=0)
                 return behavior(request, IdentifiedContext(context, caller))
 
             return wrapped

@@ -11,6 +11,7 @@ key, stored with it in one transaction and handed out with every ModelRef.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import random
@@ -67,6 +68,8 @@ from fedcollab.v1 import tensor_pb2
 from fedcollab.wire import all_finite, spec_numel, wire_dtype
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from fedcollab.privacy import CentralDP
     from fedcollab.secagg._ddp import DistributedDPPlan
 
@@ -157,8 +160,16 @@ class RoundEngine:
         spool_dir: Path,
         evaluator: Evaluator | None = None,
         on_round: Callable[[RoundResult], None] | None = None,
+        session_prefix: str = "",
+        signing_key: Ed25519PrivateKey | None = None,
     ) -> None:
+        """`session_prefix` starts every session id of this study (the coordinator routes
+        calls of several studies by it); `signing_key` signs its lineage (default: the
+        key in the state folder, created on first use)."""
         self._config = config
+        self._session_prefix = session_prefix
+        # Set: no new round opens (the operator paused the study); the round under way ends.
+        self._paused = threading.Event()
         self._study = config.study
         self._store = store
         self._models_dir = models_dir
@@ -190,6 +201,9 @@ class RoundEngine:
         self.failure: str | None = None
         self.bytes_in = 0
         self.bytes_out = 0
+        # Participations that ended "failed", by reason (uploads rejected, timeouts, ...),
+        # since this process started: for the metrics endpoint.
+        self.failures: collections.Counter[str] = collections.Counter()
         self.chunk_bytes = config.server.chunk_bytes
         self.max_chunk_bytes = config.server.chunk_bytes
         self.heartbeat_s = config.server.heartbeat_interval_s
@@ -197,7 +211,7 @@ class RoundEngine:
         # Signed lineage: the state folder (models_dir's parent) keeps the signing key
         # and a readable copy of each record in lineage/.
         self._state_dir = models_dir.parent
-        self._signing_key = load_or_create_signing_key(self._state_dir)
+        self._signing_key = signing_key if signing_key is not None else load_or_create_signing_key(self._state_dir)
         self.lineage_public_key: bytes = raw_public_key(self._signing_key)  # 32 raw bytes, sent at Join
         self._lineage: dict[int, tuple[bytes, bytes]] = {}  # version -> (record, signature), recent ones
         self._current = self._load_or_create_model()
@@ -452,7 +466,7 @@ class RoundEngine:
         if num_train_examples < 0:
             raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="INVALID_EXAMPLE_COUNT",
                            message="num_train_examples must not be negative")
-        session_id = secrets.token_urlsafe(24)
+        session_id = self._session_prefix + secrets.token_urlsafe(24)
         with self._cond:
             replaced = [s for s, v in self._sessions.items() if v.institution == institution]
             for sid in replaced:
@@ -493,6 +507,40 @@ class RoundEngine:
     @property
     def study(self) -> StudyConfig:
         return self._study
+
+    @property
+    def study_info(self) -> pb.StudyInfo:
+        return self._study_info
+
+    # ----------------------------------------------------------------- operator
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
+
+    def pause(self) -> None:
+        with self._cond:
+            self._paused.set()
+            self._cond.notify_all()
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused.clear()
+            self._cond.notify_all()
+
+    def finish(self) -> None:
+        """Ends the study where it stands (the operator cancelled it): polls answer
+        FINISHED. Call after the driver has stopped."""
+        with self._cond:
+            self._finished = True
+            self._cond.notify_all()
+            self._tasks_changed()
+
+    def forget_institution(self, institution: str) -> None:
+        """Drops its sessions (it was suspended): its next call must Join, and is refused."""
+        with self._cond:
+            for sid in [s for s, v in self._sessions.items() if v.institution == institution]:
+                del self._sessions[sid]
+            self._tasks_changed([institution])
 
     def online_institutions(self) -> list[str]:
         with self._cond:
@@ -758,6 +806,8 @@ class RoundEngine:
     def _fail(self, r: _Round, p: _Participant, reason: str, status: str = "failed", message: str = "") -> None:
         """Caller holds the lock."""
         p.status, p.reason = status, reason
+        if status == "failed":
+            self.failures[reason] += 1
         self._cond.notify_all()
         log.warning("round %d: %s %s (%s)%s", r.number, p.name, status, reason, f": {message}" if message else "")
         self._store.record_participation(
@@ -971,6 +1021,9 @@ class RoundEngine:
     def _wait_for_quorum(self, stop: threading.Event, *, seed: tuple[int, int, int]) -> list[str] | None:
         with self._cond:
             while not stop.is_set():
+                if self._paused.is_set():
+                    self._cond.wait(0.2)
+                    continue
                 online = [n for n in self._online() if n not in self._exhausted]
                 needed = self._study.wait_for_institutions
                 if self._exhausted:

@@ -1,9 +1,12 @@
-"""The coordinator process: store + round engine + gRPC server + driver thread."""
+"""The coordinator process: its studies (each a store, a round engine and a driver
+thread), the consortium's records, the gRPC server and the operators' web page."""
 
 from __future__ import annotations
 
 import logging
-import threading
+import os
+import secrets
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,10 +17,13 @@ import grpc
 from fedcollab.config import FederationConfig
 from fedcollab.coordinator._auth import Authenticator, IdentityInterceptor
 from fedcollab.coordinator._central_eval import central_evaluator
+from fedcollab.coordinator._consortium import Consortium
 from fedcollab.coordinator._engine import Evaluator, RoundEngine, RoundResult
 from fedcollab.coordinator._operator import OperatorServicer
 from fedcollab.coordinator._servicer import CoordinatorServicer
 from fedcollab.coordinator._store import Store
+from fedcollab.coordinator._studies import Studies
+from fedcollab.lineage._keys import load_or_create_signing_key
 from fedcollab.transport import message_limit, server_credentials_from, warn_insecure
 from fedcollab.v1 import coordinator_service_pb2_grpc as pb_grpc
 from fedcollab.v1 import operator_service_pb2_grpc as opb_grpc
@@ -25,8 +31,13 @@ from fedcollab.v1 import operator_service_pb2_grpc as opb_grpc
 log = logging.getLogger("fedcollab.coordinator")
 
 
+OPERATOR_TOKEN_FILE = "operator.token"
+
+
 class Coordinator:
-    """Runs one federation study. Use as a context manager, or start()/stop().
+    """Runs a federation's studies: the one in `config.study` (the default study, whose
+    `engine` and `store` these attributes are) and those operators submit. Use as a
+    context manager, or start()/stop().
 
     `credentials` are the gRPC server credentials (TLS); None serves plaintext, which
     is logged as a warning at every start. When not given, `config.server.tls` is used.
@@ -49,10 +60,23 @@ class Coordinator:
         if evaluator is None and config.study.central_evaluation is not None:
             evaluator = central_evaluator(config=config.study.central_evaluation, model=config.study.model)
         self.store = Store(state_dir / "coordinator.sqlite")
+        signing_key = load_or_create_signing_key(state_dir)
         self.engine = RoundEngine(
             config=config, store=self.store, models_dir=state_dir / "models",
-            spool_dir=state_dir / "spool", evaluator=evaluator, on_round=on_round,
+            spool_dir=state_dir / "spool", evaluator=evaluator, on_round=on_round, signing_key=signing_key,
         )
+        self.consortium = Consortium(state_dir / "consortium.sqlite")
+
+        def make_evaluator(study_config: FederationConfig) -> Evaluator | None:
+            central = study_config.study.central_evaluation
+            return central_evaluator(config=central, model=study_config.study.model) if central else None
+
+        self.studies = Studies(config=config, consortium=self.consortium, default_store=self.store,
+                               default_engine=self.engine, signing_key=signing_key, make_evaluator=make_evaluator,
+                               on_round=on_round)
+        # Over plaintext there is no operator certificate: operator calls carry this
+        # token instead (readable only by whoever can read the state folder).
+        self.operator_token = _operator_token(state_dir / OPERATOR_TOKEN_FILE)
         tls = config.server.tls
         if credentials is None and tls is not None:
             credentials = server_credentials_from(tls)
@@ -60,6 +84,7 @@ class Coordinator:
             revoked = _revocation_list(tls.ca_cert, tls.crl).is_revoked
         self._credentials = credentials
         authenticator = Authenticator(revoked=revoked) if credentials is not None else None
+        self._http = None
         limit = message_limit(config.server.chunk_bytes)
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="rpc"),
@@ -77,13 +102,15 @@ class Coordinator:
                 ("grpc.http2.lookahead_bytes", config.server.chunk_bytes),
             ],
             maximum_concurrent_rpcs=config.server.max_workers * 4,
-            interceptors=[IdentityInterceptor(authenticator=authenticator)],
+            interceptors=[IdentityInterceptor(authenticator=authenticator,
+                                              operator_token=None if authenticator else self.operator_token)],
         )
-        pb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(engine=self.engine), self._server)
+        pb_grpc.add_CoordinatorServiceServicer_to_server(
+            CoordinatorServicer(studies=self.studies, consortium=self.consortium,
+                                require_approval=config.server.require_approval), self._server)
         opb_grpc.add_OperatorServiceServicer_to_server(
-            OperatorServicer(engine=self.engine, store=self.store, federation=config.federation.name), self._server)
-        self._stop = threading.Event()
-        self._driver: threading.Thread | None = None
+            OperatorServicer(studies=self.studies, consortium=self.consortium, federation=config.federation.name),
+            self._server)
         self.port: int | None = None
 
     def start(self) -> int:
@@ -97,29 +124,50 @@ class Coordinator:
         if self._credentials is None:
             warn_insecure(self.address, role="coordinator")
         self._server.start()
-        self._driver = threading.Thread(target=self.engine.run, args=(self._stop,), name="round-driver", daemon=True)
-        self._driver.start()
+        # Where operators' commands find it (`fedcollab study ... --config`), port 0 resolved.
+        (Path(self.config.server.state_dir) / "coordinator.address").write_text(f"{self.address}\n", encoding="utf-8")
+        self.studies.start()
         host = address.rsplit(":", 1)[0]
         log.info("coordinator for study %r listening on %s:%d", self.config.study.name, host, self.port)
+        if self.config.server.http_address is not None:
+            self._start_http(self.config.server.http_address)
         return self.port
+
+    def _start_http(self, address: str) -> None:
+        from fedcollab.coordinator._http import OperatorHttpServer
+        from fedcollab.coordinator._snapshot import snapshot_of
+
+        self._http = OperatorHttpServer(address=address, snapshot=lambda: snapshot_of(self))
+        port = self._http.start()
+        log.info("operators' dashboard on http://%s:%d/ (Prometheus metrics at /metrics)",
+                 address.rsplit(":", 1)[0], port)
+
+    @property
+    def http_port(self) -> int | None:
+        return self._http.port if self._http is not None else None
 
     @property
     def address(self) -> str:
         return f"{self.config.server.address.rsplit(':', 1)[0]}:{self.port}"
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the study is finished; True if it is."""
-        assert self._driver is not None, "start() first"
-        self._driver.join(timeout)
-        return not self._driver.is_alive()
+        """Wait until every study has ended (finished, failed or cancelled); True if so."""
+        assert self.port is not None, "start() first"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.studies.all_ended():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def stop(self, *, grace: float = 2.0) -> None:
-        self._stop.set()
-        if self._driver is not None:
-            self._driver.join(timeout=30)
+        self.studies.stop()
+        if self._http is not None:
+            self._http.stop()
         # Let institutions see FINISHED before the port closes.
         self._server.stop(grace).wait()
         self.store.close()
+        self.consortium.close()
 
     def __enter__(self) -> Coordinator:
         self.start()
@@ -129,6 +177,16 @@ class Coordinator:
         self.stop()
 
 
+
+
+def _operator_token(path: Path) -> str:
+    """The state folder's operator token, created once (mode 0600)."""
+    if not path.exists():
+        token = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(token + "\n")
+    return path.read_text(encoding="utf-8").strip()
 
 
 def _revocation_list(ca_cert: Path, crl: Path):  # type: ignore[no-untyped-def]

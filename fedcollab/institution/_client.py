@@ -44,10 +44,11 @@ class CoordinatorClient:
     def close(self) -> None:
         self._channel.close()
 
-    def join(self, *, institution: str, num_train_examples: int) -> pb.JoinResponse:
+    def join(self, *, institution: str, num_train_examples: int, study: str = "") -> pb.JoinResponse:
         response = self._call(
             self._stub.Join,
-            pb.JoinRequest(institution=institution, num_train_examples=num_train_examples, client_version=__version__),
+            pb.JoinRequest(institution=institution, num_train_examples=num_train_examples, client_version=__version__,
+                           study=study),
         )
         self.chunk_bytes = int(response.chunk_bytes) or self.chunk_bytes
         return response
@@ -61,6 +62,24 @@ class CoordinatorClient:
 
     def report_evaluation(self, request: pb.ReportEvaluationRequest) -> None:
         self._call(self._stub.ReportEvaluation, request)
+
+    def list_models(self, *, study: str = "") -> list[pb.PublishedModel]:
+        return list(self._call(self._stub.ListModels, pb.ListModelsRequest(study=study)).models)
+
+    def pull_model(self, *, study: str, version: int, offset: int = 0) -> Iterator[pb.PullModelResponse]:
+        """The published version's description, then its file from `offset`, in chunks."""
+        try:
+            yield from self._stub.PullModel(pb.PullModelRequest(study=study, version=version, offset=offset),
+                                            timeout=self._timeout + 600)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def list_studies(self) -> list[pb.StudyOffer]:
+        return list(self._call(self._stub.ListStudies, pb.ListOpenStudiesRequest()).studies)
+
+    def decline_study(self, *, institution: str, study: str, reason: str, message: str) -> None:
+        self._call(self._stub.DeclineStudy, pb.DeclineStudyRequest(study=study, institution=institution, reason=reason,
+                                                                   message=message[:1024]))
 
     def decline(self, *, session_id: str, task: pb.Task, reason: str, message: str,
                 privacy: pb.PrivacySpend | None = None) -> None:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from fedcollab.institution._backoff import Backoff
 from fedcollab.institution._client import CoordinatorClient
 from fedcollab.institution._data import load_local_data
 from fedcollab.institution._error_feedback import with_error_feedback
+from fedcollab.institution._policy import check_task
 from fedcollab.institution._secure import send_secure
 from fedcollab.institution._trainer import (
     SyntheticTrainer,
@@ -112,8 +114,13 @@ class InstitutionDaemon:
         poll_wait_s: float = 10.0,
         on_event: Callable[[DaemonEvent], None] | None = None,
         privacy: InstitutionPrivacy | None = None,
+        study: str = "",
     ) -> None:
+        """`study`: the study to join (empty: the coordinator's default study)."""
         self.config = config
+        self._join_study = study
+        self._policy = config.policy
+        self._last_train_s: float | None = None  # this study's last round, for policy.max_train_seconds
         self.name = config.institution.name
         self._trainer = trainer
         self._num_train = num_train_examples
@@ -222,7 +229,8 @@ class InstitutionDaemon:
                 log.debug("%s: heartbeat failed: %s", self.name, e)
 
     def _join(self) -> None:
-        response = self._client.join(institution=self.name, num_train_examples=self._num_train)
+        response = self._client.join(institution=self.name, num_train_examples=self._num_train,
+                                     study=self._join_study)
         self._lineage_key = self._checked_lineage_key(bytes(response.lineage_public_key))
         if self._study is not None and response.study.SerializeToString() != self._study.SerializeToString():
             self._model = None  # another study: rebuild the model
@@ -290,6 +298,10 @@ class InstitutionDaemon:
     def _train(self, task: pb.Task) -> None:
         assert self._study is not None
         study = self._study.name
+        allowed = check_task(self._policy, task, last_train_seconds=self._last_train_s)
+        if not allowed.accept:  # the site's limits hold whatever the coordinator asks
+            self._decline(task, allowed.reason, allowed.message)
+            return
         try:  # before training or spending: an encoding this daemon cannot produce is declined
             compression_from_proto(task.compression)
         except EncodingError as e:
@@ -320,7 +332,9 @@ class InstitutionDaemon:
             except RemoteError as declined:
                 log.warning("%s: could not decline round %d: %s", self.name, task.round, declined)
             raise
+        started = time.monotonic()
         result = self._trainer.train(model=model, plan=task.train, round_number=task.round, privacy=rp)
+        self._last_train_s = time.monotonic() - started
         crash_point("institution.trained")
         self._emit("trained", task.round, f"{result.metrics}")
         local = model.state_dict()
@@ -459,6 +473,7 @@ def daemon_from_config(
     credentials: grpc.ChannelCredentials | None = None,
     on_event: Callable[[DaemonEvent], None] | None = None,
     wrap_trainer: Callable[[Trainer], Trainer] | None = None,
+    study: str = "",
 ) -> InstitutionDaemon:
     """The daemon as `fedcollab institution run` builds it: data, trainer and all.
     `wrap_trainer` lets a simulation put a poisoned institution's trainer around it."""
@@ -466,6 +481,10 @@ def daemon_from_config(
     privacy: InstitutionPrivacy | None = None
     if config.institution.threads:
         torch.set_num_threads(config.institution.threads)
+    cap = config.policy.max_gpu_memory_gb
+    if cap is not None and pick_device(config.institution.device).type == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total), 0)
     if config.institution.trainer == "synthetic":
         trainer = SyntheticTrainer(seed=zlib.crc32(config.institution.name.encode()))
         num_train = 1
@@ -485,7 +504,7 @@ def daemon_from_config(
     if wrap_trainer is not None:
         trainer = wrap_trainer(trainer)
     return InstitutionDaemon(config=config, trainer=trainer, num_train_examples=num_train,
-                             credentials=credentials, on_event=on_event, privacy=privacy)
+                             credentials=credentials, on_event=on_event, privacy=privacy, study=study)
 
 
 def _spend_message(rp: RoundPrivacy) -> pb.PrivacySpend:

@@ -61,6 +61,126 @@ SECRET_KIND_UNSPECIFIED: SecretKind
 SECRET_KIND_SELF_MASK_SEED: SecretKind
 SECRET_KIND_MASK_PRIVATE_KEY: SecretKind
 
+class StudyOffer(_message.Message):
+    __slots__ = ("study", "status", "local_epochs", "central_dp", "strategy", "secure_aggregation", "is_default")
+    STUDY_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    CENTRAL_DP_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    study: StudyInfo
+    status: str
+    local_epochs: int
+    central_dp: bool
+    strategy: str
+    secure_aggregation: bool
+    is_default: bool
+    def __init__(self, study: _Optional[_Union[StudyInfo, _Mapping]] = ..., status: _Optional[str] = ..., local_epochs: _Optional[int] = ..., central_dp: _Optional[bool] = ..., strategy: _Optional[str] = ..., secure_aggregation: _Optional[bool] = ..., is_default: _Optional[bool] = ...) -> None: ...
+
+class ListOpenStudiesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListOpenStudiesResponse(_message.Message):
+    __slots__ = ("studies",)
+    STUDIES_FIELD_NUMBER: _ClassVar[int]
+    studies: _containers.RepeatedCompositeFieldContainer[StudyOffer]
+    def __init__(self, studies: _Optional[_Iterable[_Union[StudyOffer, _Mapping]]] = ...) -> None: ...
+
+class DeclineStudyRequest(_message.Message):
+    __slots__ = ("study", "institution", "reason", "message")
+    STUDY_FIELD_NUMBER: _ClassVar[int]
+    INSTITUTION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    study: str
+    institution: str
+    reason: str
+    message: str
+    def __init__(self, study: _Optional[str] = ..., institution: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class DeclineStudyResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PublishedModel(_message.Message):
+    __slots__ = ("study", "version", "sha256", "size_bytes", "model", "round", "contributors", "metrics", "lineage_record", "lineage_signature", "lineage_public_key", "published_at", "federation", "epsilon")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class EpsilonEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STUDY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_RECORD_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    study: str
+    version: int
+    sha256: str
+    size_bytes: int
+    model: ModelSpec
+    round: int
+    contributors: _containers.RepeatedScalarFieldContainer[str]
+    metrics: _containers.ScalarMap[str, float]
+    lineage_record: bytes
+    lineage_signature: bytes
+    lineage_public_key: bytes
+    published_at: float
+    federation: str
+    epsilon: _containers.ScalarMap[str, float]
+    def __init__(self, study: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., round: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., lineage_record: _Optional[bytes] = ..., lineage_signature: _Optional[bytes] = ..., lineage_public_key: _Optional[bytes] = ..., published_at: _Optional[float] = ..., federation: _Optional[str] = ..., epsilon: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ("study",)
+    STUDY_FIELD_NUMBER: _ClassVar[int]
+    study: str
+    def __init__(self, study: _Optional[str] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[PublishedModel]
+    def __init__(self, models: _Optional[_Iterable[_Union[PublishedModel, _Mapping]]] = ...) -> None: ...
+
+class PullModelRequest(_message.Message):
+    __slots__ = ("study", "version", "offset")
+    STUDY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    study: str
+    version: int
+    offset: int
+    def __init__(self, study: _Optional[str] = ..., version: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class PullModelResponse(_message.Message):
+    __slots__ = ("model", "chunk")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    model: PublishedModel
+    chunk: _tensor_pb2.Chunk
+    def __init__(self, model: _Optional[_Union[PublishedModel, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.Chunk, _Mapping]] = ...) -> None: ...
+
 class ModelSpec(_message.Message):
     __slots__ = ("kind", "params")
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -80,14 +200,16 @@ class StudyInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., total_rounds: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("institution", "num_train_examples", "client_version")
+    __slots__ = ("institution", "num_train_examples", "client_version", "study")
     INSTITUTION_FIELD_NUMBER: _ClassVar[int]
     NUM_TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STUDY_FIELD_NUMBER: _ClassVar[int]
     institution: str
     num_train_examples: int
     client_version: str
-    def __init__(self, institution: _Optional[str] = ..., num_train_examples: _Optional[int] = ..., client_version: _Optional[str] = ...) -> None: ...
+    study: str
+    def __init__(self, institution: _Optional[str] = ..., num_train_examples: _Optional[int] = ..., client_version: _Optional[str] = ..., study: _Optional[str] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("session_id", "federation", "study", "heartbeat_interval_seconds", "chunk_bytes", "max_chunk_bytes", "lineage_public_key")

@@ -86,6 +86,26 @@ class CoordinatorServiceStub:
                 request_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.SecAggSubmitRequest.SerializeToString,
                 response_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.SecAggSubmitResponse.FromString,
                 _registered_method=True)
+        self.ListStudies = channel.unary_unary(
+                '/fedcollab.v1.CoordinatorService/ListStudies',
+                request_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.ListOpenStudiesRequest.SerializeToString,
+                response_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.ListOpenStudiesResponse.FromString,
+                _registered_method=True)
+        self.DeclineStudy = channel.unary_unary(
+                '/fedcollab.v1.CoordinatorService/DeclineStudy',
+                request_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.DeclineStudyRequest.SerializeToString,
+                response_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.DeclineStudyResponse.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/fedcollab.v1.CoordinatorService/ListModels',
+                request_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.PullModel = channel.unary_stream(
+                '/fedcollab.v1.CoordinatorService/PullModel',
+                request_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.PullModelRequest.SerializeToString,
+                response_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.PullModelResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -178,6 +198,36 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListStudies(self, request, context):
+        """The studies this coordinator runs that are still to come or under way, with what
+        each asks of an institution, so that its site policy can accept or decline it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeclineStudy(self, request, context):
+        """The institution will not take part in this study, and says why (its site policy).
+        Recorded at the coordinator, which cannot override it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """The model registry: versions the operator published, and a published version's
+        file (resumable from `offset`) preceded by its card and signed lineage record.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -225,6 +275,26 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.SecAggSubmit,
                     request_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.SecAggSubmitRequest.FromString,
                     response_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.SecAggSubmitResponse.SerializeToString,
+            ),
+            'ListStudies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStudies,
+                    request_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.ListOpenStudiesRequest.FromString,
+                    response_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.ListOpenStudiesResponse.SerializeToString,
+            ),
+            'DeclineStudy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineStudy,
+                    request_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.DeclineStudyRequest.FromString,
+                    response_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.DeclineStudyResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.ListModelsRequest.FromString,
+                    response_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'PullModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullModel,
+                    request_deserializer=fedcollab_dot_v1_dot_coordinator__service__pb2.PullModelRequest.FromString,
+                    response_serializer=fedcollab_dot_v1_dot_coordinator__service__pb2.PullModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -477,6 +547,114 @@ class CoordinatorService:
             '/fedcollab.v1.CoordinatorService/SecAggSubmit',
             fedcollab_dot_v1_dot_coordinator__service__pb2.SecAggSubmitRequest.SerializeToString,
             fedcollab_dot_v1_dot_coordinator__service__pb2.SecAggSubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStudies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcollab.v1.CoordinatorService/ListStudies',
+            fedcollab_dot_v1_dot_coordinator__service__pb2.ListOpenStudiesRequest.SerializeToString,
+            fedcollab_dot_v1_dot_coordinator__service__pb2.ListOpenStudiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineStudy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcollab.v1.CoordinatorService/DeclineStudy',
+            fedcollab_dot_v1_dot_coordinator__service__pb2.DeclineStudyRequest.SerializeToString,
+            fedcollab_dot_v1_dot_coordinator__service__pb2.DeclineStudyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcollab.v1.CoordinatorService/ListModels',
+            fedcollab_dot_v1_dot_coordinator__service__pb2.ListModelsRequest.SerializeToString,
+            fedcollab_dot_v1_dot_coordinator__service__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedcollab.v1.CoordinatorService/PullModel',
+            fedcollab_dot_v1_dot_coordinator__service__pb2.PullModelRequest.SerializeToString,
+            fedcollab_dot_v1_dot_coordinator__service__pb2.PullModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

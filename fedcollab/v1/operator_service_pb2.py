@@ -24,31 +24,57 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedcollab/v1/operator_service.proto\x12\x0c\x66\x65\x64\x63ollab.v1\"\x12\n\x10GetStatusRequest\"\xcd\x01\n\x0bRoundStatus\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x03\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x37\n\x07metrics\x18\x06 \x03(\x0b\x32&.fedcollab.v1.RoundStatus.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"v\n\x11InstitutionStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12\x1a\n\x12num_train_examples\x18\x03 \x01(\x03\x12\x0f\n\x07\x65psilon\x18\x04 \x01(\x01\x12\x16\n\x0e\x62udget_epsilon\x18\x05 \x01(\x01\"\xc0\x01\n\x11GetStatusResponse\x12\x12\n\nfederation\x18\x01 \x01(\t\x12\r\n\x05study\x18\x02 \x01(\t\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\x03\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12)\n\x06rounds\x18\x05 \x03(\x0b\x32\x19.fedcollab.v1.RoundStatus\x12\x35\n\x0cinstitutions\x18\x06 \x03(\x0b\x32\x1f.fedcollab.v1.InstitutionStatus\"*\n\x12ListLineageRequest\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\x03\"B\n\x0cLineageEntry\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06record\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"V\n\x13ListLineageResponse\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12+\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1a.fedcollab.v1.LineageEntry2\xb3\x01\n\x0fOperatorService\x12L\n\tGetStatus\x12\x1e.fedcollab.v1.GetStatusRequest\x1a\x1f.fedcollab.v1.GetStatusResponse\x12R\n\x0bListLineage\x12 .fedcollab.v1.ListLineageRequest\x1a!.fedcollab.v1.ListLineageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedcollab/v1/operator_service.proto\x12\x0c\x66\x65\x64\x63ollab.v1\"!\n\x10GetStatusRequest\x12\r\n\x05study\x18\x01 \x01(\t\"(\n\x12SubmitStudyRequest\x12\x12\n\nstudy_toml\x18\x01 \x01(\t\"\xfe\x02\n\x0cStudySummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x18\n\x10rounds_committed\x18\x03 \x01(\x03\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\x03\x12\x12\n\nmodel_kind\x18\x05 \x01(\t\x12\x10\n\x08strategy\x18\x06 \x01(\t\x12\x18\n\x10min_institutions\x18\x07 \x01(\x03\x12\x14\n\x0csubmitted_by\x18\x08 \x01(\t\x12\x14\n\x0csubmitted_at\x18\t \x01(\x01\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x13\n\x0bstart_after\x18\x0b \x01(\t\x12\x12\n\nis_default\x18\x0c \x01(\x08\x12:\n\x08\x64\x65\x63lined\x18\r \x03(\x0b\x32(.fedcollab.v1.StudySummary.DeclinedEntry\x12\x0e\n\x06online\x18\x0e \x03(\t\x1a/\n\rDeclinedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x14\n\x12ListStudiesRequest\"B\n\x13ListStudiesResponse\x12+\n\x07studies\x18\x01 \x03(\x0b\x32\x1a.fedcollab.v1.StudySummary\"C\n\x12\x43hangeStudyRequest\x12\r\n\x05study\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xa8\x01\n\nMembership\x12\x13\n\x0binstitution\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nchanged_by\x18\x04 \x01(\t\x12\x12\n\nchanged_at\x18\x05 \x01(\x01\x12\x0e\n\x06online\x18\x06 \x01(\x08\x12\x11\n\tlast_seen\x18\x07 \x01(\x01\x12\x1a\n\x12num_train_examples\x18\x08 \x01(\x03\"\x19\n\x17ListInstitutionsRequest\"J\n\x18ListInstitutionsResponse\x12.\n\x0cinstitutions\x18\x01 \x03(\x0b\x32\x18.fedcollab.v1.Membership\"K\n\x14SetMembershipRequest\x12\x13\n\x0binstitution\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"5\n\x13PublishModelRequest\x12\r\n\x05study\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"F\n\x14PublishModelResponse\x12\r\n\x05study\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xcd\x01\n\x0bRoundStatus\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x03\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x37\n\x07metrics\x18\x06 \x03(\x0b\x32&.fedcollab.v1.RoundStatus.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"v\n\x11InstitutionStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12\x1a\n\x12num_train_examples\x18\x03 \x01(\x03\x12\x0f\n\x07\x65psilon\x18\x04 \x01(\x01\x12\x16\n\x0e\x62udget_epsilon\x18\x05 \x01(\x01\"\xc0\x01\n\x11GetStatusResponse\x12\x12\n\nfederation\x18\x01 \x01(\t\x12\r\n\x05study\x18\x02 \x01(\t\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\x03\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12)\n\x06rounds\x18\x05 \x03(\x0b\x32\x19.fedcollab.v1.RoundStatus\x12\x35\n\x0cinstitutions\x18\x06 \x03(\x0b\x32\x1f.fedcollab.v1.InstitutionStatus\"9\n\x12ListLineageRequest\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\x03\x12\r\n\x05study\x18\x02 \x01(\t\"B\n\x0cLineageEntry\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06record\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"V\n\x13ListLineageResponse\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12+\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1a.fedcollab.v1.LineageEntry2\xaa\x05\n\x0fOperatorService\x12L\n\tGetStatus\x12\x1e.fedcollab.v1.GetStatusRequest\x1a\x1f.fedcollab.v1.GetStatusResponse\x12R\n\x0bListLineage\x12 .fedcollab.v1.ListLineageRequest\x1a!.fedcollab.v1.ListLineageResponse\x12K\n\x0bSubmitStudy\x12 .fedcollab.v1.SubmitStudyRequest\x1a\x1a.fedcollab.v1.StudySummary\x12R\n\x0bListStudies\x12 .fedcollab.v1.ListStudiesRequest\x1a!.fedcollab.v1.ListStudiesResponse\x12K\n\x0b\x43hangeStudy\x12 .fedcollab.v1.ChangeStudyRequest\x1a\x1a.fedcollab.v1.StudySummary\x12\x61\n\x10ListInstitutions\x12%.fedcollab.v1.ListInstitutionsRequest\x1a&.fedcollab.v1.ListInstitutionsResponse\x12M\n\rSetMembership\x12\".fedcollab.v1.SetMembershipRequest\x1a\x18.fedcollab.v1.Membership\x12U\n\x0cPublishModel\x12!.fedcollab.v1.PublishModelRequest\x1a\".fedcollab.v1.PublishModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedcollab.v1.operator_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_STUDYSUMMARY_DECLINEDENTRY']._loaded_options = None
+  _globals['_STUDYSUMMARY_DECLINEDENTRY']._serialized_options = b'8\001'
   _globals['_ROUNDSTATUS_METRICSENTRY']._loaded_options = None
   _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_GETSTATUSREQUEST']._serialized_start=53
-  _globals['_GETSTATUSREQUEST']._serialized_end=71
-  _globals['_ROUNDSTATUS']._serialized_start=74
-  _globals['_ROUNDSTATUS']._serialized_end=279
-  _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_start=233
-  _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_end=279
-  _globals['_INSTITUTIONSTATUS']._serialized_start=281
-  _globals['_INSTITUTIONSTATUS']._serialized_end=399
-  _globals['_GETSTATUSRESPONSE']._serialized_start=402
-  _globals['_GETSTATUSRESPONSE']._serialized_end=594
-  _globals['_LISTLINEAGEREQUEST']._serialized_start=596
-  _globals['_LISTLINEAGEREQUEST']._serialized_end=638
-  _globals['_LINEAGEENTRY']._serialized_start=640
-  _globals['_LINEAGEENTRY']._serialized_end=706
-  _globals['_LISTLINEAGERESPONSE']._serialized_start=708
-  _globals['_LISTLINEAGERESPONSE']._serialized_end=794
-  _globals['_OPERATORSERVICE']._serialized_start=797
-  _globals['_OPERATORSERVICE']._serialized_end=976
+  _globals['_GETSTATUSREQUEST']._serialized_end=86
+  _globals['_SUBMITSTUDYREQUEST']._serialized_start=88
+  _globals['_SUBMITSTUDYREQUEST']._serialized_end=128
+  _globals['_STUDYSUMMARY']._serialized_start=131
+  _globals['_STUDYSUMMARY']._serialized_end=513
+  _globals['_STUDYSUMMARY_DECLINEDENTRY']._serialized_start=466
+  _globals['_STUDYSUMMARY_DECLINEDENTRY']._serialized_end=513
+  _globals['_LISTSTUDIESREQUEST']._serialized_start=515
+  _globals['_LISTSTUDIESREQUEST']._serialized_end=535
+  _globals['_LISTSTUDIESRESPONSE']._serialized_start=537
+  _globals['_LISTSTUDIESRESPONSE']._serialized_end=603
+  _globals['_CHANGESTUDYREQUEST']._serialized_start=605
+  _globals['_CHANGESTUDYREQUEST']._serialized_end=672
+  _globals['_MEMBERSHIP']._serialized_start=675
+  _globals['_MEMBERSHIP']._serialized_end=843
+  _globals['_LISTINSTITUTIONSREQUEST']._serialized_start=845
+  _globals['_LISTINSTITUTIONSREQUEST']._serialized_end=870
+  _globals['_LISTINSTITUTIONSRESPONSE']._serialized_start=872
+  _globals['_LISTINSTITUTIONSRESPONSE']._serialized_end=946
+  _globals['_SETMEMBERSHIPREQUEST']._serialized_start=948
+  _globals['_SETMEMBERSHIPREQUEST']._serialized_end=1023
+  _globals['_PUBLISHMODELREQUEST']._serialized_start=1025
+  _globals['_PUBLISHMODELREQUEST']._serialized_end=1078
+  _globals['_PUBLISHMODELRESPONSE']._serialized_start=1080
+  _globals['_PUBLISHMODELRESPONSE']._serialized_end=1150
+  _globals['_ROUNDSTATUS']._serialized_start=1153
+  _globals['_ROUNDSTATUS']._serialized_end=1358
+  _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_start=1312
+  _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_end=1358
+  _globals['_INSTITUTIONSTATUS']._serialized_start=1360
+  _globals['_INSTITUTIONSTATUS']._serialized_end=1478
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1481
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1673
+  _globals['_LISTLINEAGEREQUEST']._serialized_start=1675
+  _globals['_LISTLINEAGEREQUEST']._serialized_end=1732
+  _globals['_LINEAGEENTRY']._serialized_start=1734
+  _globals['_LINEAGEENTRY']._serialized_end=1800
+  _globals['_LISTLINEAGERESPONSE']._serialized_start=1802
+  _globals['_LISTLINEAGERESPONSE']._serialized_end=1888
+  _globals['_OPERATORSERVICE']._serialized_start=1891
+  _globals['_OPERATORSERVICE']._serialized_end=2573
 # @@protoc_insertion_point(module_scope)

@@ -29,6 +29,11 @@ class OperatorServiceStub:
     """The coordinator's API for its operator. Every call needs a client certificate with
     the operator role from the federation's CA; institutions' certificates are refused
     (PERMISSION_DENIED, reason OPERATOR_ONLY).
+
+    Over plaintext (a rehearsal started with --insecure) there is no certificate: calls
+    must carry the coordinator's operator token (metadata "authorization: Bearer
+    <token>", the token in <state_dir>/operator.token), or are refused
+    (UNAUTHENTICATED, OPERATOR_CREDENTIAL_REQUIRED).
     """
 
     def __init__(self, channel):
@@ -47,23 +52,99 @@ class OperatorServiceStub:
                 request_serializer=fedcollab_dot_v1_dot_operator__service__pb2.ListLineageRequest.SerializeToString,
                 response_deserializer=fedcollab_dot_v1_dot_operator__service__pb2.ListLineageResponse.FromString,
                 _registered_method=True)
+        self.SubmitStudy = channel.unary_unary(
+                '/fedcollab.v1.OperatorService/SubmitStudy',
+                request_serializer=fedcollab_dot_v1_dot_operator__service__pb2.SubmitStudyRequest.SerializeToString,
+                response_deserializer=fedcollab_dot_v1_dot_operator__service__pb2.StudySummary.FromString,
+                _registered_method=True)
+        self.ListStudies = channel.unary_unary(
+                '/fedcollab.v1.OperatorService/ListStudies',
+                request_serializer=fedcollab_dot_v1_dot_operator__service__pb2.ListStudiesRequest.SerializeToString,
+                response_deserializer=fedcollab_dot_v1_dot_operator__service__pb2.ListStudiesResponse.FromString,
+                _registered_method=True)
+        self.ChangeStudy = channel.unary_unary(
+                '/fedcollab.v1.OperatorService/ChangeStudy',
+                request_serializer=fedcollab_dot_v1_dot_operator__service__pb2.ChangeStudyRequest.SerializeToString,
+                response_deserializer=fedcollab_dot_v1_dot_operator__service__pb2.StudySummary.FromString,
+                _registered_method=True)
+        self.ListInstitutions = channel.unary_unary(
+                '/fedcollab.v1.OperatorService/ListInstitutions',
+                request_serializer=fedcollab_dot_v1_dot_operator__service__pb2.ListInstitutionsRequest.SerializeToString,
+                response_deserializer=fedcollab_dot_v1_dot_operator__service__pb2.ListInstitutionsResponse.FromString,
+                _registered_method=True)
+        self.SetMembership = channel.unary_unary(
+                '/fedcollab.v1.OperatorService/SetMembership',
+                request_serializer=fedcollab_dot_v1_dot_operator__service__pb2.SetMembershipRequest.SerializeToString,
+                response_deserializer=fedcollab_dot_v1_dot_operator__service__pb2.Membership.FromString,
+                _registered_method=True)
+        self.PublishModel = channel.unary_unary(
+                '/fedcollab.v1.OperatorService/PublishModel',
+                request_serializer=fedcollab_dot_v1_dot_operator__service__pb2.PublishModelRequest.SerializeToString,
+                response_deserializer=fedcollab_dot_v1_dot_operator__service__pb2.PublishModelResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
     """The coordinator's API for its operator. Every call needs a client certificate with
     the operator role from the federation's CA; institutions' certificates are refused
     (PERMISSION_DENIED, reason OPERATOR_ONLY).
+
+    Over plaintext (a rehearsal started with --insecure) there is no certificate: calls
+    must carry the coordinator's operator token (metadata "authorization: Bearer
+    <token>", the token in <state_dir>/operator.token), or are refused
+    (UNAUTHENTICATED, OPERATOR_CREDENTIAL_REQUIRED).
     """
 
     def GetStatus(self, request, context):
-        """The study's rounds and institutions as the coordinator has recorded them.
+        """A study's rounds and institutions as the coordinator has recorded them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListLineage(self, request, context):
-        """Signed lineage records of committed model versions, oldest first.
+        """Signed lineage records of a study's committed model versions, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitStudy(self, request, context):
+        """Studies: submit one (the [study] table of a TOML file), list them, and pause,
+        resume or cancel one. A paused study opens no new round; the one under way ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListStudies(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChangeStudy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInstitutions(self, request, context):
+        """Membership: every institution known, and approve or suspend one. A suspended
+        institution's calls are refused (INSTITUTION_SUSPENDED) until it is approved again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetMembership(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishModel(self, request, context):
+        """The model registry: publish a committed version so that partners can pull it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,6 +163,36 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     request_deserializer=fedcollab_dot_v1_dot_operator__service__pb2.ListLineageRequest.FromString,
                     response_serializer=fedcollab_dot_v1_dot_operator__service__pb2.ListLineageResponse.SerializeToString,
             ),
+            'SubmitStudy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitStudy,
+                    request_deserializer=fedcollab_dot_v1_dot_operator__service__pb2.SubmitStudyRequest.FromString,
+                    response_serializer=fedcollab_dot_v1_dot_operator__service__pb2.StudySummary.SerializeToString,
+            ),
+            'ListStudies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStudies,
+                    request_deserializer=fedcollab_dot_v1_dot_operator__service__pb2.ListStudiesRequest.FromString,
+                    response_serializer=fedcollab_dot_v1_dot_operator__service__pb2.ListStudiesResponse.SerializeToString,
+            ),
+            'ChangeStudy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangeStudy,
+                    request_deserializer=fedcollab_dot_v1_dot_operator__service__pb2.ChangeStudyRequest.FromString,
+                    response_serializer=fedcollab_dot_v1_dot_operator__service__pb2.StudySummary.SerializeToString,
+            ),
+            'ListInstitutions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInstitutions,
+                    request_deserializer=fedcollab_dot_v1_dot_operator__service__pb2.ListInstitutionsRequest.FromString,
+                    response_serializer=fedcollab_dot_v1_dot_operator__service__pb2.ListInstitutionsResponse.SerializeToString,
+            ),
+            'SetMembership': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMembership,
+                    request_deserializer=fedcollab_dot_v1_dot_operator__service__pb2.SetMembershipRequest.FromString,
+                    response_serializer=fedcollab_dot_v1_dot_operator__service__pb2.Membership.SerializeToString,
+            ),
+            'PublishModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishModel,
+                    request_deserializer=fedcollab_dot_v1_dot_operator__service__pb2.PublishModelRequest.FromString,
+                    response_serializer=fedcollab_dot_v1_dot_operator__service__pb2.PublishModelResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'fedcollab.v1.OperatorService', rpc_method_handlers)
@@ -94,6 +205,11 @@ class OperatorService:
     """The coordinator's API for its operator. Every call needs a client certificate with
     the operator role from the federation's CA; institutions' certificates are refused
     (PERMISSION_DENIED, reason OPERATOR_ONLY).
+
+    Over plaintext (a rehearsal started with --insecure) there is no certificate: calls
+    must carry the coordinator's operator token (metadata "authorization: Bearer
+    <token>", the token in <state_dir>/operator.token), or are refused
+    (UNAUTHENTICATED, OPERATOR_CREDENTIAL_REQUIRED).
     """
 
     @staticmethod
@@ -140,6 +256,168 @@ class OperatorService:
             '/fedcollab.v1.OperatorService/ListLineage',
             fedcollab_dot_v1_dot_operator__service__pb2.ListLineageRequest.SerializeToString,
             fedcollab_dot_v1_dot_operator__service__pb2.ListLineageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitStudy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcollab.v1.OperatorService/SubmitStudy',
+            fedcollab_dot_v1_dot_operator__service__pb2.SubmitStudyRequest.SerializeToString,
+            fedcollab_dot_v1_dot_operator__service__pb2.StudySummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStudies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcollab.v1.OperatorService/ListStudies',
+            fedcollab_dot_v1_dot_operator__service__pb2.ListStudiesRequest.SerializeToString,
+            fedcollab_dot_v1_dot_operator__service__pb2.ListStudiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangeStudy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcollab.v1.OperatorService/ChangeStudy',
+            fedcollab_dot_v1_dot_operator__service__pb2.ChangeStudyRequest.SerializeToString,
+            fedcollab_dot_v1_dot_operator__service__pb2.StudySummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInstitutions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcollab.v1.OperatorService/ListInstitutions',
+            fedcollab_dot_v1_dot_operator__service__pb2.ListInstitutionsRequest.SerializeToString,
+            fedcollab_dot_v1_dot_operator__service__pb2.ListInstitutionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMembership(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcollab.v1.OperatorService/SetMembership',
+            fedcollab_dot_v1_dot_operator__service__pb2.SetMembershipRequest.SerializeToString,
+            fedcollab_dot_v1_dot_operator__service__pb2.Membership.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcollab.v1.OperatorService/PublishModel',
+            fedcollab_dot_v1_dot_operator__service__pb2.PublishModelRequest.SerializeToString,
+            fedcollab_dot_v1_dot_operator__service__pb2.PublishModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1036,7 +1036,8 @@ def stray_files(folder: Path, *, settings: Settings, store: Mapping[str, list[di
         out.append(f"{path.relative_to(folder)} ({size} B): {why}")
 
     known_top = {"coordinator.sqlite", "coordinator.sqlite-wal", "coordinator.sqlite-shm", "lineage-signing-key.pem",
-                 "lineage-public-key.pem", "models", "lineage", "spool"}
+                 "lineage-public-key.pem", "models", "lineage", "spool", "consortium.sqlite",
+                 "consortium.sqlite-wal", "consortium.sqlite-shm", "operator.token", "coordinator.address"}
     for p in sorted(state.iterdir()) if state.is_dir() else []:
         if p.name not in known_top:
             note(p, "unexpected in the coordinator's state folder")

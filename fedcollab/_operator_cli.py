@@ -1,0 +1,364 @@
+"""`fedcollab study ...`, `fedcollab institutions ...` (the operator's, through the
+Operator service) and `fedcollab model ...` (publish: the operator's; list and pull:
+a partner's, with its institution.toml)."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import grpc
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from fedcollab.config import FederationConfig, InstitutionConfig, TlsConfig, load_config
+from fedcollab.errors import ConfigError, FedcollabError, RemoteError
+from fedcollab.transport import channel_credentials_from, create_channel, is_loopback
+from fedcollab.wire import from_rpc_error
+
+# Wide enough for the tables when the output goes to a file or a pipe (scripts, logs).
+console = Console(width=None if sys.stdout.isatty() else 160)
+ADDRESS_FILE = "coordinator.address"
+
+
+# ----------------------------------------------------------------- connecting
+def _operator_channel(args: argparse.Namespace) -> tuple[grpc.Channel, list[tuple[str, str]]]:
+    """The channel to the coordinator and the call metadata: an operator certificate
+    (--cert/--key) under mutual TLS, or over plaintext the operator token."""
+    address = args.coordinator
+    token_file = Path(args.token_file) if args.token_file else None
+    ca = Path(args.ca) if args.ca else None
+    if args.config:
+        config = load_config(FederationConfig, args.config)
+        state = Path(config.server.state_dir)
+        written = state / ADDRESS_FILE
+        if address is None:
+            address = written.read_text(encoding="utf-8").strip() if written.is_file() else config.server.address
+        if config.server.tls is not None:
+            ca = ca or Path(config.server.tls.ca_cert)
+        elif token_file is None:
+            token_file = state / "operator.token"
+    if address is None:
+        raise ConfigError("say where the coordinator is: --config federation.toml, or --coordinator HOST:PORT")
+    if args.cert or args.key:
+        if not (args.cert and args.key and ca):
+            raise ConfigError("mutual TLS needs --cert and --key (the operator's, from `fedcollab pki`) and the CA "
+                              "(--ca, or the [server.tls] ca_cert of --config)")
+        tls = TlsConfig(ca_cert=ca, cert=Path(args.cert), key=Path(args.key))
+        return create_channel(address, credentials=channel_credentials_from(tls), chunk_bytes=1 << 20), []
+    if ca is not None:
+        raise ConfigError(f"the coordinator at {address} speaks mutual TLS: pass the operator's --cert and --key")
+    if token_file is None:
+        raise ConfigError("over plaintext, operator calls need the coordinator's operator token: --token-file "
+                          "<state_dir>/operator.token (or --config federation.toml on the coordinator's machine)")
+    if not is_loopback(address):
+        console.print(f"[bold red]PLAINTEXT to {address}: the operator token crosses the network unencrypted[/]")
+    try:
+        token = token_file.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read the operator token {token_file}: {e}") from None
+    return create_channel(address, credentials=None, chunk_bytes=1 << 20), [("authorization", f"Bearer {token}")]
+
+
+def _operator_call(args: argparse.Namespace, method: str, request: Any) -> Any:
+    from fedcollab.v1 import operator_service_pb2_grpc as opb_grpc
+
+    channel, metadata = _operator_channel(args)
+    try:
+        return getattr(opb_grpc.OperatorServiceStub(channel), method)(request, metadata=metadata, timeout=30)
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from None
+    finally:
+        channel.close()
+
+
+def _partner_client(args: argparse.Namespace) -> tuple[Any, InstitutionConfig]:
+    from fedcollab.institution import CoordinatorClient
+
+    config = load_config(InstitutionConfig, args.config)
+    if config.tls is None and not args.insecure:
+        raise ConfigError(f"{args.config} has no [tls] table: configure mutual TLS, or pass --insecure for a "
+                          "plaintext rehearsal on loopback")
+    credentials = channel_credentials_from(config.tls) if config.tls is not None else None
+    return CoordinatorClient(address=config.institution.coordinator, credentials=credentials), config
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if ts else ""
+
+
+# ----------------------------------------------------------------- studies
+def cmd_study_submit(args: argparse.Namespace) -> int:
+    from fedcollab.v1 import operator_service_pb2 as opb
+
+    path = Path(args.file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    summary = _operator_call(args, "SubmitStudy", opb.SubmitStudyRequest(study_toml=text))
+    console.print(f"study [bold]{escape(summary.name)}[/] submitted: {summary.status}"
+                  + (f" (starts after {escape(summary.start_after)})" if summary.start_after else ""))
+    return 0
+
+
+def cmd_study_list(args: argparse.Namespace) -> int:
+    from fedcollab.v1 import operator_service_pb2 as opb
+
+    response = _operator_call(args, "ListStudies", opb.ListStudiesRequest())
+    table = Table(title="studies")
+    for col in ("study", "status", "rounds", "model", "strategy", "online", "declined by", "submitted", "reason"):
+        table.add_column(col)
+    for s in response.studies:
+        table.add_row(escape(s.name) + (" (default)" if s.is_default else ""), s.status,
+                      f"{s.rounds_committed}/{s.total_rounds}", s.model_kind, s.strategy, str(len(s.online)),
+                      escape(", ".join(sorted(s.declined))), _when(s.submitted_at), escape(s.reason))
+    console.print(table)
+    return 0
+
+
+def cmd_study_status(args: argparse.Namespace) -> int:
+    from fedcollab.v1 import operator_service_pb2 as opb
+
+    studies = _operator_call(args, "ListStudies", opb.ListStudiesRequest()).studies
+    summary = next((s for s in studies if s.name == args.name or (not args.name and s.is_default)), None)
+    if summary is None:
+        raise ConfigError(f"no study {args.name!r} at the coordinator; `fedcollab study list` shows them")
+    status = _operator_call(args, "GetStatus", opb.GetStatusRequest(study=summary.name))
+    console.print(f"study [bold]{escape(summary.name)}[/]: {summary.status}, {summary.rounds_committed} of "
+                  f"{summary.total_rounds} rounds committed; model {summary.model_kind}, strategy {summary.strategy}"
+                  + (f"; {escape(summary.reason)}" if summary.reason else ""))
+    table = Table(title="rounds")
+    for col in ("round", "attempt", "status", "model", "updates", "train loss", "eval acc", "reason"):
+        table.add_column(col)
+    for r in status.rounds:
+        m = r.metrics
+        table.add_row(str(r.round), str(r.attempt), r.status, str(r.model_version or ""),
+                      str(int(m.get("num_updates", 0)) or ""),
+                      f"{m['train_loss']:.4f}" if "train_loss" in m else "",
+                      f"{m['eval_accuracy']:.4f}" if "eval_accuracy" in m else "", escape(r.reason))
+    console.print(table)
+    table = Table(title="institutions")
+    for col in ("institution", "online", "examples", "epsilon spent", "budget"):
+        table.add_column(col)
+    for i in status.institutions:
+        table.add_row(escape(i.name), "yes" if i.online else "no", str(i.num_train_examples),
+                      f"{i.epsilon:.3f}" if i.budget_epsilon else "", f"{i.budget_epsilon:g}" if i.budget_epsilon else "")
+    console.print(table)
+    for name, why in sorted(summary.declined.items()):
+        console.print(f"declined by {escape(name)}: {escape(why)}")
+    return 0
+
+
+def cmd_study_change(args: argparse.Namespace) -> int:
+    from fedcollab.v1 import operator_service_pb2 as opb
+
+    summary = _operator_call(args, "ChangeStudy", opb.ChangeStudyRequest(study=args.name, action=args.change,
+                                                                         reason=args.reason or ""))
+    console.print(f"study [bold]{escape(summary.name)}[/]: {summary.status}")
+    return 0
+
+
+# ----------------------------------------------------------------- membership
+def cmd_institutions_list(args: argparse.Namespace) -> int:
+    from fedcollab.v1 import operator_service_pb2 as opb
+
+    response = _operator_call(args, "ListInstitutions", opb.ListInstitutionsRequest())
+    table = Table(title="institutions")
+    for col in ("institution", "membership", "online", "last seen", "examples", "changed by", "reason"):
+        table.add_column(col)
+    for m in response.institutions:
+        table.add_row(escape(m.institution), m.status, "yes" if m.online else "no", _when(m.last_seen),
+                      str(m.num_train_examples), escape(m.changed_by), escape(m.reason))
+    console.print(table)
+    return 0
+
+
+def cmd_institutions_set(args: argparse.Namespace) -> int:
+    from fedcollab.v1 import operator_service_pb2 as opb
+
+    status = {"approve": "approved", "suspend": "suspended"}[args.change]
+    m = _operator_call(args, "SetMembership", opb.SetMembershipRequest(institution=args.name, status=status,
+                                                                       reason=args.reason or ""))
+    console.print(f"{escape(m.institution)}: {m.status}")
+    return 0
+
+
+# ----------------------------------------------------------------- model registry
+def cmd_model_publish(args: argparse.Namespace) -> int:
+    from fedcollab.v1 import operator_service_pb2 as opb
+
+    r = _operator_call(args, "PublishModel", opb.PublishModelRequest(study=args.study, version=args.version))
+    console.print(f"published v{r.version} of study {escape(r.study)} (SHA-256 {r.sha256[:16]}..)")
+    return 0
+
+
+def cmd_model_list(args: argparse.Namespace) -> int:
+    client, _ = _partner_client(args)
+    models = client.list_models(study=args.study or "")
+    table = Table(title="published models")
+    for col in ("study", "version", "round", "size", "contributors", "metrics", "max epsilon", "published", "sha256"):
+        table.add_column(col)
+    for m in models:
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(m.metrics.items()) if k.endswith("accuracy"))
+        table.add_row(escape(m.study), str(m.version), str(m.round), f"{m.size_bytes / 1e6:.2f} MB",
+                      escape(", ".join(m.contributors)), metrics,
+                      f"{max(m.epsilon.values()):.3f}" if any(m.epsilon.values()) else "", _when(m.published_at),
+                      m.sha256[:16] + "..")
+    console.print(table)
+    return 0
+
+
+def cmd_model_pull(args: argparse.Namespace) -> int:
+    from fedcollab.lineage import LineageError, check_model, load_public_key, raw_public_key
+    from fedcollab.registry import ModelCard, card_path_for, write_card
+
+    client, config = _partner_client(args)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    part = out_dir / f".{args.study}-v{args.version}.part"
+    info, offset = None, part.stat().st_size if part.is_file() else 0
+    digest = hashlib.sha256()
+    if offset:
+        with part.open("rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    try:
+        with part.open("ab") as f:
+            for message in client.pull_model(study=args.study, version=args.version, offset=offset):
+                if message.WhichOneof("payload") == "model":
+                    info = message.model
+                    continue
+                chunk = message.chunk
+                if chunk.offset != offset or hashlib.sha256(chunk.data).digest() != chunk.sha256:
+                    part.unlink(missing_ok=True)
+                    raise FedcollabError(f"chunk at offset {chunk.offset} is corrupt: nothing saved; pull again")
+                f.write(chunk.data)
+                digest.update(chunk.data)
+                offset += len(chunk.data)
+            f.flush()
+            os.fsync(f.fileno())
+    except RemoteError:
+        raise
+    if info is None:
+        raise FedcollabError("the coordinator sent no model description: nothing saved")
+    # Nothing is saved under the final name unless the hash and the signature both check out.
+    if digest.hexdigest() != info.sha256:
+        part.unlink(missing_ok=True)
+        raise FedcollabError(f"v{args.version}: the file's SHA-256 is {digest.hexdigest()[:16]}.., the registry says "
+                             f"{info.sha256[:16]}..: nothing saved; pull again")
+    pinned = config.institution.lineage_public_key
+    key = raw_public_key(load_public_key(pinned)) if pinned is not None else bytes(info.lineage_public_key)
+    try:
+        check_model(record_bytes=info.lineage_record, signature=info.lineage_signature, public_key=key,
+                    version=info.version, sha256=info.sha256)
+    except LineageError as e:
+        part.unlink(missing_ok=True)
+        raise FedcollabError(f"v{args.version}'s signed lineage record does not verify ({e.message}): nothing saved"
+                             + ("" if pinned else "; pin the coordinator's key with institution.lineage_public_key")
+                             ) from None
+    final = out_dir / f"{args.study}-v{args.version}.safetensors"
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    from google.protobuf import json_format
+
+    card = ModelCard(
+        federation=info.federation, study=info.study, version=info.version, sha256=info.sha256,
+        size_bytes=info.size_bytes,
+        model={"kind": info.model.kind, "params": _integral(json_format.MessageToDict(info.model.params))},
+        rounds=info.round, contributors=list(info.contributors), metrics=dict(info.metrics),
+        privacy={k: {"epsilon": v} for k, v in info.epsilon.items() if v}, central_dp=None,
+        lineage={"record": base64.b64encode(info.lineage_record).decode(),
+                 "signature": base64.b64encode(info.lineage_signature).decode(),
+                 "public_key": base64.b64encode(key).decode()},
+        published_at=datetime.fromtimestamp(info.published_at, timezone.utc).isoformat(timespec="seconds")
+        .replace("+00:00", "Z"),
+        pulled_at=now,
+    )
+    os.replace(part, final)
+    write_card(card, card_path_for(final))
+    console.print(f"saved {final} and {card_path_for(final).name} (v{info.version} of {escape(info.study)}, "
+                  f"SHA-256 and lineage signature verified); serve it with `fedcollab serve --model {final}`")
+    return 0
+
+
+def _integral(value: Any) -> Any:
+    """protobuf Struct stores numbers as doubles; give integers back their type."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    return value
+
+
+# ----------------------------------------------------------------- parsers
+def _operator_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="federation.toml: the coordinator's address, CA and (plaintext) operator token")
+    p.add_argument("--coordinator", help="HOST:PORT of the coordinator")
+    p.add_argument("--cert", help="the operator's certificate (mutual TLS)")
+    p.add_argument("--key", help="the operator's private key")
+    p.add_argument("--ca", help="the federation CA's certificate")
+    p.add_argument("--token-file", help="over plaintext: the coordinator's <state_dir>/operator.token")
+
+
+def add_commands(sub: Any) -> None:
+    study = sub.add_parser("study", help="the coordinator's studies (operator)").add_subparsers(dest="action",
+                                                                                               required=True)
+    p = study.add_parser("submit", help="submit a study file ([study] table, as in federation.toml)")
+    p.add_argument("file")
+    _operator_options(p)
+    p.set_defaults(func=cmd_study_submit)
+    p = study.add_parser("list", help="every study, with its status")
+    _operator_options(p)
+    p.set_defaults(func=cmd_study_list)
+    p = study.add_parser("status", help="a study's rounds and institutions")
+    p.add_argument("name", nargs="?", default="", help="default: the default study")
+    _operator_options(p)
+    p.set_defaults(func=cmd_study_status)
+    for change, what in (("pause", "open no new round (the one under way ends)"), ("resume", "go on after a pause"),
+                         ("cancel", "end the study where it stands")):
+        p = study.add_parser(change, help=what)
+        p.add_argument("name")
+        p.add_argument("--reason", help="recorded with the change")
+        _operator_options(p)
+        p.set_defaults(func=cmd_study_change, change=change)
+
+    inst = sub.add_parser("institutions", help="membership of the federation (operator)").add_subparsers(
+        dest="action", required=True)
+    p = inst.add_parser("list", help="every institution known, with its membership")
+    _operator_options(p)
+    p.set_defaults(func=cmd_institutions_list)
+    for change, what in (("approve", "admit it (again)"), ("suspend", "refuse all its calls until approved")):
+        p = inst.add_parser(change, help=what)
+        p.add_argument("name")
+        p.add_argument("--reason", help="recorded, and told to the institution when it is refused")
+        _operator_options(p)
+        p.set_defaults(func=cmd_institutions_set, change=change)
+
+    model = sub.add_parser("model", help="the model registry").add_subparsers(dest="action", required=True)
+    p = model.add_parser("publish", help="publish a committed version (operator)")
+    p.add_argument("--study", required=True)
+    p.add_argument("--version", type=int, required=True)
+    _operator_options(p)
+    p.set_defaults(func=cmd_model_publish)
+    p = model.add_parser("list", help="published versions (partner: --config institution.toml)")
+    p.add_argument("--config", required=True, help="institution.toml")
+    p.add_argument("--study", help="only this study")
+    p.add_argument("--insecure", action="store_true", help="plaintext when institution.toml has no [tls]")
+    p.set_defaults(func=cmd_model_list)
+    p = model.add_parser("pull", help="download a published version, verify hash and signature, save it with "
+                                      "its model card (partner)")
+    p.add_argument("version", type=int)
+    p.add_argument("--study", required=True)
+    p.add_argument("--config", required=True, help="institution.toml")
+    p.add_argument("--out", default="models", help="folder to save into (default: models)")
+    p.add_argument("--insecure", action="store_true", help="plaintext when institution.toml has no [tls]")
+    p.set_defaults(func=cmd_model_pull)

@@ -1,0 +1,156 @@
+"""What the coordinator keeps about its consortium, above any one study: the studies
+it runs (submitted ones with their TOML), institutions' membership, the studies each
+institution declined and why, and the model versions the operator published.
+
+One SQLite file, `consortium.sqlite`, beside the default study's state. Each study's
+rounds, models and lineage stay in its own store (see _studies.py for where).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+STUDY_STATUSES = ("queued", "running", "paused", "cancelled", "finished", "failed")
+MEMBERSHIP_STATUSES = ("approved", "pending", "suspended")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    name TEXT PRIMARY KEY,
+    position INTEGER NOT NULL,
+    is_default INTEGER NOT NULL DEFAULT 0,
+    config_toml TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    start_after TEXT NOT NULL DEFAULT '',
+    submitted_by TEXT NOT NULL DEFAULT '',
+    submitted_at REAL NOT NULL,
+    changed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS membership (
+    institution TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    changed_by TEXT NOT NULL DEFAULT '',
+    changed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS declines (
+    study TEXT NOT NULL,
+    institution TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    message TEXT NOT NULL DEFAULT '',
+    at REAL NOT NULL,
+    PRIMARY KEY (study, institution)
+);
+CREATE TABLE IF NOT EXISTS publications (
+    study TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    published_by TEXT NOT NULL DEFAULT '',
+    published_at REAL NOT NULL,
+    PRIMARY KEY (study, version)
+);
+"""
+
+
+class Consortium:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        # Read on every institution call: kept in memory, written through.
+        self._membership = {r["institution"]: dict(r) for r in self._rows("SELECT * FROM membership")}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self._db.execute(sql, args)]
+
+    # studies
+    def add_study(self, *, name: str, config_toml: str, status: str, is_default: bool = False, start_after: str = "",
+                  submitted_by: str = "") -> None:
+        now = time.time()
+        with self._tx() as db:
+            position = db.execute("SELECT COALESCE(MAX(position), 0) + 1 FROM studies").fetchone()[0]
+            db.execute("INSERT INTO studies (name, position, is_default, config_toml, status, start_after, submitted_by, "
+                       "submitted_at, changed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (name, position, int(is_default), config_toml, status, start_after, submitted_by, now, now))
+
+    def set_study_status(self, name: str, *, status: str, reason: str = "") -> None:
+        assert status in STUDY_STATUSES, status
+        with self._tx() as db:
+            db.execute("UPDATE studies SET status=?, reason=?, changed_at=? WHERE name=?",
+                       (status, reason, time.time(), name))
+
+    def studies(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM studies ORDER BY position")
+
+    def study(self, name: str) -> dict[str, Any] | None:
+        rows = self._rows("SELECT * FROM studies WHERE name=?", (name,))
+        return rows[0] if rows else None
+
+    # membership
+    def membership(self, institution: str) -> dict[str, Any] | None:
+        return self._membership.get(institution)
+
+    def memberships(self) -> list[dict[str, Any]]:
+        return sorted(self._membership.values(), key=lambda r: r["institution"])
+
+    def set_membership(self, institution: str, *, status: str, reason: str = "", changed_by: str = "") -> dict[str, Any]:
+        assert status in MEMBERSHIP_STATUSES, status
+        row = {"institution": institution, "status": status, "reason": reason, "changed_by": changed_by,
+               "changed_at": time.time()}
+        with self._tx() as db:
+            db.execute("INSERT INTO membership VALUES (:institution, :status, :reason, :changed_by, :changed_at) "
+                       "ON CONFLICT(institution) DO UPDATE SET status=excluded.status, reason=excluded.reason, "
+                       "changed_by=excluded.changed_by, changed_at=excluded.changed_at", row)
+            self._membership[institution] = row
+        return row
+
+    # declines
+    def record_decline(self, *, study: str, institution: str, reason: str, message: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO declines VALUES (?, ?, ?, ?, ?)",
+                       (study, institution, reason, message, time.time()))
+
+    def declines(self, study: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM declines WHERE study=? ORDER BY institution", (study,))
+
+    # model registry
+    def publish(self, *, study: str, version: int, sha256: str, published_by: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO publications VALUES (?, ?, ?, ?, ?)",
+                       (study, version, sha256, published_by, time.time()))
+
+    def publications(self, study: str = "") -> list[dict[str, Any]]:
+        if study:
+            return self._rows("SELECT * FROM publications WHERE study=? ORDER BY version", (study,))
+        return self._rows("SELECT * FROM publications ORDER BY study, version")
+
+    def publication(self, *, study: str, version: int) -> dict[str, Any] | None:
+        rows = self._rows("SELECT * FROM publications WHERE study=? AND version=?", (study, version))
+        return rows[0] if rows else None

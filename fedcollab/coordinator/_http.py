@@ -1,0 +1,183 @@
+"""The operators' HTTP endpoint: the dashboard, Prometheus metrics and the snapshot as
+JSON, read-only and plain HTTP (keep it on loopback or behind the operator's proxy).
+
+    GET /                    the dashboard (HTML)
+    GET /metrics             Prometheus text format 0.0.4
+    GET /api/snapshot.json   the ConsortiumSnapshot as JSON
+    GET /healthz             "ok": the endpoint is up
+
+HEAD is answered like GET without the body; any other method gets 405, any other
+path 404. Each request takes one fresh snapshot; one that fails is a 503, never a
+crash of the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+from fedcollab.coordinator._dashboard import render_dashboard
+from fedcollab.coordinator._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from fedcollab.coordinator._metrics import render_metrics
+from fedcollab.coordinator._snapshot import ConsortiumSnapshot
+from fedcollab.errors import ConfigError
+
+log = logging.getLogger("fedcollab.coordinator.http")
+
+# Names and reasons in the page come from outside: no script runs, nothing loads from
+# elsewhere, whatever slips into the markup.
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+_READ_TIMEOUT_S = 10.0  # a client that sends nothing does not hold a thread for longer
+
+
+class OperatorHttpServer:
+    """Serves the operator's routes from `snapshot()` (called once per request) in a
+    daemon thread. start() returns the bound port (address "host:0": any free one)."""
+
+    def __init__(self, *, address: str, snapshot: Callable[[], ConsortiumSnapshot]) -> None:
+        self._host, self._requested_port = _split_address(address)
+        self._snapshot = snapshot
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+
+    def start(self) -> int:
+        if self._server is not None:
+            raise RuntimeError("OperatorHttpServer.start() was already called")
+        server_class = _IPv6Server if ":" in self._host else _Server
+        try:
+            server = server_class((self._host, self._requested_port), _handler_for(self._snapshot))
+        except OSError as e:
+            raise OSError(f"cannot serve the operator page on {self._host}:{self._requested_port}: {e.strerror or e}"
+                          ) from None
+        self._server = server
+        self.port = int(server.server_address[1])
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="operator-http", daemon=True)
+        self._thread.start()
+        shown = f"[{self._host}]" if ":" in self._host else self._host
+        log.info("operator page on http://%s:%d/ (metrics at /metrics)", shown, self.port)
+        return self.port
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> OperatorHttpServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a slow client never holds up the coordinator's exit
+    allow_reuse_address = True
+
+
+class _IPv6Server(_Server):
+    address_family = socket.AF_INET6
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"server.http_address: {address!r} is not host:port (e.g. 127.0.0.1:8080; port 0 "
+                          "picks a free one)")
+    return host, int(port)
+
+
+def _handler_for(snapshot: Callable[[], ConsortiumSnapshot]) -> type[BaseHTTPRequestHandler]:
+    class Handler(_Handler):
+        take_snapshot = staticmethod(snapshot)
+
+    return Handler
+
+
+class _Handler(BaseHTTPRequestHandler):
+    take_snapshot: Callable[[], ConsortiumSnapshot]
+    server_version = "fedcollab"
+    sys_version = ""
+    timeout = _READ_TIMEOUT_S
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._answer(send_body=True)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._answer(send_body=False)
+
+    def __getattr__(self, name: str) -> Any:
+        # http.server looks up do_<METHOD>: every method but GET and HEAD is refused.
+        if name.startswith("do_"):
+            return self._not_allowed
+        raise AttributeError(name)
+
+    def _not_allowed(self) -> None:
+        self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"only GET and HEAD\n", "text/plain; charset=utf-8",
+                   send_body=True, extra={"Allow": "GET, HEAD"})
+
+    def _answer(self, *, send_body: bool) -> None:
+        path = urlsplit(self.path).path
+        if path == "/healthz":
+            self._send(HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8", send_body=send_body)
+            return
+        render = _ROUTES.get(path)
+        if render is None:
+            self._send(HTTPStatus.NOT_FOUND, b"not found: try /, /metrics, /api/snapshot.json or /healthz\n",
+                       "text/plain; charset=utf-8", send_body=send_body)
+            return
+        content_type, to_text = render
+        try:
+            body = to_text(type(self).take_snapshot()).encode("utf-8")
+        except Exception as e:  # the store closed at shutdown, a bug in a renderer: one bad answer, not a dead server
+            log.warning("operator page: cannot answer %s: %s: %s", path, type(e).__name__, e)
+            log.debug("operator page: %s failed", path, exc_info=True)
+            self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"the coordinator's state cannot be read right now\n",
+                       "text/plain; charset=utf-8", send_body=send_body)
+            return
+        self._send(HTTPStatus.OK, body, content_type, send_body=send_body)
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str, *, send_body: bool,
+              extra: dict[str, str] | None = None) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in {**_SECURITY_HEADERS, **(extra or {})}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            if send_body:
+                self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            self.close_connection = True  # the client went away: nothing to answer to
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+_ROUTES: dict[str, tuple[str, Callable[[ConsortiumSnapshot], str]]] = {
+    "/": ("text/html; charset=utf-8", render_dashboard),
+    "/index.html": ("text/html; charset=utf-8", render_dashboard),
+    "/metrics": (METRICS_CONTENT_TYPE, render_metrics),
+    "/api/snapshot.json": ("application/json", lambda s: s.to_json()),
+}
