@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedcollab._struct import integral
 from fedcollab.config import FederationConfig, InstitutionConfig, TlsConfig, load_config
 from fedcollab.errors import ConfigError, FedcollabError, RemoteError
 from fedcollab.transport import channel_credentials_from, create_channel, is_loopback
@@ -271,7 +272,7 @@ def cmd_model_pull(args: argparse.Namespace) -> int:
     card = ModelCard(
         federation=info.federation, study=info.study, version=info.version, sha256=info.sha256,
         size_bytes=info.size_bytes,
-        model={"kind": info.model.kind, "params": _integral(json_format.MessageToDict(info.model.params))},
+        model={"kind": info.model.kind, "params": integral(json_format.MessageToDict(info.model.params))},
         rounds=info.round, contributors=list(info.contributors), metrics=dict(info.metrics),
         privacy={k: {"epsilon": v} for k, v in info.epsilon.items() if v}, central_dp=None,
         lineage={"record": base64.b64encode(info.lineage_record).decode(),
@@ -286,17 +287,6 @@ def cmd_model_pull(args: argparse.Namespace) -> int:
     console.print(f"saved {final} and {card_path_for(final).name} (v{info.version} of {escape(info.study)}, "
                   f"SHA-256 and lineage signature verified); serve it with `fedcollab serve --model {final}`")
     return 0
-
-
-def _integral(value: Any) -> Any:
-    """protobuf Struct stores numbers as doubles; give integers back their type."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, list):
-        return [_integral(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _integral(v) for k, v in value.items()}
-    return value
 
 
 # ----------------------------------------------------------------- parsers

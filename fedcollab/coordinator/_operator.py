@@ -4,39 +4,22 @@ over plaintext the coordinator's operator token (the interceptor checks both).""
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
 from fedcollab.coordinator._auth import caller_of
 from fedcollab.coordinator._consortium import Consortium
 from fedcollab.coordinator._registry import committed_version
+from fedcollab.coordinator._servicer import translated as _translated
 from fedcollab.coordinator._studies import Studies, StudyRun
 from fedcollab.errors import Rejected
 from fedcollab.v1 import operator_service_pb2 as opb
 from fedcollab.v1 import operator_service_pb2_grpc as opb_grpc
-from fedcollab.wire import to_grpc_status
 
 log = logging.getLogger("fedcollab.coordinator")
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _translated(method: F) -> F:
-    @functools.wraps(method)
-    def wrapper(self: OperatorServicer, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return method(self, request, context)
-        except Rejected as e:
-            context.abort_with_status(to_grpc_status(e))
-        except Exception:
-            log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error at the coordinator")
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _who(context: grpc.ServicerContext) -> str:

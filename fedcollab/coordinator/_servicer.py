@@ -35,9 +35,12 @@ _REASON = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 _MAX_CACHED_DIGESTS = 8192
 
 
-def _translated(method: F) -> F:
+def translated(method: F) -> F:
+    """A unary handler whose `Rejected` becomes its status; anything else INTERNAL for
+    this call only."""
+
     @functools.wraps(method)
-    def wrapper(self: CoordinatorServicer, request: Any, context: grpc.ServicerContext) -> Any:
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
         except Rejected as e:
@@ -146,7 +149,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                            message=f"the certificate is {caller.name!r}'s; it cannot act as {claimed!r}")
         return caller.name
 
-    @_translated
+    @translated
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
         caller = caller_of(context)
         name = request.institution
@@ -173,7 +176,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             lineage_public_key=engine.lineage_public_key,
         )
 
-    @_translated
+    @translated
     def PollTask(self, request: pb.PollTaskRequest, context: grpc.ServicerContext) -> pb.PollTaskResponse:
         wait = request.wait_seconds
         remaining = context.time_remaining()
@@ -238,7 +241,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             context.abort(grpc.StatusCode.INTERNAL, "internal error at the coordinator")
         raise AssertionError("unreachable")  # abort raises
 
-    @_translated
+    @translated
     def ReportEvaluation(
         self, request: pb.ReportEvaluationRequest, context: grpc.ServicerContext
     ) -> pb.ReportEvaluationResponse:
@@ -246,30 +249,30 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         engine.report_evaluation(request=request)
         return pb.ReportEvaluationResponse()
 
-    @_translated
+    @translated
     def DeclineTask(self, request: pb.DeclineTaskRequest, context: grpc.ServicerContext) -> pb.DeclineTaskResponse:
         engine = self._check_owner(context, request.session_id)
         engine.decline(request=request)
         return pb.DeclineTaskResponse()
 
-    @_translated
+    @translated
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         engine = self._check_owner(context, request.session_id)
         return pb.HeartbeatResponse(lease_seconds=engine.heartbeat(session_id=request.session_id))
 
-    @_translated
+    @translated
     def SecAggPoll(self, request: pb.SecAggPollRequest, context: grpc.ServicerContext) -> pb.SecAggPollResponse:
         engine = self._check_owner(context, request.session_id)
         return engine.secagg_poll(request=request, is_active=context.is_active)
 
-    @_translated
+    @translated
     def SecAggSubmit(self, request: pb.SecAggSubmitRequest, context: grpc.ServicerContext) -> pb.SecAggSubmitResponse:
         engine = self._check_owner(context, request.session_id)
         engine.secagg_submit(request=request)
         return pb.SecAggSubmitResponse()
 
     # ----------------------------------------------------------------- studies
-    @_translated
+    @translated
     def ListStudies(self, request: pb.ListOpenStudiesRequest, context: grpc.ServicerContext
                     ) -> pb.ListOpenStudiesResponse:
         name = self._name_of(context, "")
@@ -289,7 +292,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             ))
         return pb.ListOpenStudiesResponse(studies=offers)
 
-    @_translated
+    @translated
     def DeclineStudy(self, request: pb.DeclineStudyRequest, context: grpc.ServicerContext) -> pb.DeclineStudyResponse:
         name = self._name_of(context, request.institution)
         if not name:
@@ -315,7 +318,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             raise Rejected(code=grpc.StatusCode.UNIMPLEMENTED, reason="NO_REGISTRY",
                            message="this coordinator keeps no model registry")
 
-    @_translated
+    @translated
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
         self._registry_caller(context)
         assert self._consortium is not None

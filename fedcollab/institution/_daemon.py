@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from fedcollab import models
 from fedcollab._faults import crash_point
+from fedcollab._struct import integral
 from fedcollab.compression import EncodingError, compression_from_proto
 from fedcollab.config import InstitutionConfig
 from fedcollab.errors import ConfigError, FedcollabError, RemoteError
@@ -282,7 +283,7 @@ class InstitutionDaemon:
         if self._model is None:
             spec = self._study.model
             try:
-                params = _integral(json_format.MessageToDict(spec.params))
+                params = integral(json_format.MessageToDict(spec.params))
                 model = models.build_model_to_load(kind=spec.kind, params=params, state_names=state)
             except (ValueError, ImportError) as e:
                 # The coordinator built this model, so it is this machine that cannot, e.g. a
@@ -512,14 +513,3 @@ def _spend_message(rp: RoundPrivacy) -> pb.PrivacySpend:
         epsilon=rp.epsilon_after, delta=rp.delta, budget_epsilon=rp.budget, noise_multiplier=rp.noise_multiplier,
         sample_rate=rp.sample_rate, steps=rp.steps, accountant=rp.accountant, max_grad_norm=rp.max_grad_norm,
     )
-
-
-def _integral(value: object) -> object:
-    """protobuf Struct stores every number as a double; give integers back their type."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, list):
-        return [_integral(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _integral(v) for k, v in value.items()}
-    return value
