@@ -201,6 +201,29 @@ def cmd_model_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_versions(args: argparse.Namespace) -> int:
+    from fedcollab.lineage import LineageError, verify_record
+    from fedcollab.v1 import operator_service_pb2 as opb
+
+    response = _operator_call(args, "ListLineage", opb.ListLineageRequest(study=args.study or ""))
+    published = set(response.published_versions)
+    table = Table(title=f"committed versions of {escape(args.study or 'the default study')} with their lineage")
+    for col in ("version", "round", "parent", "sha256", "aggregator", "contributors", "signed", "published", "created"):
+        table.add_column(col)
+    for e in response.entries:
+        try:
+            r = verify_record(record_bytes=e.record, signature=e.signature, public_key=response.public_key)
+            signed = "ok"
+        except LineageError as err:
+            r, signed = {}, f"NO: {err.message}"
+        table.add_row(str(e.version), str(r.get("round", "")), (r.get("parent_sha256") or "-")[:12],
+                      str(r.get("model_sha256", ""))[:12], str((r.get("aggregator") or {}).get("name", "")),
+                      escape(", ".join(c["institution"] for c in r.get("contributions", []))), signed,
+                      "yes" if e.version in published else "", str(r.get("created_at", ""))[:19])
+    console.print(table)
+    return 0
+
+
 def cmd_model_list(args: argparse.Namespace) -> int:
     client, _ = _partner_client(args)
     models = client.list_models(study=args.study or "")
@@ -258,8 +281,8 @@ def cmd_model_pull(args: argparse.Namespace) -> int:
     pinned = config.institution.lineage_public_key
     key = raw_public_key(load_public_key(pinned)) if pinned is not None else bytes(info.lineage_public_key)
     try:
-        check_model(record_bytes=info.lineage_record, signature=info.lineage_signature, public_key=key,
-                    version=info.version, sha256=info.sha256)
+        record = check_model(record_bytes=info.lineage_record, signature=info.lineage_signature, public_key=key,
+                             version=info.version, sha256=info.sha256)
     except LineageError as e:
         part.unlink(missing_ok=True)
         raise FedcollabError(f"v{args.version}'s signed lineage record does not verify ({e.message}): nothing saved"
@@ -274,7 +297,7 @@ def cmd_model_pull(args: argparse.Namespace) -> int:
         size_bytes=info.size_bytes,
         model={"kind": info.model.kind, "params": integral(json_format.MessageToDict(info.model.params))},
         rounds=info.round, contributors=list(info.contributors), metrics=dict(info.metrics),
-        privacy={k: {"epsilon": v} for k, v in info.epsilon.items() if v}, central_dp=None,
+        privacy=_privacy_of(record), central_dp=record.get("central_dp"),
         lineage={"record": base64.b64encode(info.lineage_record).decode(),
                  "signature": base64.b64encode(info.lineage_signature).decode(),
                  "public_key": base64.b64encode(key).decode()},
@@ -287,6 +310,17 @@ def cmd_model_pull(args: argparse.Namespace) -> int:
     console.print(f"saved {final} and {card_path_for(final).name} (v{info.version} of {escape(info.study)}, "
                   f"SHA-256 and lineage signature verified); serve it with `fedcollab serve --model {final}`")
     return 0
+
+
+def _privacy_of(record: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each contributor's DP spend as the signed record of the version states it."""
+    out = {}
+    for c in record.get("contributions", []):
+        p = c.get("privacy") or {}
+        if p.get("epsilon"):
+            out[c["institution"]] = {"epsilon": float(p["epsilon"]), "delta": float(p.get("delta", 0.0)),
+                                     "budget_epsilon": float(p.get("budget_epsilon", 0.0))}
+    return out
 
 
 # ----------------------------------------------------------------- parsers
@@ -339,6 +373,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--version", type=int, required=True)
     _operator_options(p)
     p.set_defaults(func=cmd_model_publish)
+    p = model.add_parser("versions", help="every committed version with its lineage (operator)")
+    p.add_argument("--study", help="default: the default study")
+    _operator_options(p)
+    p.set_defaults(func=cmd_model_versions)
     p = model.add_parser("list", help="published versions (partner: --config institution.toml)")
     p.add_argument("--config", required=True, help="institution.toml")
     p.add_argument("--study", help="only this study")

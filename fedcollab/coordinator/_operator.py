@@ -79,10 +79,12 @@ class OperatorServicer(opb_grpc.OperatorServiceServicer):
         if request.from_version < 0:
             raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="INVALID_VERSION",
                            message="from_version must be >= 0")
-        engine = self._studies.get(request.study).engine
+        run = self._studies.get(request.study)
         entries = [opb.LineageEntry(version=v, record=record, signature=signature)
-                   for v, record, signature in engine.lineage(from_version=request.from_version)]
-        return opb.ListLineageResponse(public_key=engine.lineage_public_key, entries=entries)
+                   for v, record, signature in run.engine.lineage(from_version=request.from_version)]
+        published = [p["version"] for p in self._consortium.publications(run.name)]
+        return opb.ListLineageResponse(public_key=run.engine.lineage_public_key, entries=entries,
+                                       published_versions=published)
 
     # ----------------------------------------------------------------- studies
     @_translated

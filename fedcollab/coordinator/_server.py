@@ -23,6 +23,7 @@ from fedcollab.coordinator._operator import OperatorServicer
 from fedcollab.coordinator._servicer import CoordinatorServicer
 from fedcollab.coordinator._store import Store
 from fedcollab.coordinator._studies import Studies
+from fedcollab.errors import ConfigError
 from fedcollab.lineage._keys import load_or_create_signing_key
 from fedcollab.transport import message_limit, server_credentials_from, warn_insecure
 from fedcollab.v1 import coordinator_service_pb2_grpc as pb_grpc
@@ -123,22 +124,27 @@ class Coordinator:
             raise OSError(f"cannot listen on {address}: address in use or not available")
         if self._credentials is None:
             warn_insecure(self.address, role="coordinator")
+        if self.config.server.http_address is not None:  # before serving: a busy port stops nothing running
+            self._start_http(self.config.server.http_address)
         self._server.start()
         # Where operators' commands find it (`fedcollab study ... --config`), port 0 resolved.
         (Path(self.config.server.state_dir) / "coordinator.address").write_text(f"{self.address}\n", encoding="utf-8")
         self.studies.start()
         host = address.rsplit(":", 1)[0]
         log.info("coordinator for study %r listening on %s:%d", self.config.study.name, host, self.port)
-        if self.config.server.http_address is not None:
-            self._start_http(self.config.server.http_address)
         return self.port
 
     def _start_http(self, address: str) -> None:
         from fedcollab.coordinator._http import OperatorHttpServer
         from fedcollab.coordinator._snapshot import snapshot_of
 
-        self._http = OperatorHttpServer(address=address, snapshot=lambda: snapshot_of(self))
-        port = self._http.start()
+        http = OperatorHttpServer(address=address, snapshot=lambda: snapshot_of(self))
+        try:
+            port = http.start()
+        except OSError as e:
+            raise ConfigError(f"server.http_address: {e}; choose another port, or remove it to serve no "
+                              "dashboard") from None
+        self._http = http
         log.info("operators' dashboard on http://%s:%d/ (Prometheus metrics at /metrics)",
                  address.rsplit(":", 1)[0], port)
 

@@ -207,9 +207,11 @@ class LineageEntry(_message.Message):
     def __init__(self, version: _Optional[int] = ..., record: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ListLineageResponse(_message.Message):
-    __slots__ = ("public_key", "entries")
+    __slots__ = ("public_key", "entries", "published_versions")
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     public_key: bytes
     entries: _containers.RepeatedCompositeFieldContainer[LineageEntry]
-    def __init__(self, public_key: _Optional[bytes] = ..., entries: _Optional[_Iterable[_Union[LineageEntry, _Mapping]]] = ...) -> None: ...
+    published_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, public_key: _Optional[bytes] = ..., entries: _Optional[_Iterable[_Union[LineageEntry, _Mapping]]] = ..., published_versions: _Optional[_Iterable[int]] = ...) -> None: ...

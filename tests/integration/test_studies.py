@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from fedcollab.cli import main
-from fedcollab.config import PolicyConfig, TlsConfig
+from fedcollab.config import PolicyConfig, PrivacyConfig, TlsConfig
 from fedcollab.coordinator import Coordinator
 from fedcollab.institution._agent import DECISIONS_FILE, InstitutionAgent
 from fedcollab.lineage import verify_chain
@@ -114,7 +114,8 @@ def ran(consortium: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     op.ChangeStudy(opb.ChangeStudyRequest(study="study-c", action="cancel", reason="superseded"), timeout=40)
     agents = {
         "hospital-a": InstitutionAgent(config=_institution(root, pki, coordinator, "hospital-a"), list_every_s=0.2),
-        "hospital-b": InstitutionAgent(config=_institution(root, pki, coordinator, "hospital-b"), list_every_s=0.2),
+        "hospital-b": InstitutionAgent(config=_institution(root, pki, coordinator, "hospital-b").model_copy(
+            update={"privacy": PrivacyConfig(target_epsilon=8.0, accountant="rdp")}), list_every_s=0.2),
         "lab-c": InstitutionAgent(config=_institution(root, pki, coordinator, "lab-c", studies=["tiny"]),
                                   list_every_s=0.2),
     }
@@ -197,6 +198,10 @@ def test_a_published_version_is_pulled_verified_and_served(ran: Any, capsys: pyt
     assert code == 0, out
     code, out = _cli(capsys, "model", "list", "--config", str(partner))
     assert code == 0 and "study-b" in out, out
+    code, out = _cli(capsys, "model", "versions", "--study", "study-b", *_operator_args(pki, coordinator))
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert code == 0 and len(rows) == 3 and all("ok" in r for r in rows), out  # v0, v1, v2, each signed
+    assert "yes" in rows[2] and "yes" not in rows[1], out  # only v2 is published
     code, out = _cli(capsys, "model", "pull", "2", "--study", "study-b", "--config", str(partner),
                      "--out", str(tmp_path / "pulled"))
     assert code == 0, out
@@ -210,6 +215,9 @@ def test_a_published_version_is_pulled_verified_and_served(ran: Any, capsys: pyt
     assert (card.study, card.version, card.rounds, sorted(card.contributors)) == (
         "study-b", 2, 2, ["hospital-a", "hospital-b"])
     assert card.model == {"kind": "mlp", "params": {"in_features": 64, "hidden": [16], "num_classes": 10}}
+    # hospital-b trained with DP-SGD: its spend, as the signed record states it, is on the card.
+    assert set(card.privacy) == {"hospital-b"} and 0 < card.privacy["hospital-b"]["epsilon"] <= 8.0
+    assert card.privacy["hospital-b"]["budget_epsilon"] == 8.0
 
     # A partner that pins another key refuses the signature and saves nothing.
     from cryptography.hazmat.primitives import serialization
@@ -243,7 +251,17 @@ def test_a_published_version_is_pulled_verified_and_served(ran: Any, capsys: pyt
         with urllib.request.urlopen(request, timeout=30) as response:
             predictions = json.loads(response.read())["predictions"]
     labels = np.array([p["label"] for p in predictions])
-    assert (labels == digits.target[:64]).mean() > 0.5  # two rounds of a small MLP: well above chance (0.1)
+    import torch
+    from safetensors.torch import load_file
+
+    from fedcollab.models import build_model
+
+    model = build_model(kind="mlp", params=card.model["params"])
+    model.load_state_dict(load_file(str(model_file)))
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(x)).argmax(dim=1).numpy()
+    assert (labels == expected).all()  # the served model is the pulled one
+    assert (labels == digits.target[:64]).mean() > 0.2  # two rounds, one institution under DP: above chance
 
 
 def test_a_suspended_institution_is_refused_until_approved(ran: Any, capsys: pytest.CaptureFixture[str]) -> None:

@@ -86,3 +86,16 @@ def test_bad_files_name_the_file_and_the_key(tmp_path: Path, cls: type, text: st
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load_config(FederationConfig, tmp_path / "nope.toml")
+
+
+def test_the_shipped_study_file_parses_and_its_model_builds() -> None:
+    import tomllib
+    from pathlib import Path
+
+    from fedcollab.config import StudyFile, parse_config
+    from fedcollab.models import build_model
+
+    path = Path(__file__).parents[2] / "simulations" / "study_digits_wide.toml"
+    spec = parse_config(StudyFile, tomllib.loads(path.read_text()), source=str(path))
+    assert spec.start_after == "digits-mlp"
+    build_model(kind=spec.study.model.kind, params=spec.study.model.params)
