@@ -310,3 +310,36 @@ def _write_institution_toml(path: Path, config: Any) -> None:
         "[tls]", f'ca_cert = "{t.ca_cert}"', f'cert = "{t.cert}"', f'key = "{t.key}"',
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_submitted_studies_and_their_states_survive_a_restart(tmp_path: Path) -> None:
+    config = tiny_federation(tmp_path / "c", rounds=1, min_institutions=1, central_evaluation=None)
+    paused = STUDY_B.replace("study-b", "study-p")
+    with Coordinator(config=config) as coordinator:
+        op = opb_grpc.OperatorServiceStub(grpc.insecure_channel(f"127.0.0.1:{coordinator.port}"))
+        token = [("authorization", f"Bearer {coordinator.operator_token}")]
+        for text in (STUDY_B, STUDY_C, paused):
+            op.SubmitStudy(opb.SubmitStudyRequest(study_toml=text), metadata=token, timeout=10)
+        op.ChangeStudy(opb.ChangeStudyRequest(study="study-p", action="pause", reason="data check"), metadata=token,
+                       timeout=10)
+        before = {s.name: (s.status, s.reason) for s in op.ListStudies(opb.ListStudiesRequest(), metadata=token,
+                                                                         timeout=10).studies}
+    assert before == {"tiny": ("running", ""), "study-b": ("running", ""), "study-c": ("queued", ""),
+                      "study-p": ("paused", "paused by operator-token: data check")}
+    with Coordinator(config=config) as coordinator:
+        op = opb_grpc.OperatorServiceStub(grpc.insecure_channel(f"127.0.0.1:{coordinator.port}"))
+        token = [("authorization", f"Bearer {coordinator.operator_token}")]
+        after = {s.name: (s.status, s.reason) for s in op.ListStudies(opb.ListStudiesRequest(), metadata=token,
+                                                                        timeout=10).studies}
+        assert after == before
+        runs = {r.name: r for r in coordinator.studies.runs()}
+        assert runs["study-p"].engine.paused and not runs["study-b"].engine.paused
+        # A resumed study goes on from its own state: an institution joins it and gets its first round.
+        op.ChangeStudy(opb.ChangeStudyRequest(study="study-p", action="resume"), metadata=token, timeout=10)
+        stub = pb_grpc.CoordinatorServiceStub(grpc.insecure_channel(f"127.0.0.1:{coordinator.port}"))
+        joined = stub.Join(pb.JoinRequest(institution="site-a", study="study-p"), timeout=5)
+        assert joined.study.name == "study-p" and joined.session_id.startswith("study-p.")
+        _refused(lambda: stub.Join(pb.JoinRequest(institution="site-a", study="study-c"), timeout=5),
+                 Code.FAILED_PRECONDITION, "STUDY_NOT_STARTED")
+        _refused(lambda: stub.Join(pb.JoinRequest(institution="site-a", study="nope"), timeout=5),
+                 Code.NOT_FOUND, "STUDY_UNKNOWN")
