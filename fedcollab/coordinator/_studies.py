@@ -134,13 +134,8 @@ class Studies:
         while not self._closing.wait(0.25):
             with self._lock:
                 for run in self.runs():
-                    status = self.status(run.name)
-                    if status in ("running", "paused") and run.driver is not None and not run.driver.is_alive() \
-                            and not run.stop.is_set():
-                        failure = run.engine.failure
-                        self._consortium.set_study_status(run.name, status="failed" if failure else "finished",
-                                                          reason=failure or "")
-                    elif status == "queued" and self._turn_came(run):
+                    status = self._record_end(run)
+                    if status == "queued" and self._turn_came(run):
                         self._consortium.set_study_status(run.name, status="running", reason="")
                         self._start_driver(run)
 
@@ -165,7 +160,22 @@ class Studies:
 
     def all_ended(self) -> bool:
         """Every study finished, failed or was cancelled."""
-        return all(self.status(r.name) in FINAL for r in self.runs())
+        return all(self._ended(r) for r in self.runs())
+
+    def _ended(self, run: StudyRun) -> bool:
+        # The engine's own flag, not only the status the scheduler records a tick later:
+        # institutions hear FINISHED from the engine, and whoever waits must not lag them.
+        return self._record_end(run) in FINAL
+
+    def _record_end(self, run: StudyRun) -> str:
+        """Its status, once a study whose engine finished is recorded as finished or failed."""
+        with self._lock:
+            status = self.status(run.name)
+            if status in ("running", "paused") and run.engine.finished:
+                failure = run.engine.failure
+                status = "failed" if failure else "finished"
+                self._consortium.set_study_status(run.name, status=status, reason=failure or "")
+            return status
 
     # ----------------------------------------------------------------- lookups
     def runs(self) -> list[StudyRun]:

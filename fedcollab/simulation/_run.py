@@ -175,7 +175,8 @@ def run_simulation(
             for t in threads:
                 t.start()
             while not coordinator.wait(timeout=0.5):
-                if not any(t.is_alive() for t in threads):
+                # Daemons stop once they hear FINISHED, which may be a moment after the wait above gave up.
+                if not any(t.is_alive() for t in threads) and not coordinator.wait(timeout=5):
                     raise FedcollabError("every institution daemon stopped before the study finished; see the log")
             for t in threads:
                 t.join(timeout=30)
