@@ -25,7 +25,7 @@ from fedcollab.coordinator._store import Store
 from fedcollab.coordinator._studies import Studies
 from fedcollab.errors import ConfigError
 from fedcollab.lineage._keys import load_or_create_signing_key
-from fedcollab.transport import message_limit, server_credentials_from, warn_insecure
+from fedcollab.transport import is_loopback, message_limit, server_credentials_from, warn_insecure
 from fedcollab.v1 import coordinator_service_pb2_grpc as pb_grpc
 from fedcollab.v1 import operator_service_pb2_grpc as opb_grpc
 
@@ -138,6 +138,10 @@ class Coordinator:
         from fedcollab.coordinator._http import OperatorHttpServer
         from fedcollab.coordinator._snapshot import snapshot_of
 
+        if not is_loopback(address):
+            log.warning("server.http_address %s is not a loopback address: the operators' page and /metrics have no "
+                        "login and no TLS, so anyone who reaches it reads the consortium's studies, institutions "
+                        "and privacy spend; put it behind a proxy that authenticates operators", address)
         http = OperatorHttpServer(address=address, snapshot=lambda: snapshot_of(self))
         try:
             port = http.start()

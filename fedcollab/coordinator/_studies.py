@@ -117,9 +117,12 @@ class Studies:
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
         for run in self.runs():
-            # A study that ended is driven too: its engine sees it at once and tells
-            # institutions that poll it FINISHED.
-            if self.status(run.name) not in ("queued", "cancelled"):
+            status = self.status(run.name)
+            if status in ("finished", "failed"):
+                # Its engine decides again from its rounds (at once, unless the config now
+                # asks for more rounds) and tells institutions that poll it FINISHED.
+                self._consortium.set_study_status(run.name, status="running")
+            if status not in ("queued", "cancelled"):
                 self._start_driver(run)
         self._scheduler = threading.Thread(target=self._schedule, name="studies", daemon=True)
         self._scheduler.start()
