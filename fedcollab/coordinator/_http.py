@@ -9,18 +9,25 @@ JSON, read-only and plain HTTP (keep it on loopback or behind the operator's pro
 HEAD is answered like GET without the body; any other method gets 405, any other
 path 404. Each request takes one fresh snapshot; one that fails is a 503, never a
 crash of the server.
+
+With a `token` (the coordinator gives its operator token when the page is served off
+loopback), every route but /healthz needs it: `Authorization: Bearer <token>` (what
+Prometheus' `authorization.credentials_file` sends), or a browser opens `/?token=...`
+once and keeps it in a strict, HTTP-only cookie.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
+from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from fedcollab.coordinator._dashboard import render_dashboard
 from fedcollab.coordinator._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -46,9 +53,10 @@ class OperatorHttpServer:
     """Serves the operator's routes from `snapshot()` (called once per request) in a
     daemon thread. start() returns the bound port (address "host:0": any free one)."""
 
-    def __init__(self, *, address: str, snapshot: Callable[[], ConsortiumSnapshot]) -> None:
+    def __init__(self, *, address: str, snapshot: Callable[[], ConsortiumSnapshot], token: str | None = None) -> None:
         self._host, self._requested_port = _split_address(address)
         self._snapshot = snapshot
+        self._token = token
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None
@@ -58,7 +66,7 @@ class OperatorHttpServer:
             raise RuntimeError("OperatorHttpServer.start() was already called")
         server_class = _IPv6Server if ":" in self._host else _Server
         try:
-            server = server_class((self._host, self._requested_port), _handler_for(self._snapshot))
+            server = server_class((self._host, self._requested_port), _handler_for(self._snapshot, self._token))
         except OSError as e:
             raise OSError(f"cannot serve the operator page on {self._host}:{self._requested_port}: {e.strerror or e}"
                           ) from None
@@ -106,15 +114,20 @@ def _split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _handler_for(snapshot: Callable[[], ConsortiumSnapshot]) -> type[BaseHTTPRequestHandler]:
+_COOKIE = "fedcollab_operator"
+
+
+def _handler_for(snapshot: Callable[[], ConsortiumSnapshot], token: str | None) -> type[BaseHTTPRequestHandler]:
     class Handler(_Handler):
         take_snapshot = staticmethod(snapshot)
+        operator_token = token
 
     return Handler
 
 
 class _Handler(BaseHTTPRequestHandler):
     take_snapshot: Callable[[], ConsortiumSnapshot]
+    operator_token: str | None
     server_version = "fedcollab"
     sys_version = ""
     timeout = _READ_TIMEOUT_S
@@ -137,10 +150,25 @@ class _Handler(BaseHTTPRequestHandler):
                    send_body=True, extra={"Allow": "GET, HEAD"})
 
     def _answer(self, *, send_body: bool) -> None:
-        path = urlsplit(self.path).path
+        url = urlsplit(self.path)
+        path = url.path
         if path == "/healthz":
             self._send(HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8", send_body=send_body)
             return
+        token = type(self).operator_token
+        if token is not None:
+            given = parse_qs(url.query).get("token", [""])[0]
+            if given and _same(given, token):  # once, from a link: kept in a cookie, dropped from the URL
+                self._send(HTTPStatus.SEE_OTHER, b"", "text/plain; charset=utf-8", send_body=send_body,
+                           extra={"Location": path, "Set-Cookie": f"{_COOKIE}={token}; Path=/; HttpOnly; "
+                                                                  "SameSite=Strict"})
+                return
+            if not self._authorized(token):
+                self._send(HTTPStatus.UNAUTHORIZED, b"operator token required: send 'Authorization: Bearer <token>' "
+                           b"or open /?token=<token> once (the token is the coordinator's "
+                           b"<state_dir>/operator.token)\n", "text/plain; charset=utf-8", send_body=send_body,
+                           extra={"WWW-Authenticate": 'Bearer realm="fedcollab operators"'})
+                return
         render = _ROUTES.get(path)
         if render is None:
             self._send(HTTPStatus.NOT_FOUND, b"not found: try /, /metrics, /api/snapshot.json or /healthz\n",
@@ -156,6 +184,16 @@ class _Handler(BaseHTTPRequestHandler):
                        "text/plain; charset=utf-8", send_body=send_body)
             return
         self._send(HTTPStatus.OK, body, content_type, send_body=send_body)
+
+    def _authorized(self, token: str) -> bool:
+        header = self.headers.get("Authorization", "")
+        if header.startswith("Bearer ") and _same(header[len("Bearer "):].strip(), token):
+            return True
+        try:
+            cookie = SimpleCookie(self.headers.get("Cookie", ""))
+        except CookieError:
+            return False
+        return _COOKIE in cookie and _same(cookie[_COOKIE].value, token)
 
     def _send(self, status: HTTPStatus, body: bytes, content_type: str, *, send_body: bool,
               extra: dict[str, str] | None = None) -> None:
@@ -173,6 +211,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
         log.debug("%s %s", self.address_string(), format % args)
+
+
+def _same(a: str, b: str) -> bool:
+    return secrets.compare_digest(a.encode(), b.encode())
 
 
 _ROUTES: dict[str, tuple[str, Callable[[ConsortiumSnapshot], str]]] = {

@@ -138,11 +138,12 @@ class Coordinator:
         from fedcollab.coordinator._http import OperatorHttpServer
         from fedcollab.coordinator._snapshot import snapshot_of
 
-        if not is_loopback(address):
-            log.warning("server.http_address %s is not a loopback address: the operators' page and /metrics have no "
-                        "login and no TLS, so anyone who reaches it reads the consortium's studies, institutions "
-                        "and privacy spend; put it behind a proxy that authenticates operators", address)
-        http = OperatorHttpServer(address=address, snapshot=lambda: snapshot_of(self))
+        # On loopback the page is the local operator's; off it, it asks for the operator token.
+        token = None if is_loopback(address) else self.operator_token
+        if token is not None:
+            log.warning("server.http_address %s is not a loopback address: the operators' page and /metrics ask for "
+                        "the operator token, but travel as plain HTTP; put them behind a TLS proxy", address)
+        http = OperatorHttpServer(address=address, snapshot=lambda: snapshot_of(self), token=token)
         try:
             port = http.start()
         except OSError as e:
