@@ -185,7 +185,11 @@ def cmd_institution_ledger(args: argparse.Namespace) -> int:
     from fedcollab.privacy._ledger import PrivacyLedger, ledger_path
 
     if args.config:
-        path = ledger_path(load_config(InstitutionConfig, args.config).institution.state_dir)
+        state = Path(load_config(InstitutionConfig, args.config).institution.state_dir)
+        # A submitted study's ledger is in its own folder (the default study's at the top).
+        if args.study and (state / "studies" / args.study).is_dir():
+            state = state / "studies" / args.study
+        path = ledger_path(state)
     else:
         path = Path(args.ledger)
     if not path.is_file():
@@ -414,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = ledger.add_mutually_exclusive_group(required=True)
     where.add_argument("--config", help="institution.toml (the ledger is in its state_dir)")
     where.add_argument("--ledger", help="a privacy-ledger.sqlite file")
-    ledger.add_argument("--study", help="only this study's rows")
+    ledger.add_argument("--study", help="only this study's rows (with --config: from the study's own ledger when it has one)")
     ledger.add_argument("--verify", action="store_true", help="check the hash chain; exit 1 if it is broken")
     ledger.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ledger.set_defaults(func=cmd_institution_ledger)

@@ -343,3 +343,15 @@ def test_submitted_studies_and_their_states_survive_a_restart(tmp_path: Path) ->
                  Code.FAILED_PRECONDITION, "STUDY_NOT_STARTED")
         _refused(lambda: stub.Join(pb.JoinRequest(institution="site-a", study="nope"), timeout=5),
                  Code.NOT_FOUND, "STUDY_UNKNOWN")
+
+
+def test_each_study_has_its_own_privacy_ledger_at_the_institution(ran: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    root, pki, coordinator, op, agents = ran
+    config_file = root / "hospital-b.toml"
+    _write_institution_toml(config_file, _institution(root, pki, coordinator, "hospital-b"))
+    for study in ("tiny", "study-b"):
+        code, out = _cli(capsys, "institution", "ledger", "--config", str(config_file), "--study", study, "--json")
+        rows = json.loads(out)
+        assert code == 0 and len(rows) == 2 and {r["study"] for r in rows} == {study}, out
+        code, out = _cli(capsys, "institution", "ledger", "--config", str(config_file), "--study", study, "--verify")
+        assert code == 0 and "ledger intact: 2 rows" in out, out
