@@ -20,7 +20,7 @@ from rich.table import Table
 
 from fedcollab._struct import integral
 from fedcollab.config import FederationConfig, InstitutionConfig, TlsConfig, load_config
-from fedcollab.errors import ConfigError, FedcollabError, RemoteError
+from fedcollab.errors import ConfigError, FedcollabError
 from fedcollab.transport import channel_credentials_from, create_channel, is_loopback
 from fedcollab.wire import from_rpc_error
 
@@ -254,23 +254,20 @@ def cmd_model_pull(args: argparse.Namespace) -> int:
         with part.open("rb") as f:
             while block := f.read(1 << 22):
                 digest.update(block)
-    try:
-        with part.open("ab") as f:
-            for message in client.pull_model(study=args.study, version=args.version, offset=offset):
-                if message.WhichOneof("payload") == "model":
-                    info = message.model
-                    continue
-                chunk = message.chunk
-                if chunk.offset != offset or hashlib.sha256(chunk.data).digest() != chunk.sha256:
-                    part.unlink(missing_ok=True)
-                    raise FedcollabError(f"chunk at offset {chunk.offset} is corrupt: nothing saved; pull again")
-                f.write(chunk.data)
-                digest.update(chunk.data)
-                offset += len(chunk.data)
-            f.flush()
-            os.fsync(f.fileno())
-    except RemoteError:
-        raise
+    with part.open("ab") as f:
+        for message in client.pull_model(study=args.study, version=args.version, offset=offset):
+            if message.WhichOneof("payload") == "model":
+                info = message.model
+                continue
+            chunk = message.chunk
+            if chunk.offset != offset or hashlib.sha256(chunk.data).digest() != chunk.sha256:
+                part.unlink(missing_ok=True)
+                raise FedcollabError(f"chunk at offset {chunk.offset} is corrupt: nothing saved; pull again")
+            f.write(chunk.data)
+            digest.update(chunk.data)
+            offset += len(chunk.data)
+        f.flush()
+        os.fsync(f.fileno())
     if info is None:
         raise FedcollabError("the coordinator sent no model description: nothing saved")
     # Nothing is saved under the final name unless the hash and the signature both check out.

@@ -68,8 +68,10 @@ class Consortium:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
-        # Read on every institution call: kept in memory, written through.
+        # Read on every Join and by every wait for the studies' end: kept in memory,
+        # written through.
         self._membership = {r["institution"]: dict(r) for r in self._rows("SELECT * FROM membership")}
+        self._studies = {r["name"]: r for r in self._rows("SELECT * FROM studies ORDER BY position")}
 
     def close(self) -> None:
         with self._lock:
@@ -94,24 +96,30 @@ class Consortium:
     def add_study(self, *, name: str, config_toml: str, status: str, is_default: bool = False, start_after: str = "",
                   submitted_by: str = "") -> None:
         now = time.time()
+        row = {"name": name, "is_default": int(is_default), "config_toml": config_toml, "status": status,
+               "reason": "", "start_after": start_after, "submitted_by": submitted_by, "submitted_at": now,
+               "changed_at": now}
         with self._tx() as db:
-            position = db.execute("SELECT COALESCE(MAX(position), 0) + 1 FROM studies").fetchone()[0]
-            db.execute("INSERT INTO studies (name, position, is_default, config_toml, status, start_after, submitted_by, "
-                       "submitted_at, changed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (name, position, int(is_default), config_toml, status, start_after, submitted_by, now, now))
+            row["position"] = db.execute("SELECT COALESCE(MAX(position), 0) + 1 FROM studies").fetchone()[0]
+            db.execute("INSERT INTO studies (name, position, is_default, config_toml, status, reason, start_after, "
+                       "submitted_by, submitted_at, changed_at) VALUES (:name, :position, :is_default, :config_toml, "
+                       ":status, :reason, :start_after, :submitted_by, :submitted_at, :changed_at)", row)
+            self._studies[name] = row
 
     def set_study_status(self, name: str, *, status: str, reason: str = "") -> None:
         assert status in STUDY_STATUSES, status
+        now = time.time()
         with self._tx() as db:
-            db.execute("UPDATE studies SET status=?, reason=?, changed_at=? WHERE name=?",
-                       (status, reason, time.time(), name))
+            db.execute("UPDATE studies SET status=?, reason=?, changed_at=? WHERE name=?", (status, reason, now, name))
+            if name in self._studies:
+                self._studies[name] = {**self._studies[name], "status": status, "reason": reason, "changed_at": now}
 
     def studies(self) -> list[dict[str, Any]]:
-        return self._rows("SELECT * FROM studies ORDER BY position")
+        return sorted((dict(r) for r in self._studies.values()), key=lambda r: r["position"])
 
     def study(self, name: str) -> dict[str, Any] | None:
-        rows = self._rows("SELECT * FROM studies WHERE name=?", (name,))
-        return rows[0] if rows else None
+        row = self._studies.get(name)
+        return dict(row) if row is not None else None
 
     # membership
     def membership(self, institution: str) -> dict[str, Any] | None:

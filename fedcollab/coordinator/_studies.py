@@ -43,7 +43,6 @@ FINAL = ("cancelled", "finished", "failed")
 @dataclass
 class StudyRun:
     name: str
-    config: FederationConfig  # the coordinator's config with this study in it
     is_default: bool
     store: Store
     engine: RoundEngine
@@ -79,8 +78,7 @@ class Studies:
         default = config.study.name
         if consortium.study(default) is None:
             consortium.add_study(name=default, config_toml="", status="running", is_default=True)
-        self.default = StudyRun(name=default, config=config, is_default=True, store=default_store,
-                                engine=default_engine)
+        self.default = StudyRun(name=default, is_default=True, store=default_store, engine=default_engine)
         self._runs: dict[str, StudyRun] = {default: self.default}
         for row in consortium.studies():
             if row["is_default"] or row["name"] in self._runs:
@@ -111,8 +109,7 @@ class Studies:
             if new:  # a study refused at submission leaves nothing behind
                 shutil.rmtree(folder, ignore_errors=True)
             raise
-        return StudyRun(name=name, config=config, is_default=False, store=store, engine=engine,
-                        start_after=spec.start_after)
+        return StudyRun(name=name, is_default=False, store=store, engine=engine, start_after=spec.start_after)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
