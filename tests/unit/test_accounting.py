@@ -28,7 +28,12 @@ GOLDEN = [
 
 @pytest.mark.parametrize(("accountant", "history", "delta", "expected"), GOLDEN)
 def test_epsilon_matches_opacus_golden_values(accountant: str, history: list, delta: float, expected: float) -> None:
-    assert epsilon_of(history=history, delta=delta, accountant=accountant) == pytest.approx(expected, rel=1e-9)
+    # RDP and GDP are closed forms: equal to the last digits. PRV discretises the privacy
+    # loss and convolves it by FFT, whose last digits follow the NumPy/SciPy build (SciPy
+    # 1.17.1 moved the MNIST figure by 3e-9 relative); 1e-7 still catches any change in
+    # the accountant itself, whose own error bound (eps_error) is 1e-2.
+    rel = 1e-7 if accountant == "prv" else 1e-9
+    assert epsilon_of(history=history, delta=delta, accountant=accountant) == pytest.approx(expected, rel=rel)
 
 
 def test_history_built_round_by_round_equals_opacus_stepping() -> None:
