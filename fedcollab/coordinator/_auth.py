@@ -272,7 +272,8 @@ class IdentityInterceptor(grpc.ServerInterceptor):
                 try:
                     if requests_stream and watchdog is not None:
                         request = watched_requests(request, timer=watchdog.timer(context.cancel), deadlines=deadlines,
-                                                   upload=kind == UPLOAD, on_first=counted_from_header(context, permits))
+                                                   upload=kind == UPLOAD,
+                                                   on_first=counted_from_header(context, permits))
                     responses = behavior(request, ctx)
                     if watchdog is not None:
                         responses = watched_responses(responses, timer=watchdog.timer(context.cancel),

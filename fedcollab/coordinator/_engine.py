@@ -565,17 +565,29 @@ class RoundEngine:
         log.warning("dropped the sessions of %s: certificate revoked", ", ".join(gone))
         return gone
 
+    def waits_for_upload(self, institution: str) -> bool:
+        """The open round waits for this institution's update (it was given the task)."""
+        with self._cond:
+            return self._waiting_participant(institution) is not None
+
     def fail_waiting_upload(self, *, institution: str, reason: str) -> None:
         """The open round stops waiting for this institution's update (it opened an
         upload and sent nothing)."""
         with self._cond:
-            r = self._round
-            p = r.participants.get(institution) if r is not None and not r.closed else None
-            if p is None or p.status != "selected":
-                return
-            assert r is not None
-            if r.secagg is None or (r.secagg.stage == MASKED and institution in r.secagg.u2):
-                self._fail(r, p, reason, message="opened an upload and sent no header")
+            p = self._waiting_participant(institution)
+            if p is not None and self._round is not None:
+                self._fail(self._round, p, reason, message="opened an upload and sent no header")
+
+    def _waiting_participant(self, institution: str) -> _Participant | None:
+        """Caller holds the lock."""
+        r = self._round
+        p = r.participants.get(institution) if r is not None and not r.closed else None
+        if p is None or p.status != "selected":
+            return None
+        assert r is not None
+        if r.secagg is not None and not (r.secagg.stage == MASKED and institution in r.secagg.u2):
+            return None  # not at the stage of its masked upload
+        return p
 
     def online_institutions(self) -> list[str]:
         with self._cond:

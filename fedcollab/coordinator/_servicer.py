@@ -264,13 +264,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     def _stalled_before_header(self, context: grpc.ServicerContext) -> None:
         """An upload opened and sent no header in time. Under mutual TLS the caller is
-        known: whatever round waits for its update stops waiting (over plaintext the
-        stream names no one, and the round's deadline stays the bound)."""
+        known: the round that waits for its update stops waiting. Only when one study
+        does: with several, the stream named none, and failing the others would cut off
+        updates still being trained. Over plaintext the stream names no one; the
+        round's deadline stays the bound there."""
         caller = caller_of(context)
         if caller is None:
             return
-        for run in self._studies.runs():
-            run.engine.fail_waiting_upload(institution=caller.name, reason="UPLOAD_STALLED")
+        waiting = [run.engine for run in self._studies.runs() if run.engine.waits_for_upload(caller.name)]
+        if len(waiting) == 1:
+            waiting[0].fail_waiting_upload(institution=caller.name, reason="UPLOAD_STALLED")
 
     @translated
     def ReportEvaluation(
