@@ -101,7 +101,7 @@ class Coordinator:
             downloads_per_identity=server.max_downloads_per_identity))
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=server.max_workers, thread_name_prefix="rpc"),
-            options=server_options(config),
+            options=server_options(config, tls=credentials is not None),
             # Calls in flight, the queued ones included: beyond it gRPC itself answers
             # RESOURCE_EXHAUSTED before any handler runs. Room for 3 x max_workers to
             # queue behind busy threads (bursts of short calls), while the call limits
@@ -198,12 +198,12 @@ class Coordinator:
 
 
 
-def server_options(config: FederationConfig) -> list[tuple[str, int]]:
+def server_options(config: FederationConfig, *, tls: bool) -> list[tuple[str, int]]:
     """The gRPC server's channel arguments, each for a reason."""
     server = config.server
     limit = message_limit(server.chunk_bytes)
     ms = lambda seconds: int(seconds * 1000)  # noqa: E731
-    return [
+    options = [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 1),
@@ -247,12 +247,16 @@ def server_options(config: FederationConfig) -> list[tuple[str, int]]:
         # takes (the daemon's own deadline allows 1 s per MB), before it is closed.
         ("grpc.max_connection_age_ms", ms(server.max_connection_age_s)),
         ("grpc.max_connection_age_grace_ms", ms(server.max_connection_age_grace_s)),
+    ]
+    if tls:
         # Streams open at once on one connection (HTTP/2 SETTINGS). An honest agent
         # multiplexes its studies over one connection (2 x studies + 1 calls); more wait
         # at the client, not in the server's queue, so one connection cannot flood
         # the RPC queue (maximum_concurrent_rpcs) with calls that are only refused.
-        ("grpc.max_concurrent_streams", server.max_streams_per_connection),
-    ]
+        # Under TLS only: over plaintext the daemons of a simulation in one process
+        # share one connection (gRPC's global subchannel pool), two streams each.
+        options.append(("grpc.max_concurrent_streams", server.max_streams_per_connection))
+    return options
 
 
 def _operator_token(path: Path) -> str:
