@@ -276,8 +276,9 @@ class IdentityInterceptor(grpc.ServerInterceptor):
                                                    on_first=counted_from_header(context, permits))
                     responses = behavior(request, ctx)
                     if watchdog is not None:
-                        responses = watched_responses(responses, timer=watchdog.timer(context.cancel),
-                                                      deadlines=deadlines, what=f"{method} to {context.peer()}")
+                        responses = watched_responses(
+                            responses, timer=watchdog.timer(context.cancel), deadlines=deadlines,
+                            what=lambda: f"{method} to {context.peer()}")
                     yield from responses
                 finally:
                     release(permits)

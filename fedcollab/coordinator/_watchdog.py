@@ -174,7 +174,7 @@ def watched_requests(requests: Iterator[Any], *, timer: StreamTimer, deadlines: 
 
 
 def watched_responses(responses: Iterator[Any], *, timer: StreamTimer, deadlines: StreamDeadlines,
-                      what: str) -> Iterator[Any]:
+                      what: Callable[[], str]) -> Iterator[Any]:
     """`responses` (a server stream), each send under the idle deadline: gRPC asks for
     the next message once the last one is sent, so a client that stops reading (its
     flow-control window full) stops that, and the watchdog cancels the call."""
@@ -186,4 +186,4 @@ def watched_responses(responses: Iterator[Any], *, timer: StreamTimer, deadlines
     finally:
         timer.disarm()
         if timer.expired:
-            log.warning("%s: cut off, the client read nothing for %g s (STREAM_STALLED)", what, deadlines.idle_s)
+            log.warning("%s: cut off, the client read nothing for %g s (STREAM_STALLED)", what(), deadlines.idle_s)

@@ -235,12 +235,13 @@ def test_a_server_stream_is_timed_only_while_its_message_is_being_sent() -> None
     dog = Watchdog()
     cancelled = threading.Event()
     timer = dog.timer(cancelled.set)
-    responses = watched_responses(iter(["a", "b"]), timer=timer, deadlines=StreamDeadlines(idle_s=0.1), what="test")
+    responses = watched_responses(iter(["a", "b"]), timer=timer, deadlines=StreamDeadlines(idle_s=0.1),
+                                  what=lambda: "test")
     assert next(responses) == "a"
     assert cancelled.wait(5)  # the client did not take "a" within 0.1 s: cut off
     timer2 = dog.timer(lambda: None)
     slow_source = watched_responses((time.sleep(0.3) or x for x in "ab"), timer=timer2,
-                                    deadlines=StreamDeadlines(idle_s=0.1), what="test")
+                                    deadlines=StreamDeadlines(idle_s=0.1), what=lambda: "test")
     assert list(slow_source) == ["a", "b"]  # the handler's own work between messages is not timed
     assert not timer2.expired
     dog.close()
