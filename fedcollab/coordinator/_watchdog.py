@@ -159,11 +159,16 @@ def watched_requests(requests: Iterator[Any], *, timer: StreamTimer, deadlines: 
         timer.arm(after)
         try:
             message = next(requests)
-        except (StopIteration, grpc.RpcError):
+        except StopIteration:
             timer.disarm()
             if timer.expired:
                 raise _stalled(upload=upload, first=count == 0, after_s=after) from None
             return
+        except grpc.RpcError:  # the client went away (or the watchdog cancelled the call)
+            timer.disarm()
+            if timer.expired:
+                raise _stalled(upload=upload, first=count == 0, after_s=after) from None
+            raise
         timer.disarm()
         if timer.expired:  # it came as the call was being cancelled: the call is gone all the same
             raise _stalled(upload=upload, first=count == 0, after_s=after)

@@ -245,3 +245,33 @@ def test_a_server_stream_is_timed_only_while_its_message_is_being_sent() -> None
     assert list(slow_source) == ["a", "b"]  # the handler's own work between messages is not timed
     assert not timer2.expired
     dog.close()
+
+
+class _Broken(grpc.RpcError):
+    pass
+
+
+def test_a_client_that_goes_away_is_still_an_interruption_not_a_stall() -> None:
+    """gRPC reports a cancelled call to the handler's iterator as an RpcError: the
+    servicer records that as UPLOAD_INTERRUPTED, unless the watchdog did the cancelling."""
+    def gone() -> Iterator[Any]:
+        yield "header"
+        raise _Broken()
+
+    dog = Watchdog()
+    messages = watched_requests(gone(), timer=dog.timer(lambda: None), upload=True, deadlines=StreamDeadlines(5, 5))
+    assert next(messages) == "header"
+    with pytest.raises(_Broken):
+        next(messages)
+    stalled = _Stream()
+    stalled.queue.put("header")
+
+    def cut() -> Iterator[Any]:
+        yield from stalled
+        raise _Broken()  # as gRPC ends a cancelled call's stream
+
+    messages = watched_requests(cut(), timer=dog.timer(stalled.cancel), upload=True, deadlines=StreamDeadlines(5, 0.1))
+    assert next(messages) == "header"
+    with pytest.raises(Rejected, match="UPLOAD_STALLED"):
+        next(messages)
+    dog.close()
