@@ -559,7 +559,10 @@ class RoundEngine:
                 for name in gone:
                     p = r.participants.get(name)
                     if p is not None and p.status in ("selected", "uploading", "done"):
-                        r.total.exclude(name)  # under the lock: the close must not see it counted
+                        # Under the lock, so the round's close cannot count it meanwhile. It
+                        # may rebuild the sum from the spools (slow for big models): only
+                        # on a revocation, with an update of the revoked in the open round.
+                        r.total.exclude(name)
                         self._fail(r, p, "CERTIFICATE_REVOKED")
             self._tasks_changed(gone)
         log.warning("dropped the sessions of %s: certificate revoked", ", ".join(gone))

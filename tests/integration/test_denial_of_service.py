@@ -290,3 +290,24 @@ def test_a_revocation_drops_the_certificates_sessions_in_every_study(tmp_path: P
                 coordinator.studies.get(study).engine.touch(session)
             assert gone.value.reason == "SESSION_UNKNOWN", study
         assert coordinator.studies.get("study-b").engine.touch(kept) == "hospital-a"
+
+
+def test_a_ping_flood_is_answered_with_goaway(tmp_path: Path) -> None:
+    """HTTP/2 pings cost the server work outside any handler: a client pinging far
+    faster than the daemon's every 30 s (fedcollab/transport.py) is cut off."""
+    with _serve(tmp_path, {"max_poll_wait_s": 10}, rounds=50, min_institutions=3) as (pki, coordinator):
+        cert, key = pki.institutions["mallory"]
+        creds = grpc.ssl_channel_credentials(root_certificates=pki.ca_cert.read_bytes(),
+                                             private_key=Path(key).read_bytes(),
+                                             certificate_chain=Path(cert).read_bytes())
+        flooding = grpc.secure_channel(f"127.0.0.1:{coordinator.port}", creds, options=[
+            ("grpc.keepalive_time_ms", 100), ("grpc.http2.max_pings_without_data", 0)])
+        mallory = pb_grpc.CoordinatorServiceStub(flooding)
+        session = mallory.Join(pb.JoinRequest(), timeout=5).session_id
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as cut:  # a long-poll: nothing is sent back meanwhile
+            mallory.PollTask(pb.PollTaskRequest(session_id=session, wait_seconds=10), timeout=20)
+        assert cut.value.code() == Code.UNAVAILABLE and "ping" in (cut.value.details() or "").lower(), cut.value
+        assert time.monotonic() - started < 9
+        honest = _as(pki, coordinator, "hospital-a")
+        assert honest.Join(pb.JoinRequest(), timeout=5).session_id  # others are served as before
