@@ -58,6 +58,53 @@ class ServerConfig(_Strict):
     lease_intervals: float = Field(default=5.0, ge=2)
     max_poll_wait_s: float = Field(default=10.0, gt=0, le=120)
     tls: TlsConfig | None = None
+    # Calls one identity (a certificate; over plaintext, the session or name a request
+    # claims) may hold open at once: beyond them RESOURCE_EXHAUSTED / TOO_MANY_CALLS.
+    # An honest daemon holds a long-poll and a heartbeat per study it serves, at most
+    # one upload or download per study, and its agent a ListStudies: 2 x studies + 1.
+    # None: min(24, max_workers // 2), so that one identity never holds more than half
+    # the threads (24 of the default 256: enough for a daemon in 10 studies at once).
+    max_calls_per_identity: int | None = Field(default=None, ge=2)
+    max_uploads_per_identity: int = Field(default=4, ge=1)  # one per study uploading at the same time
+    max_downloads_per_identity: int = Field(default=4, ge=1)  # DownloadModel and PullModel
+    # PollTask and SecAggPoll. A daemon has one at a time per session; a second for the
+    # moment a cancelled one takes to notice (it wakes every second).
+    max_polls_per_session: int = Field(default=2, ge=1)
+    max_polls_per_identity: int = Field(default=16, ge=1)
+    # A client stream (UploadUpdate) with no message for this long is cancelled and the
+    # partial upload refused UPLOAD_STALLED, as is a server stream (DownloadModel,
+    # PullModel) whose client reads nothing for this long. 60 s: a 1 MiB chunk at
+    # 140 kbit/s; a stalled upload holds no thread until round_timeout_s.
+    stream_idle_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    # The first message (an upload's header) is built before the call opens and comes
+    # at once from an honest daemon.
+    stream_first_message_timeout_s: float = Field(default=15.0, gt=0, le=3600)
+    # HTTP/2 connections (see _server.py for why each): keepalive pings to find dead
+    # peers, idle connections closed, every connection renewed after an age, with a
+    # grace for the calls on it long enough for a big upload (the daemon allows 1 s
+    # per MB: 1 h is ~3.6 GB), and streams per connection bounded.
+    keepalive_time_s: float = Field(default=60.0, ge=10, le=7200)
+    keepalive_timeout_s: float = Field(default=20.0, gt=0, le=600)
+    max_connection_idle_s: float = Field(default=300.0, gt=0)
+    max_connection_age_s: float = Field(default=3600.0, gt=0)
+    max_connection_age_grace_s: float = Field(default=3600.0, ge=0)
+    max_streams_per_connection: int = Field(default=64, ge=4, le=10_000)
+
+    @property
+    def calls_per_identity(self) -> int:
+        """`max_calls_per_identity`, or its default for these max_workers."""
+        if self.max_calls_per_identity is not None:
+            return self.max_calls_per_identity
+        return max(2, min(24, self.max_workers // 2))
+
+    @model_validator(mode="after")
+    def _one_identity_cannot_take_every_thread(self) -> ServerConfig:
+        n = self.max_calls_per_identity
+        if n is not None and n > self.max_workers // 2:
+            raise ValueError(f"max_calls_per_identity ({n}) must be at most half of max_workers ({self.max_workers}): "
+                             "otherwise one certificate can hold the threads every other institution needs. "
+                             "Lower it, or raise max_workers")
+        return self
 
 
 class ModelConfig(_Strict):

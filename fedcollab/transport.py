@@ -82,6 +82,10 @@ def create_channel(
     options = [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
+        # A ping every 30 s while calls are open (none without: keepalive_permit_without_calls
+        # stays 0), so a dead coordinator is noticed mid-long-poll. The coordinator accepts
+        # one every 10 s (fedcollab/coordinator/_server.py, server_options): keep this above
+        # that, or the coordinator answers GOAWAY too_many_pings.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.initial_reconnect_backoff_ms", min(1000, backoff_ms)),
         ("grpc.min_reconnect_backoff_ms", min(1000, backoff_ms)),

@@ -86,6 +86,7 @@ class _Session:
     session_id: str
     institution: str
     last_seen: float
+    serial: int = 0  # of the certificate it joined with (0: plaintext), dropped if revoked
 
 
 @dataclass
@@ -456,7 +457,7 @@ class RoundEngine:
         return self._finished
 
     # ----------------------------------------------------------------- sessions
-    def join(self, *, institution: str, num_train_examples: int) -> tuple[str, pb.StudyInfo]:
+    def join(self, *, institution: str, num_train_examples: int, serial: int = 0) -> tuple[str, pb.StudyInfo]:
         if not _NAME.fullmatch(institution):  # fullmatch: '$' would let a trailing newline in
             raise Rejected(
                 code=grpc.StatusCode.INVALID_ARGUMENT,
@@ -471,7 +472,7 @@ class RoundEngine:
             replaced = [s for s, v in self._sessions.items() if v.institution == institution]
             for sid in replaced:
                 del self._sessions[sid]
-            self._sessions[session_id] = _Session(session_id, institution, time.monotonic())
+            self._sessions[session_id] = _Session(session_id, institution, time.monotonic(), serial=serial)
             self._cond.notify_all()
             if replaced:  # a long-poll on a replaced session answers SESSION_UNKNOWN
                 self._tasks_changed([institution])
@@ -541,6 +542,55 @@ class RoundEngine:
             for sid in [s for s, v in self._sessions.items() if v.institution == institution]:
                 del self._sessions[sid]
             self._tasks_changed([institution])
+
+    def forget_serials(self, serials: frozenset[int]) -> list[str]:
+        """Drops the sessions that joined with a revoked certificate, and takes these
+        institutions out of the open round (their update too, if it arrived: a revoked
+        key may have sent it). Under secure aggregation they become dropouts the
+        protocol already handles: no call of theirs gets past the interceptor."""
+        with self._cond:
+            gone = sorted({v.institution for v in self._sessions.values() if v.serial and v.serial in serials})
+            if not gone:
+                return []
+            for sid in [s for s, v in self._sessions.items() if v.serial and v.serial in serials]:
+                del self._sessions[sid]
+            r = self._round
+            if r is not None and not r.closed and r.secagg is None:
+                for name in gone:
+                    p = r.participants.get(name)
+                    if p is not None and p.status in ("selected", "uploading", "done"):
+                        # Under the lock, so the round's close cannot count it meanwhile. It
+                        # may rebuild the sum from the spools (slow for big models): only
+                        # on a revocation, with an update of the revoked in the open round.
+                        r.total.exclude(name)
+                        self._fail(r, p, "CERTIFICATE_REVOKED")
+            self._tasks_changed(gone)
+        log.warning("dropped the sessions of %s: certificate revoked", ", ".join(gone))
+        return gone
+
+    def waits_for_upload(self, institution: str) -> bool:
+        """The open round waits for this institution's update (it was given the task)."""
+        with self._cond:
+            return self._waiting_participant(institution) is not None
+
+    def fail_waiting_upload(self, *, institution: str, reason: str) -> None:
+        """The open round stops waiting for this institution's update (it opened an
+        upload and sent nothing)."""
+        with self._cond:
+            p = self._waiting_participant(institution)
+            if p is not None and self._round is not None:
+                self._fail(self._round, p, reason, message="opened an upload and sent no header")
+
+    def _waiting_participant(self, institution: str) -> _Participant | None:
+        """Caller holds the lock."""
+        r = self._round
+        p = r.participants.get(institution) if r is not None and not r.closed else None
+        if p is None or p.status != "selected":
+            return None
+        assert r is not None
+        if r.secagg is not None and not (r.secagg.stage == MASKED and institution in r.secagg.u2):
+            return None  # not at the stage of its masked upload
+        return p
 
     def online_institutions(self) -> list[str]:
         with self._cond:

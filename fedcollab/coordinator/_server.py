@@ -19,10 +19,12 @@ from fedcollab.coordinator._auth import Authenticator, IdentityInterceptor
 from fedcollab.coordinator._central_eval import central_evaluator
 from fedcollab.coordinator._consortium import Consortium
 from fedcollab.coordinator._engine import Evaluator, RoundEngine, RoundResult
+from fedcollab.coordinator._limits import CallLimits, Limits
 from fedcollab.coordinator._operator import OperatorServicer
 from fedcollab.coordinator._servicer import CoordinatorServicer
 from fedcollab.coordinator._store import Store
 from fedcollab.coordinator._studies import Studies
+from fedcollab.coordinator._watchdog import StreamDeadlines, Watchdog
 from fedcollab.errors import ConfigError
 from fedcollab.lineage._keys import load_or_create_signing_key
 from fedcollab.transport import is_loopback, message_limit, server_credentials_from, warn_insecure
@@ -82,29 +84,34 @@ class Coordinator:
         if credentials is None and tls is not None:
             credentials = server_credentials_from(tls)
         if revoked is None and tls is not None and tls.crl is not None:
-            revoked = _revocation_list(tls.ca_cert, tls.crl).is_revoked
+            revocations = _revocation_list(tls.ca_cert, tls.crl)
+            # A revocation also ends what the certificate had open: its sessions in every
+            # study (their next call must Join, and is refused), its place in open rounds.
+            revocations.on_reload(self.studies.forget_serials)
+            revoked = revocations.is_revoked
         self._credentials = credentials
         authenticator = Authenticator(revoked=revoked) if credentials is not None else None
         self._http = None
-        limit = message_limit(config.server.chunk_bytes)
+        server = config.server
+        # One thread for every stream's deadline between messages (not one per stream).
+        self._watchdog = Watchdog()
+        self.limits = CallLimits(Limits(
+            calls_per_identity=server.calls_per_identity, uploads_per_identity=server.max_uploads_per_identity,
+            polls_per_identity=server.max_polls_per_identity, polls_per_session=server.max_polls_per_session,
+            downloads_per_identity=server.max_downloads_per_identity))
         self._server = grpc.server(
-            ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="rpc"),
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 1),
-                # Flow control: gRPC's bandwidth-delay probing grows each stream's
-                # window on loopback until the coordinator buffers ~30 MB per
-                # institution (0.45 -> 0.82 GiB above serving from 4 to 16 institutions
-                # at 50M parameters, benchmarks/scale_1b.py). A fixed window of one
-                # chunk per stream: 0.37 -> 0.55 GiB, the 16-institution round 25%
-                # faster, and a 50 ms link still carries 80 MB/s per stream.
-                ("grpc.http2.bdp_probe", 0),
-                ("grpc.http2.lookahead_bytes", config.server.chunk_bytes),
-            ],
-            maximum_concurrent_rpcs=config.server.max_workers * 4,
-            interceptors=[IdentityInterceptor(authenticator=authenticator,
-                                              operator_token=None if authenticator else self.operator_token)],
+            ThreadPoolExecutor(max_workers=server.max_workers, thread_name_prefix="rpc"),
+            options=server_options(config, tls=credentials is not None),
+            # Calls in flight, the queued ones included: beyond it gRPC itself answers
+            # RESOURCE_EXHAUSTED before any handler runs. Room for 3 x max_workers to
+            # queue behind busy threads (bursts of short calls), while the call limits
+            # keep any one identity to server.calls_per_identity threads (at most half).
+            maximum_concurrent_rpcs=server.max_workers * 4,
+            interceptors=[IdentityInterceptor(
+                authenticator=authenticator, operator_token=None if authenticator else self.operator_token,
+                limits=self.limits, watchdog=self._watchdog,
+                deadlines=StreamDeadlines(first_message_s=server.stream_first_message_timeout_s,
+                                          idle_s=server.stream_idle_timeout_s))],
         )
         pb_grpc.add_CoordinatorServiceServicer_to_server(
             CoordinatorServicer(studies=self.studies, consortium=self.consortium,
@@ -177,6 +184,7 @@ class Coordinator:
             self._http.stop()
         # Let institutions see FINISHED before the port closes.
         self._server.stop(grace).wait()
+        self._watchdog.close()
         self.store.close()
         self.consortium.close()
 
@@ -188,6 +196,67 @@ class Coordinator:
         self.stop()
 
 
+
+
+def server_options(config: FederationConfig, *, tls: bool) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments, each for a reason."""
+    server = config.server
+    limit = message_limit(server.chunk_bytes)
+    ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+    options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 1),
+        # Flow control: gRPC's bandwidth-delay probing grows each stream's
+        # window on loopback until the coordinator buffers ~30 MB per
+        # institution (0.45 -> 0.82 GiB above serving from 4 to 16 institutions
+        # at 50M parameters, benchmarks/scale_1b.py). A fixed window of one
+        # chunk per stream: 0.37 -> 0.55 GiB, the 16-institution round 25%
+        # faster, and a 50 ms link still carries 80 MB/s per stream.
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", server.chunk_bytes),
+        # Keepalive: the server pings each connection that has calls open every
+        # keepalive_time_s (default 60 s, against gRPC's 2 h) and drops it when no ack
+        # comes within keepalive_timeout_s, so the threads of a peer that vanished (a
+        # cut cable sends no FIN) come back within ~80 s, not when TCP gives up.
+        ("grpc.keepalive_time_ms", ms(server.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(server.keepalive_timeout_s)),
+        # Keep pinging a peer that sends nothing back (a long-poll or an upload's
+        # silence is what keepalive is for); gRPC's default stops after 2 pings.
+        ("grpc.http2.max_pings_without_data", 0),
+        # Pings the server accepts from clients: the daemon's channel pings every 30 s
+        # while it has calls open (fedcollab/transport.py: keepalive_time_ms 30000, not
+        # without calls), also during an upload, when the server sends nothing back. The
+        # default policy allows one ping per 5 minutes without data and answers the third
+        # early one with GOAWAY (too_many_pings): honest daemons would be cut off in the
+        # middle of long uploads. 10 s is a third of the daemon's interval; a client
+        # pinging faster (a ping flood) still gets GOAWAY after max_ping_strikes.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        # With no call open a client has no reason to ping (the daemon does not):
+        # such pings count as early, as gRPC's default has it.
+        ("grpc.keepalive_permit_without_calls", 0),
+        # A connection with no call open for max_connection_idle_s (5 min) is closed
+        # with a GOAWAY: an idle TLS connection costs memory and a descriptor, and a
+        # client reconnects on its next call without noticing. Daemons call every
+        # heartbeat_interval_s, so theirs stay open.
+        ("grpc.max_connection_idle_ms", ms(server.max_connection_idle_s)),
+        # Every connection is renewed after max_connection_age_s (1 h; gRPC adds
+        # +-10% jitter): none lives forever, whatever was negotiated on it. Its calls
+        # keep running for max_connection_age_grace_s (1 h), longer than a big upload
+        # takes (the daemon's own deadline allows 1 s per MB), before it is closed.
+        ("grpc.max_connection_age_ms", ms(server.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", ms(server.max_connection_age_grace_s)),
+    ]
+    if tls:
+        # Streams open at once on one connection (HTTP/2 SETTINGS). An honest agent
+        # multiplexes its studies over one connection (2 x studies + 1 calls); more wait
+        # at the client, not in the server's queue, so one connection cannot flood
+        # the RPC queue (maximum_concurrent_rpcs) with calls that are only refused.
+        # Under TLS only: over plaintext the daemons of a simulation in one process
+        # share one connection (gRPC's global subchannel pool), two streams each.
+        options.append(("grpc.max_concurrent_streams", server.max_streams_per_connection))
+    return options
 
 
 def _operator_token(path: Path) -> str:

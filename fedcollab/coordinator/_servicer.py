@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from fedcollab.coordinator._auth import RateLimiter, caller_of
+from fedcollab.coordinator._auth import RateLimiter, caller_of, check_not_revoked
 from fedcollab.coordinator._checkpoints import read_pieces
 from fedcollab.coordinator._consortium import Consortium
 from fedcollab.coordinator._engine import RoundEngine
@@ -50,6 +50,15 @@ def translated(method: F) -> F:
             context.abort(grpc.StatusCode.INTERNAL, "internal error at the coordinator")
 
     return wrapper  # type: ignore[return-value]
+
+
+def _revoked_instead(context: grpc.ServicerContext, e: Rejected) -> Rejected:
+    """CERTIFICATE_REVOKED when that is why the call's round let it go."""
+    try:
+        check_not_revoked(context)
+    except Rejected as revoked:
+        return revoked
+    return e
 
 
 class _OneStudy:
@@ -168,7 +177,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                            metadata={"retry_after_seconds": "2"})
         self._check_member(name, joining=True)
         engine = self._studies.for_join(request.study).engine
-        session_id, study = engine.join(institution=name, num_train_examples=request.num_train_examples)
+        session_id, study = engine.join(institution=name, num_train_examples=request.num_train_examples,
+                                        serial=caller.serial if caller is not None else 0)
         return pb.JoinResponse(
             session_id=session_id,
             study=study,
@@ -224,12 +234,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 if message.WhichOneof("part") != "chunk":
                     raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="UNEXPECTED_HEADER",
                                    message="only chunks may follow the header")
+                # The stream may outlast a revocation (checked when it opened): each
+                # chunk, and the update before it counts, ask again (a stat() while the
+                # CRL file is unchanged).
+                check_not_revoked(context)
                 engine.accept_chunk(upload, message.chunk)
+            check_not_revoked(context)
             engine.finish_upload(upload)
             return pb.UploadUpdateResponse(bytes_received=upload.receiver.received)
         except Rejected as e:
+            if e.reason in ("ROUND_CLOSED", "PARTICIPATION_ENDED"):
+                e = _revoked_instead(context, e)  # the reload took it out of the round first
             if upload is not None and engine is not None:
                 engine.abort_upload(upload, reason=e.reason)
+            elif e.reason == "UPLOAD_STALLED":
+                self._stalled_before_header(context)
             context.abort_with_status(to_grpc_status(e))
         except grpc.RpcError:
             # The institution went away mid-stream: its partial update is dropped.
@@ -242,6 +261,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 engine.abort_upload(upload, reason="INTERNAL")
             context.abort(grpc.StatusCode.INTERNAL, "internal error at the coordinator")
         raise AssertionError("unreachable")  # abort raises
+
+    def _stalled_before_header(self, context: grpc.ServicerContext) -> None:
+        """An upload opened and sent no header in time. Under mutual TLS the caller is
+        known: the round that waits for its update stops waiting. Only when one study
+        does: with several, the stream named none, and failing the others would cut off
+        updates still being trained. Over plaintext the stream names no one; the
+        round's deadline stays the bound there."""
+        caller = caller_of(context)
+        if caller is None:
+            return
+        waiting = [run.engine for run in self._studies.runs() if run.engine.waits_for_upload(caller.name)]
+        if len(waiting) == 1:
+            waiting[0].fail_waiting_upload(institution=caller.name, reason="UPLOAD_STALLED")
 
     @translated
     def ReportEvaluation(

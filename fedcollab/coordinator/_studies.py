@@ -286,6 +286,14 @@ class Studies:
         for run in self.runs():
             run.engine.forget_institution(institution)
 
+    def forget_serials(self, serials: frozenset[int]) -> list[str]:
+        """Drops, in every study, the sessions of certificates now revoked; the
+        institutions whose sessions went."""
+        gone: set[str] = set()
+        for run in self.runs():
+            gone.update(run.engine.forget_serials(serials))
+        return sorted(gone)
+
 
 def _invalid(message: str) -> Rejected:
     return Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="STUDY_INVALID", message=message)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -28,6 +29,7 @@ class RevocationList:
         self._path = Path(path)
         self._ca = ca_cert
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[frozenset[int]], None]] = []
         self._revoked: frozenset[int] = frozenset()
         self._seen: tuple[int, int, int] | None = None  # (inode, mtime_ns, size) last looked at
         self._stale_warned = False
@@ -37,6 +39,13 @@ class RevocationList:
         except (OSError, PkiError) as e:
             raise PkiError(f"cannot use the revocation list {self._path}: {e}. Copy the crl.pem of the "
                            "federation CA there (`fedcollab pki crl --ca-dir` re-signs it)") from None
+
+    def on_reload(self, listener: Callable[[frozenset[int]], None]) -> None:
+        """`listener(revoked_serials)` after each reload that changed the set (the
+        coordinator drops those certificates' sessions). It runs in the thread whose call
+        found the file changed, after the new list is in force; an exception in it is
+        logged, never raised to that call."""
+        self._listeners.append(listener)
 
     @property
     def revoked_serials(self) -> frozenset[int]:
@@ -61,6 +70,7 @@ class RevocationList:
         with self._lock:
             if seen == self._seen:  # another thread reloaded it meanwhile
                 return
+            before = self._revoked
             try:
                 if seen is None:
                     raise PkiError("the file is gone")
@@ -69,6 +79,13 @@ class RevocationList:
                 log.error("revocation list %s: %s; keeping the last good one (%d revoked serials) until a "
                           "valid CRL signed by the federation CA replaces it", self._path, e, len(self._revoked))
             self._seen = seen  # a bad file is reported once, not on every call
+            revoked = self._revoked
+        if revoked != before:
+            for listener in list(self._listeners):  # outside the lock: listeners take their own
+                try:
+                    listener(revoked)
+                except Exception:
+                    log.exception("revocation list %s: a listener failed on reload", self._path)
 
     def _load(self) -> frozenset[int]:
         try:
