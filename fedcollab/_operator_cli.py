@@ -81,6 +81,37 @@ def _operator_call(args: argparse.Namespace, method: str, request: Any) -> Any:
         channel.close()
 
 
+_MAX_STATUS_PAGES = 10_000  # 1000 round attempts a page: far beyond any study; a coordinator that never ends is cut
+
+
+def _study_status(args: argparse.Namespace, study: str) -> tuple[Any, list[Any]]:
+    """GetStatus page by page over one channel: the first reply (institutions and the
+    study's figures) and every round attempt, oldest first."""
+    from fedcollab.v1 import operator_service_pb2 as opb
+    from fedcollab.v1 import operator_service_pb2_grpc as opb_grpc
+
+    channel, metadata = _operator_channel(args)
+    try:
+        stub = opb_grpc.OperatorServiceStub(channel)
+        first, rounds, token, seen = None, [], "", set()
+        for _ in range(_MAX_STATUS_PAGES):
+            reply = stub.GetStatus(opb.GetStatusRequest(study=study, page_size=1000, page_token=token),
+                                   metadata=metadata, timeout=30)
+            first = first or reply
+            rounds.extend(reply.rounds)
+            token = reply.next_page_token
+            if not token:
+                return first, rounds
+            if token in seen:
+                raise FedcollabError("the coordinator sent the same status page token twice: stopped paging")
+            seen.add(token)
+        raise FedcollabError(f"the coordinator's status has more than {_MAX_STATUS_PAGES} pages: stopped paging")
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from None
+    finally:
+        channel.close()
+
+
 def _partner_client(args: argparse.Namespace) -> tuple[Any, InstitutionConfig]:
     from fedcollab.institution import CoordinatorClient
 
@@ -134,15 +165,17 @@ def cmd_study_status(args: argparse.Namespace) -> int:
     summary = next((s for s in studies if s.name == args.name or (not args.name and s.is_default)), None)
     if summary is None:
         raise ConfigError(f"no study {args.name!r} at the coordinator; `fedcollab study list` shows them")
-    status = _operator_call(args, "GetStatus", opb.GetStatusRequest(study=summary.name))
+    status, rounds = _study_status(args, summary.name)
     console.print(f"study [bold]{markup(summary.name)}[/]: {markup(summary.status)}, {summary.rounds_committed} of "
                   f"{summary.total_rounds} rounds committed; model {markup(summary.model_kind)}, strategy "
                   f"{markup(summary.strategy)}"
                   + (f"; {markup(summary.reason)}" if summary.reason else ""))
-    table = Table(title="rounds")
+    shown = rounds[-args.last:] if args.last else rounds
+    table = Table(title="rounds" if len(shown) == len(rounds) else
+                  f"rounds: the latest {len(shown)} of {len(rounds)} attempts (--last 0 shows all)")
     for col in ("round", "attempt", "status", "model", "updates", "train loss", "eval acc", "reason"):
         table.add_column(col)
-    for r in status.rounds:
+    for r in shown:
         m = r.metrics
         table.add_row(str(r.round), str(r.attempt), markup(r.status), str(r.model_version or ""),
                       str(int(m.get("num_updates", 0)) or ""),
@@ -325,6 +358,16 @@ def _privacy_of(record: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 # ----------------------------------------------------------------- parsers
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0, 1, 2, ...)")
+    return n
+
+
 def _operator_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="federation.toml: the coordinator's address, CA and (plaintext) operator token")
     p.add_argument("--coordinator", help="HOST:PORT of the coordinator")
@@ -346,6 +389,8 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_study_list)
     p = study.add_parser("status", help="a study's rounds and institutions")
     p.add_argument("name", nargs="?", default="", help="default: the default study")
+    p.add_argument("--last", type=_count, default=100, metavar="N",
+                   help="show the latest N round attempts (default: 100; 0: all, slow to draw for thousands)")
     _operator_options(p)
     p.set_defaults(func=cmd_study_status)
     for change, what in (("pause", "open no new round (the one under way ends)"), ("resume", "go on after a pause"),
