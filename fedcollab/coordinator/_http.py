@@ -213,7 +213,8 @@ class _Handler(BaseHTTPRequestHandler):
             given = parse_qs(url.query).get("token", [""])[0]
             if given and _same(given, token):  # once, from a link: a session in a cookie, the URL without it
                 self._send(HTTPStatus.SEE_OTHER, b"", "text/plain; charset=utf-8", send_body=send_body,
-                           extra={"Location": path, "Set-Cookie": self._session_cookie()})
+                           # Only to a route of ours: "//elsewhere" would be a redirect off the site.
+                           extra={"Location": path if path in _ROUTES else "/", "Set-Cookie": self._session_cookie()})
                 return
             if not self._authorized(token):
                 self._send(HTTPStatus.UNAUTHORIZED, b"operator token required: send 'Authorization: Bearer <token>' "

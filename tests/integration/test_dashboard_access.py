@@ -129,11 +129,16 @@ def test_the_cookie_is_a_session_not_the_token(guarded_page: OperatorHttpServer)
     assert get(port, "/api/snapshot.json", host="127.0.0.1", headers=f"Cookie: {name_value}\r\n")[0] == 200
     assert _login(port).split(";")[0] != name_value  # each login its own id
     # The token, or anything but an issued id, in the cookie opens nothing.
-    for forged in (f"{SESSION_COOKIE}={TOKEN}", f"fedcollab_operator={TOKEN}", f"{SESSION_COOKIE}={value[:-1]}{'B' if value[-1] == 'A' else 'A'}",
+    flipped = value[:-1] + ("B" if value[-1] == "A" else "A")
+    for forged in (f"{SESSION_COOKIE}={TOKEN}", f"fedcollab_operator={TOKEN}", f"{SESSION_COOKIE}={flipped}",
                    f"{SESSION_COOKIE}="):
         assert get(port, "/api/snapshot.json", host="127.0.0.1", headers=f"Cookie: {forged}\r\n")[0] == 401, forged
     # The session opens the page only from an address it is served on.
     assert get(port, "/api/snapshot.json", host="evil.example", headers=f"Cookie: {name_value}\r\n")[0] == 421
+    # The link sends the browser on only to a route of this page.
+    for path, location in (("/metrics", "/metrics"), ("//evil.example/", "/"), ("/nowhere", "/")):
+        status, head, _ = get(port, f"{path}?token={TOKEN}", host="127.0.0.1")
+        assert status == 303 and f"\r\nLocation: {location}\r\n" in head.decode() + "\r\n", head
     # Prometheus keeps the token in a Bearer header.
     assert get(port, "/metrics", host="127.0.0.1", headers=f"Authorization: Bearer {TOKEN}\r\n")[0] == 200
 
