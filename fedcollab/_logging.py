@@ -9,6 +9,8 @@ import sys
 from datetime import datetime, timezone
 from typing import IO, Any, Literal
 
+from fedcollab._display import printable
+
 LogFormat = Literal["rich", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("rich", "json")
 
@@ -40,6 +42,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+class TerminalFormatter(logging.Formatter):
+    """A log line for a person's terminal: the message (which may quote what an
+    institution sent, a decline message say) with its control characters escaped, so
+    no escape sequence from outside reaches the terminal (_display)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = printable(record.message, limit=None)
+        return super().formatMessage(record)
+
+
 def configure_logging(*, level: int, fmt: LogFormat = "rich", stream: IO[str] | None = None) -> None:
     """Give the root logger one handler writing to `stream` (default: stderr) at `level`.
 
@@ -57,5 +69,5 @@ def configure_logging(*, level: int, fmt: LogFormat = "rich", stream: IO[str] | 
 
         console = Console(stderr=True) if stream is None else Console(file=stream)  # stderr: looked up at each write
         handler = RichHandler(console=console, show_path=False)
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s", datefmt="[%X]"))
+        handler.setFormatter(TerminalFormatter("%(name)s: %(message)s", datefmt="[%X]"))
     logging.basicConfig(level=level, handlers=[handler])

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedcollab._display import markup
 from fedcollab._struct import integral
 from fedcollab.config import FederationConfig, InstitutionConfig, TlsConfig, load_config
 from fedcollab.errors import ConfigError, FedcollabError
@@ -80,6 +81,37 @@ def _operator_call(args: argparse.Namespace, method: str, request: Any) -> Any:
         channel.close()
 
 
+_MAX_STATUS_PAGES = 10_000  # 1000 round attempts a page: far beyond any study; a coordinator that never ends is cut
+
+
+def _study_status(args: argparse.Namespace, study: str) -> tuple[Any, list[Any]]:
+    """GetStatus page by page over one channel: the first reply (institutions and the
+    study's figures) and every round attempt, oldest first."""
+    from fedcollab.v1 import operator_service_pb2 as opb
+    from fedcollab.v1 import operator_service_pb2_grpc as opb_grpc
+
+    channel, metadata = _operator_channel(args)
+    try:
+        stub = opb_grpc.OperatorServiceStub(channel)
+        first, rounds, token, seen = None, [], "", set()
+        for _ in range(_MAX_STATUS_PAGES):
+            reply = stub.GetStatus(opb.GetStatusRequest(study=study, page_size=1000, page_token=token),
+                                   metadata=metadata, timeout=30)
+            first = first or reply
+            rounds.extend(reply.rounds)
+            token = reply.next_page_token
+            if not token:
+                return first, rounds
+            if token in seen:
+                raise FedcollabError("the coordinator sent the same status page token twice: stopped paging")
+            seen.add(token)
+        raise FedcollabError(f"the coordinator's status has more than {_MAX_STATUS_PAGES} pages: stopped paging")
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from None
+    finally:
+        channel.close()
+
+
 def _partner_client(args: argparse.Namespace) -> tuple[Any, InstitutionConfig]:
     from fedcollab.institution import CoordinatorClient
 
@@ -105,8 +137,8 @@ def cmd_study_submit(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
     summary = _operator_call(args, "SubmitStudy", opb.SubmitStudyRequest(study_toml=text))
-    console.print(f"study [bold]{escape(summary.name)}[/] submitted: {summary.status}"
-                  + (f" (starts after {escape(summary.start_after)})" if summary.start_after else ""))
+    console.print(f"study [bold]{markup(summary.name)}[/] submitted: {markup(summary.status)}"
+                  + (f" (starts after {markup(summary.start_after)})" if summary.start_after else ""))
     return 0
 
 
@@ -118,9 +150,10 @@ def cmd_study_list(args: argparse.Namespace) -> int:
     for col in ("study", "status", "rounds", "model", "strategy", "online", "declined by", "submitted", "reason"):
         table.add_column(col)
     for s in response.studies:
-        table.add_row(escape(s.name) + (" (default)" if s.is_default else ""), s.status,
-                      f"{s.rounds_committed}/{s.total_rounds}", s.model_kind, s.strategy, str(len(s.online)),
-                      escape(", ".join(sorted(s.declined))), _when(s.submitted_at), escape(s.reason))
+        table.add_row(markup(s.name) + (" (default)" if s.is_default else ""), markup(s.status),
+                      f"{s.rounds_committed}/{s.total_rounds}", markup(s.model_kind), markup(s.strategy),
+                      str(len(s.online)),
+                      markup(", ".join(sorted(s.declined))), _when(s.submitted_at), markup(s.reason))
     console.print(table)
     return 0
 
@@ -132,29 +165,32 @@ def cmd_study_status(args: argparse.Namespace) -> int:
     summary = next((s for s in studies if s.name == args.name or (not args.name and s.is_default)), None)
     if summary is None:
         raise ConfigError(f"no study {args.name!r} at the coordinator; `fedcollab study list` shows them")
-    status = _operator_call(args, "GetStatus", opb.GetStatusRequest(study=summary.name))
-    console.print(f"study [bold]{escape(summary.name)}[/]: {summary.status}, {summary.rounds_committed} of "
-                  f"{summary.total_rounds} rounds committed; model {summary.model_kind}, strategy {summary.strategy}"
-                  + (f"; {escape(summary.reason)}" if summary.reason else ""))
-    table = Table(title="rounds")
+    status, rounds = _study_status(args, summary.name)
+    console.print(f"study [bold]{markup(summary.name)}[/]: {markup(summary.status)}, {summary.rounds_committed} of "
+                  f"{summary.total_rounds} rounds committed; model {markup(summary.model_kind)}, strategy "
+                  f"{markup(summary.strategy)}"
+                  + (f"; {markup(summary.reason)}" if summary.reason else ""))
+    shown = rounds[-args.last:] if args.last else rounds
+    table = Table(title="rounds" if len(shown) == len(rounds) else
+                  f"rounds: the latest {len(shown)} of {len(rounds)} attempts (--last 0 shows all)")
     for col in ("round", "attempt", "status", "model", "updates", "train loss", "eval acc", "reason"):
         table.add_column(col)
-    for r in status.rounds:
+    for r in shown:
         m = r.metrics
-        table.add_row(str(r.round), str(r.attempt), r.status, str(r.model_version or ""),
+        table.add_row(str(r.round), str(r.attempt), markup(r.status), str(r.model_version or ""),
                       str(int(m.get("num_updates", 0)) or ""),
                       f"{m['train_loss']:.4f}" if "train_loss" in m else "",
-                      f"{m['eval_accuracy']:.4f}" if "eval_accuracy" in m else "", escape(r.reason))
+                      f"{m['eval_accuracy']:.4f}" if "eval_accuracy" in m else "", markup(r.reason))
     console.print(table)
     table = Table(title="institutions")
     for col in ("institution", "online", "examples", "epsilon spent", "budget"):
         table.add_column(col)
     for i in status.institutions:
-        table.add_row(escape(i.name), "yes" if i.online else "no", str(i.num_train_examples),
+        table.add_row(markup(i.name), "yes" if i.online else "no", str(i.num_train_examples),
                       f"{i.epsilon:.3f}" if i.budget_epsilon else "", f"{i.budget_epsilon:g}" if i.budget_epsilon else "")
     console.print(table)
     for name, why in sorted(summary.declined.items()):
-        console.print(f"declined by {escape(name)}: {escape(why)}")
+        console.print(f"declined by {markup(name)}: {markup(why)}")
     return 0
 
 
@@ -163,7 +199,7 @@ def cmd_study_change(args: argparse.Namespace) -> int:
 
     summary = _operator_call(args, "ChangeStudy", opb.ChangeStudyRequest(study=args.name, action=args.change,
                                                                          reason=args.reason or ""))
-    console.print(f"study [bold]{escape(summary.name)}[/]: {summary.status}")
+    console.print(f"study [bold]{markup(summary.name)}[/]: {markup(summary.status)}")
     return 0
 
 
@@ -176,8 +212,8 @@ def cmd_institutions_list(args: argparse.Namespace) -> int:
     for col in ("institution", "membership", "online", "last seen", "examples", "changed by", "reason"):
         table.add_column(col)
     for m in response.institutions:
-        table.add_row(escape(m.institution), m.status, "yes" if m.online else "no", _when(m.last_seen),
-                      str(m.num_train_examples), escape(m.changed_by), escape(m.reason))
+        table.add_row(markup(m.institution), markup(m.status), "yes" if m.online else "no", _when(m.last_seen),
+                      str(m.num_train_examples), markup(m.changed_by), markup(m.reason))
     console.print(table)
     return 0
 
@@ -188,7 +224,7 @@ def cmd_institutions_set(args: argparse.Namespace) -> int:
     status = {"approve": "approved", "suspend": "suspended"}[args.change]
     m = _operator_call(args, "SetMembership", opb.SetMembershipRequest(institution=args.name, status=status,
                                                                        reason=args.reason or ""))
-    console.print(f"{escape(m.institution)}: {m.status}")
+    console.print(f"{markup(m.institution)}: {markup(m.status)}")
     return 0
 
 
@@ -197,7 +233,7 @@ def cmd_model_publish(args: argparse.Namespace) -> int:
     from fedcollab.v1 import operator_service_pb2 as opb
 
     r = _operator_call(args, "PublishModel", opb.PublishModelRequest(study=args.study, version=args.version))
-    console.print(f"published v{r.version} of study {escape(r.study)} (SHA-256 {r.sha256[:16]}..)")
+    console.print(f"published v{r.version} of study {markup(r.study)} (SHA-256 {r.sha256[:16]}..)")
     return 0
 
 
@@ -207,7 +243,7 @@ def cmd_model_versions(args: argparse.Namespace) -> int:
 
     response = _operator_call(args, "ListLineage", opb.ListLineageRequest(study=args.study or ""))
     published = set(response.published_versions)
-    table = Table(title=f"committed versions of {escape(args.study or 'the default study')} with their lineage")
+    table = Table(title=f"committed versions of {markup(args.study or 'the default study')} with their lineage")
     for col in ("version", "round", "parent", "sha256", "aggregator", "contributors", "signed", "published", "created"):
         table.add_column(col)
     for e in response.entries:
@@ -215,11 +251,12 @@ def cmd_model_versions(args: argparse.Namespace) -> int:
             r = verify_record(record_bytes=e.record, signature=e.signature, public_key=response.public_key)
             signed = "ok"
         except LineageError as err:
-            r, signed = {}, f"NO: {err.message}"
-        table.add_row(str(e.version), str(r.get("round", "")), (r.get("parent_sha256") or "-")[:12],
-                      str(r.get("model_sha256", ""))[:12], str((r.get("aggregator") or {}).get("name", "")),
-                      escape(", ".join(c["institution"] for c in r.get("contributions", []))), signed,
-                      "yes" if e.version in published else "", str(r.get("created_at", ""))[:19])
+            r, signed = {}, markup(f"NO: {err.message}")
+        table.add_row(str(e.version), markup(r.get("round", "")), markup((r.get("parent_sha256") or "-")[:12]),
+                      markup(str(r.get("model_sha256", ""))[:12]), markup((r.get("aggregator") or {}).get("name", "")),
+                      markup(", ".join(c["institution"] for c in r.get("contributions", []))), signed,
+                      "yes" if e.version in published else "",
+                      markup(str(r.get("created_at", ""))[:19]))
     console.print(table)
     return 0
 
@@ -231,11 +268,11 @@ def cmd_model_list(args: argparse.Namespace) -> int:
     for col in ("study", "version", "round", "size", "contributors", "metrics", "max epsilon", "published", "sha256"):
         table.add_column(col)
     for m in models:
-        metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(m.metrics.items()) if k.endswith("accuracy"))
-        table.add_row(escape(m.study), str(m.version), str(m.round), f"{m.size_bytes / 1e6:.2f} MB",
-                      escape(", ".join(m.contributors)), metrics,
+        metrics = markup(", ".join(f"{k} {v:.4g}" for k, v in sorted(m.metrics.items()) if k.endswith("accuracy")))
+        table.add_row(markup(m.study), str(m.version), str(m.round), f"{m.size_bytes / 1e6:.2f} MB",
+                      markup(", ".join(m.contributors)), metrics,
                       f"{max(m.epsilon.values()):.3f}" if any(m.epsilon.values()) else "", _when(m.published_at),
-                      m.sha256[:16] + "..")
+                      markup(m.sha256[:16]) + "..")
     console.print(table)
     return 0
 
@@ -321,6 +358,16 @@ def _privacy_of(record: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 # ----------------------------------------------------------------- parsers
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0, 1, 2, ...)")
+    return n
+
+
 def _operator_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="federation.toml: the coordinator's address, CA and (plaintext) operator token")
     p.add_argument("--coordinator", help="HOST:PORT of the coordinator")
@@ -342,6 +389,8 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_study_list)
     p = study.add_parser("status", help="a study's rounds and institutions")
     p.add_argument("name", nargs="?", default="", help="default: the default study")
+    p.add_argument("--last", type=_count, default=100, metavar="N",
+                   help="show the latest N round attempts (default: 100; 0: all, slow to draw for thousands)")
     _operator_options(p)
     p.set_defaults(func=cmd_study_status)
     for change, what in (("pause", "open no new round (the one under way ends)"), ("resume", "go on after a pause"),

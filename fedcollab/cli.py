@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fedcollab._display import markup
 from fedcollab._memory import tune_malloc
 from fedcollab.config import FederationConfig, InstitutionConfig, Scenario, load_config
 from fedcollab.errors import ConfigError, FedcollabError
@@ -129,7 +130,7 @@ def cmd_coordinator_status(args: argparse.Namespace) -> int:
         fmt = lambda k: f"{m[k]:.4f}" if k in m else ""  # noqa: E731
         table.add_row(str(r["round"]), str(r["attempt"]), r["status"], str(r["model_version"] or ""),
                       str(int(m.get("num_updates", 0)) or ""), fmt("train_loss"), fmt("eval_accuracy"),
-                      fmt("central_accuracy"), r["reason"] or "")
+                      fmt("central_accuracy"), markup(r["reason"] or ""))  # reasons quote institutions
     console.print(table)
     _print_privacy_spend(store)
     store.close()
@@ -147,8 +148,8 @@ def _print_privacy_spend(store: Any) -> None:
         for col in ("institution", "last round", "epsilon spent", "budget", "delta", "accountant", "status"):
             table.add_column(col)
         for name, p in sorted(latest.items()):
-            table.add_row(name, str(p["round"]), f"{p['epsilon']:.3f}", f"{p['budget_epsilon']:g}",
-                          f"{p['delta']:g}", p["accountant"], p["status"])
+            table.add_row(markup(name), str(p["round"]), f"{p['epsilon']:.3f}", f"{p['budget_epsilon']:g}",
+                          f"{p['delta']:g}", markup(p["accountant"]), markup(p["status"]))  # as institutions said
         console.print(table)
     from fedcollab._dp_metrics import federation_dp
 

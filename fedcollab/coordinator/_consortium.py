@@ -18,6 +18,7 @@ from typing import Any
 
 STUDY_STATUSES = ("queued", "running", "paused", "cancelled", "finished", "failed")
 MEMBERSHIP_STATUSES = ("approved", "pending", "suspended")
+MAX_DECLINE_MESSAGE = 1024  # characters of a decline message kept
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -141,9 +142,11 @@ class Consortium:
 
     # declines
     def record_decline(self, *, study: str, institution: str, reason: str, message: str) -> None:
+        # Bounded here whatever the caller checked: one row per (study, institution), of
+        # at most MAX_DECLINE_MESSAGE characters. Stored as sent; shown escaped (_display).
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO declines VALUES (?, ?, ?, ?, ?)",
-                       (study, institution, reason, message, time.time()))
+                       (study, institution[:128], reason[:64], message[:MAX_DECLINE_MESSAGE], time.time()))
 
     def declines(self, study: str) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM declines WHERE study=? ORDER BY institution", (study,))

@@ -13,6 +13,7 @@ import grpc
 from fedcollab.coordinator._auth import caller_of
 from fedcollab.coordinator._consortium import Consortium
 from fedcollab.coordinator._registry import committed_version
+from fedcollab.coordinator._status_pages import page, page_size_of, position_of, token_for
 from fedcollab.coordinator._servicer import translated as _translated
 from fedcollab.coordinator._studies import Studies, StudyRun
 from fedcollab.errors import Rejected
@@ -54,25 +55,31 @@ class OperatorServicer(opb_grpc.OperatorServiceServicer):
     def GetStatus(self, request: opb.GetStatusRequest, context: grpc.ServicerContext) -> opb.GetStatusResponse:
         run = self._studies.get(request.study)
         engine, store = run.engine, run.store
+        # Paged (_status_pages): thousands of rounds do not fit one message.
+        page_size = page_size_of(request.page_size)
+        after = position_of(request.page_token, study=run.name)
         online = set(engine.online_institutions())
         spend: dict[str, dict[str, Any]] = {}
-        for p in store.privacy_spend():
+        for p in store.privacy_spend() if after is None else ():  # institutions go on the first page only
             spend[p["institution"]] = p
-        rounds = [
-            opb.RoundStatus(round=r["round"], attempt=r["attempt"], status=r["status"],
-                            model_version=r["model_version"] or 0, reason=r["reason"] or "",
-                            metrics=_finite(r["metrics"]))
-            for r in store.rounds()
-        ]
+        all_rounds = store.rounds()
+        rounds, more = page(all_rounds, after=after, page_size=page_size, size_of=lambda m: m.ByteSize(),
+                            encode=lambda r: opb.RoundStatus(
+                                round=r["round"], attempt=r["attempt"], status=r["status"],
+                                model_version=r["model_version"] or 0, reason=r["reason"] or "",
+                                metrics=_finite(r["metrics"])))
+        next_token = token_for(study=run.name, round_number=rounds[-1].round, attempt=rounds[-1].attempt) \
+            if more and rounds else ""
         institutions = [
             opb.InstitutionStatus(name=i["name"], online=i["name"] in online,
                                   num_train_examples=i["num_train_examples"],
                                   epsilon=float(spend.get(i["name"], {}).get("epsilon", 0.0)),
                                   budget_epsilon=float(spend.get(i["name"], {}).get("budget_epsilon", 0.0)))
             for i in store.institutions()
-        ]
+        ] if after is None else []
         return opb.GetStatusResponse(federation=self._federation, study=run.name, total_rounds=engine.study.rounds,
-                                     finished=engine.finished, rounds=rounds, institutions=institutions)
+                                     finished=engine.finished, rounds=rounds, institutions=institutions,
+                                     next_page_token=next_token, total_size=len(all_rounds))
 
     @_translated
     def ListLineage(self, request: opb.ListLineageRequest, context: grpc.ServicerContext) -> opb.ListLineageResponse:

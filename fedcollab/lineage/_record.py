@@ -26,7 +26,7 @@ from fedcollab.lineage._keys import public_key_of
 
 SCHEMA = "fedcollab.lineage/1"
 SIGNATURE_BYTES = 64
-_SHA = re.compile(r"^[0-9a-f]{64}$")
+_SHA = re.compile(r"[0-9a-f]{64}")  # fullmatch: `match` with `$` lets "<sha>\n" through
 _CONTRIBUTION_KEYS = {"institution", "update_sha256", "num_examples", "privacy"}
 # key -> accepted types; None means null is allowed.
 _FIELDS: dict[str, tuple[Any, ...]] = {
@@ -65,7 +65,7 @@ def build_record(
     if (version == 0) != (parent_sha256 is None):
         raise ValueError(f"v{version}: parent_sha256 is null for v0 and only for v0 (got {parent_sha256!r})")
     for name, sha in (("model_sha256", model_sha256), ("parent_sha256", parent_sha256)):
-        if sha is not None and not _SHA.match(sha):
+        if sha is not None and not _SHA.fullmatch(sha):
             raise ValueError(f"{name} must be 64 lowercase hex digits, got {sha!r}")
     if not isinstance(aggregator.get("name"), str) or not aggregator["name"]:
         raise ValueError(f"aggregator needs a name, e.g. {{'name': 'fedavg'}}; got {dict(aggregator)!r}")
@@ -74,7 +74,7 @@ def build_record(
         unknown = set(c) - _CONTRIBUTION_KEYS
         if unknown:
             raise ValueError(f"contribution keys are {sorted(_CONTRIBUTION_KEYS)}; unknown: {sorted(unknown)}")
-        if not _SHA.match(str(c.get("update_sha256", ""))):
+        if not _SHA.fullmatch(str(c.get("update_sha256", ""))):
             raise ValueError(f"{c.get('institution')!r}: update_sha256 must be 64 lowercase hex digits")
         if int(c.get("num_examples", -1)) < 0:
             raise ValueError(f"{c.get('institution')!r}: num_examples must be >= 0")
@@ -184,7 +184,7 @@ def parse_record(record_bytes: bytes) -> dict[str, Any]:
         if record["version"] < 0:
             problems.append(f"version is {record['version']}")
         for key in ("model_sha256", "parent_sha256"):
-            if record[key] is not None and not _SHA.match(record[key]):
+            if record[key] is not None and not _SHA.fullmatch(record[key]):
                 problems.append(f"{key} is not a SHA-256")
         for c in record["contributions"]:
             if not isinstance(c, dict) or set(c) != _CONTRIBUTION_KEYS:

@@ -18,7 +18,8 @@ from cryptography.x509.oid import NameOID
 from fedcollab.errors import PkiError
 
 ROLES = ("institution", "operator", "coordinator")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Always used with fullmatch: `match` with `$` lets a trailing newline through ("hospital-a\n").
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # RFC 5280 bounds a CN at 64 characters (cryptography enforces it), so the PKI issues
 # names up to 64 even though the convention's pattern reads names up to 128.
 MAX_ISSUED_NAME = 64
@@ -40,7 +41,7 @@ def name_problems(role: str, name: str) -> list[str]:
     problems = []
     if role not in ROLES:
         problems.append(f"role {role!r} is not one of {', '.join(ROLES)}")
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         problems.append(f"name {name!r} must be a letter or digit followed by up to 127 letters, digits, "
                         "'.', '_' or '-'")
     elif len(name) > MAX_ISSUED_NAME:
@@ -53,7 +54,7 @@ def identity_from_uri(uri: str) -> Identity:
     if not uri.startswith(URI_PREFIX):
         raise PkiError(f"SAN URI {uri!r} is not a fedcollab identity (expected {URI_PREFIX}<role>:<name>)")
     role, sep, name = uri[len(URI_PREFIX):].partition(":")
-    if not sep or role not in ROLES or not NAME_RE.match(name):
+    if not sep or role not in ROLES or not NAME_RE.fullmatch(name):
         raise PkiError(f"SAN URI {uri!r} is malformed: expected {URI_PREFIX}<role>:<name> with role one of "
                        f"{', '.join(ROLES)} and name matching {NAME_RE.pattern}")
     return Identity(role=role, name=name)

@@ -19,7 +19,7 @@ from fedcollab.pki._files import atomic_write, load_private_key, write_private_k
 from fedcollab.pki._identity import Identity, name_problems, public_key_fingerprint
 
 DEFAULT_COORDINATOR_HOSTS = ("localhost", "127.0.0.1")
-_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # fullmatch: no trailing newline
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def dns_name_problem(host: str) -> str | None:
     """Why `host` cannot be a DNS SAN (None when it can). No wildcards: every host the
     coordinator is reached by is named."""
     labels = host.split(".")
-    if len(host) > 253 or not all(_LABEL.match(label) for label in labels):
+    if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
         return f"{host!r} is not a host name (letters, digits and '-' in dot-separated labels; no wildcards)"
     return None
 

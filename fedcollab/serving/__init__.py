@@ -13,6 +13,7 @@ from fedcollab.serving._addresses import DEFAULT_GRPC_ADDRESS, DEFAULT_HTTP_ADDR
 from fedcollab.serving._cli import add_serve_command
 
 if TYPE_CHECKING:
+    from fedcollab.serving._connections import HttpLimits
     from fedcollab.serving._http import MAX_BODY_BYTES
     from fedcollab.serving._inputs import InputSpec, ServingError
     from fedcollab.serving._model import LoadedModel
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_GRPC_ADDRESS",
     "DEFAULT_HTTP_ADDRESS",
+    "HttpLimits",
     "MAX_BODY_BYTES",
     "InputSpec",
     "LoadedModel",
@@ -31,7 +33,7 @@ __all__ = [
 
 _LAZY = {
     "MAX_BODY_BYTES": "_http", "InputSpec": "_inputs", "ServingError": "_inputs", "LoadedModel": "_model",
-    "ModelServer": "_server",
+    "ModelServer": "_server", "HttpLimits": "_connections",
 }
 
 

@@ -7,9 +7,11 @@ client:
                        {"predictions": [{"label": 7, "probabilities": [...]}, ...], ...}
 
 Errors are JSON too: {"error": {"reason": "INPUT_SHAPE", "message": "..."}}, with 400
-for a bad input, 413 for a body or batch too large, 404/405 for a wrong path or method.
-Each connection has its own thread and a read timeout, so a bad or slow client never
-holds up the others or stops the server."""
+for a bad input (a body shorter than its Content-Length too, after a read timeout of
+seconds), 413 for a body or batch too large, 404/405 for a wrong path or method, 503
+when every connection slot is busy. Each connection has its own thread, out of a
+bounded number of slots that idle connections give up first (_connections), so a bad,
+slow or silent client never holds up the others or stops the server."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import logging
 import socket
 import socketserver
 import ssl
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -25,6 +28,7 @@ from typing import Any
 import grpc
 
 from fedcollab.errors import Rejected
+from fedcollab.serving._connections import HEADERS, IDLE, WORKING, ConnectionSlots, HttpLimits, refuse
 from fedcollab.serving._inputs import batches_from_instances
 from fedcollab.serving._model import LoadedModel
 
@@ -40,14 +44,18 @@ class HttpFrontEnd(ThreadingHTTPServer):
     `server_close` to stop. `ssl_context` (server side) turns it into HTTPS."""
 
     daemon_threads = True  # a stuck client never holds up stop()
+    request_queue_size = 128  # the listen backlog: a burst of connects is accepted, then sorted out by the slots
 
     def __init__(self, host: str, port: int, *, model: LoadedModel, max_batch: int,
-                 ssl_context: ssl.SSLContext | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+                 ssl_context: ssl.SSLContext | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+                 limits: HttpLimits | None = None) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.model = model
         self.max_batch = max_batch
         self.max_body_bytes = max_body_bytes
         self.info = model.info(max_batch=max_batch)
+        self.limits = limits or HttpLimits()
+        self.slots = ConnectionSlots(limits=self.limits)
         super().__init__((host, port), _Handler)
         if ssl_context is not None:
             # The handshake happens in the connection's own thread (_Handler.setup), not in accept().
@@ -65,17 +73,52 @@ class HttpFrontEnd(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("HTTP connection from %s failed", client_address, exc_info=True)
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.admit(request):  # in the accept loop: a refusal costs no thread
+            refuse(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[misc]
+        finally:
+            self.slots.release(request)
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: HttpFrontEnd
     protocol_version = "HTTP/1.1"  # keep-alive; every answer has a Content-Length
     server_version = "fedcollab-serve"
-    timeout = 30  # seconds a read may block: a stalled client loses its connection, not a thread for good
 
     def setup(self) -> None:
+        self.timeout = self.server.limits.read_timeout_s  # what StreamRequestHandler.setup puts on the socket
         super().setup()
         if isinstance(self.connection, ssl.SSLSocket):
             self.connection.do_handshake()
+
+    def handle_one_request(self) -> None:
+        # Waiting for a request (the first, or the next on a keep-alive connection) is
+        # idle: a short timeout, and the slot may be taken back for a newcomer.
+        slots, conn, limits = self.server.slots, self.connection, self.server.limits
+        if not slots.mark(conn, IDLE):
+            self.close_connection = True
+            return
+        conn.settimeout(limits.idle_timeout_s)
+        try:
+            first = self.rfile.peek(1)  # type: ignore[attr-defined]
+        except (OSError, ValueError):  # the idle timeout, a reset, or the slot taken back
+            first = b""
+        if not first or not slots.mark(conn, HEADERS):
+            self.close_connection = True
+            return
+        conn.settimeout(limits.read_timeout_s)
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.server.slots.mark(self.connection, WORKING)  # headers read: real work, never reclaimed
+        return ok
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         log.debug("%s %s", self.address_string(), format % args)
@@ -160,11 +203,36 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the body is not read: the connection cannot be reused
             raise _rejected("BODY_TOO_LARGE", f"the body is {length} bytes, this server takes at most {limit}; "
                             f"send at most {self.server.max_batch} examples per request and split the rest")
-        body = self.rfile.read(length)
+        body = self._read_exactly(length)
         if len(body) != length:
             self.close_connection = True
-            raise _rejected("INPUT_FORMAT", f"the body ended after {len(body)} of {length} bytes")
+            raise _rejected("BODY_INCOMPLETE", f"the body ended after {len(body)} of the {length} bytes its "
+                            f"Content-Length announces (nothing more came within "
+                            f"{self.server.limits.read_timeout_s:g} s, or the body took longer than its deadline); "
+                            "send the whole body, with Content-Length its size in bytes")
         return body
+
+    def _read_exactly(self, length: int) -> bytes:
+        """Up to `length` bytes: fewer when the client stops sending for read_timeout_s,
+        hangs up, or takes longer than the body's deadline in all."""
+        limits = self.server.limits
+        deadline = time.monotonic() + limits.body_deadline_s(length)
+        parts, got = [], 0
+        while got < length:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.connection.settimeout(min(limits.read_timeout_s, left))
+            try:
+                part = self.rfile.read1(min(length - got, 1 << 20))  # type: ignore[attr-defined]
+            except (TimeoutError, OSError):
+                break
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        self.connection.settimeout(limits.read_timeout_s)
+        return b"".join(parts)
 
     def _send(self, status: HTTPStatus, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload, allow_nan=False).encode("utf-8")

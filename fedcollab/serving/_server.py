@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fedcollab.errors import ConfigError
 from fedcollab.registry import ModelCard, card_path_for, read_card
 from fedcollab.serving._addresses import DEFAULT_GRPC_ADDRESS, DEFAULT_HTTP_ADDRESS, join_address, split_address
+from fedcollab.serving._connections import HttpLimits
 from fedcollab.serving._grpc import PredictionServicer
 from fedcollab.serving._http import MAX_BODY_BYTES, HttpFrontEnd
 from fedcollab.serving._inputs import ServingError
@@ -44,7 +45,8 @@ class ModelServer:
     `tls_cert` and `tls_key` (PEM files) put both endpoints behind TLS (server
     authentication only: callers need no certificate). Without them, a non-loopback
     address is served in plaintext, with a warning at every start. Port 0 picks a free
-    port: read `grpc_port` and `http_port` after start()."""
+    port: read `grpc_port` and `http_port` after start(). `http_limits` bounds the HTTP
+    connections and their timeouts (HttpLimits' defaults: 64 connections, 5 s)."""
 
     def __init__(
         self,
@@ -58,6 +60,7 @@ class ModelServer:
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
         workers: int = 8,
+        http_limits: HttpLimits | None = None,
     ) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
@@ -75,6 +78,7 @@ class ModelServer:
         self._key_pem = _read(tls_key, "--tls-key") if tls_key is not None else None
         self._tls_files = (tls_cert, tls_key)
         self._workers = workers
+        self.http_limits = http_limits or HttpLimits()
         self.model = LoadedModel.load(model_file=self.model_file, card=card, public_key=public_key)
         self._grpc: grpc.Server | None = None
         self._httpd: HttpFrontEnd | None = None
@@ -127,7 +131,8 @@ class ModelServer:
             except (OSError, ssl.SSLError) as e:
                 raise ConfigError(f"--tls-cert/--tls-key: not a usable certificate and key ({e})") from None
         try:
-            httpd = HttpFrontEnd(host, port, model=self.model, max_batch=self.max_batch, ssl_context=context)
+            httpd = HttpFrontEnd(host, port, model=self.model, max_batch=self.max_batch, ssl_context=context,
+                                 limits=self.http_limits)
         except OSError as e:
             raise ServingError(f"cannot serve HTTP on {join_address(host, port)}: {e.strerror} (in use? pick another "
                                "--http-address, or --no-http)") from None
@@ -158,6 +163,10 @@ class ModelServer:
     @property
     def grpc_address(self) -> str:
         return join_address(self._grpc_host, self.grpc_port if self.grpc_port is not None else self._grpc_port)
+
+    def http_connections(self) -> dict[str, int]:
+        """The HTTP connections held now, by state ("idle", "headers", "working")."""
+        return self._httpd.slots.states() if self._httpd is not None else {}
 
     @property
     def http_url(self) -> str | None:

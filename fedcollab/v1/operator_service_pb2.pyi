@@ -7,10 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetStatusRequest(_message.Message):
-    __slots__ = ("study",)
+    __slots__ = ("study", "page_size", "page_token")
     STUDY_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     study: str
-    def __init__(self, study: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, study: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class SubmitStudyRequest(_message.Message):
     __slots__ = ("study_toml",)
@@ -173,20 +177,24 @@ class InstitutionStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., online: _Optional[bool] = ..., num_train_examples: _Optional[int] = ..., epsilon: _Optional[float] = ..., budget_epsilon: _Optional[float] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("federation", "study", "total_rounds", "finished", "rounds", "institutions")
+    __slots__ = ("federation", "study", "total_rounds", "finished", "rounds", "institutions", "next_page_token", "total_size")
     FEDERATION_FIELD_NUMBER: _ClassVar[int]
     STUDY_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     INSTITUTIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     federation: str
     study: str
     total_rounds: int
     finished: bool
     rounds: _containers.RepeatedCompositeFieldContainer[RoundStatus]
     institutions: _containers.RepeatedCompositeFieldContainer[InstitutionStatus]
-    def __init__(self, federation: _Optional[str] = ..., study: _Optional[str] = ..., total_rounds: _Optional[int] = ..., finished: _Optional[bool] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., institutions: _Optional[_Iterable[_Union[InstitutionStatus, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    total_size: int
+    def __init__(self, federation: _Optional[str] = ..., study: _Optional[str] = ..., total_rounds: _Optional[int] = ..., finished: _Optional[bool] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., institutions: _Optional[_Iterable[_Union[InstitutionStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class ListLineageRequest(_message.Message):
     __slots__ = ("from_version", "study")
