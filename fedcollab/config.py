@@ -49,6 +49,10 @@ class ServerConfig(_Strict):
     # HTTP: keep it on loopback (or behind the operator's own proxy). None (the default
     # for a library-built config; federation.toml sets 127.0.0.1:8080): not served.
     http_address: str | None = None
+    # Host names the page answers besides its own address and loopback (a DNS name it is
+    # reached by, behind a proxy): any other Host header gets 421, so a DNS-rebinding page
+    # in an operator's browser cannot read it.
+    http_allowed_hosts: tuple[str, ...] = ()
     # Membership: False admits every institution with a valid certificate (the CA's
     # signature was the approval) and records it "approved"; True records a newcomer
     # "pending" and refuses it until `fedcollab institutions approve NAME`.

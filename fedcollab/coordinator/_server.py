@@ -150,7 +150,8 @@ class Coordinator:
         if token is not None:
             log.warning("server.http_address %s is not a loopback address: the operators' page and /metrics ask for "
                         "the operator token, but travel as plain HTTP; put them behind a TLS proxy", address)
-        http = OperatorHttpServer(address=address, snapshot=lambda: snapshot_of(self), token=token)
+        http = OperatorHttpServer(address=address, snapshot=lambda: snapshot_of(self), token=token,
+                                  allowed_hosts=self.config.server.http_allowed_hosts)
         try:
             port = http.start()
         except OSError as e:

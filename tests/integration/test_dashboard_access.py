@@ -225,3 +225,20 @@ def test_no_log_line_shows_the_token_or_a_session(guarded_page: OperatorHttpServ
     out, err = capfd.readouterr()
     for text in [*messages, out, err]:
         assert TOKEN not in text and sid not in text, text
+
+
+def test_the_coordinator_answers_the_host_names_its_config_allows(tmp_path: Path) -> None:
+    """server.http_allowed_hosts reaches the coordinator's page: a proxy's name is
+    answered, every other name still refused."""
+    from fedcollab.coordinator import Coordinator
+    from tests.conftest import tiny_federation
+
+    base = tiny_federation(tmp_path / "coordinator", central_evaluation=None)
+    config = base.model_copy(update={"server": base.server.model_copy(update={
+        "http_address": "127.0.0.1:0", "http_allowed_hosts": ("dash.example.org",)})})
+    with Coordinator(config=config) as coordinator:
+        port = coordinator.http_port
+        assert port is not None
+        assert get(port, "/healthz", host=f"dash.example.org:{port}")[0] == 200
+        assert get(port, "/healthz", host=f"127.0.0.1:{port}")[0] == 200
+        assert get(port, "/healthz", host=f"evil.example:{port}")[0] == 421
