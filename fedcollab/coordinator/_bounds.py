@@ -154,6 +154,24 @@ def norm_median(norms: Iterable[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def evaluation_metrics(reports: Mapping[str, tuple[int, float, float]]) -> dict[str, float]:
+    """The round's eval_* metrics from bounded reports: example-weighted means, and the
+    medians over the reporting institutions (an evaluator that lies about its accuracy
+    moves a mean by up to its share, the median not while most report truly)."""
+    n = sum(v[0] for v in reports.values())
+    if n == 0:
+        return {}
+    counted = [v for v in reports.values() if v[0] > 0]
+    return {
+        "eval_loss": sum(v[0] * v[1] for v in counted) / n,
+        "eval_accuracy": sum(v[0] * v[2] for v in counted) / n,
+        "eval_loss_median": statistics.median(v[1] for v in counted),
+        "eval_accuracy_median": statistics.median(v[2] for v in counted),
+        "eval_examples": float(n),
+        "eval_institutions": float(len(reports)),
+    }
+
+
 def bounded_reports(reports: Mapping[str, tuple[int, float, float]], *, study: StudyConfig
                     ) -> dict[str, tuple[int, float, float]]:
     """Evaluation reports (examples, loss, accuracy) with each count bounded by the study's

@@ -1350,15 +1350,7 @@ class RoundEngine:
         # one per report. A crash during the evaluation loses its reports, which are
         # figures about a model already committed, not part of it.
         self._store.record_evaluations(round_number=number, model_version=model.version, reports=reports)
-        n = sum(v[0] for v in reports.values())
-        if n == 0:
-            return {}
-        return {
-            "eval_loss": sum(v[0] * v[1] for v in reports.values()) / n,
-            "eval_accuracy": sum(v[0] * v[2] for v in reports.values()) / n,
-            "eval_examples": float(n),
-            "eval_institutions": float(len(reports)),
-        }
+        return _bounds.evaluation_metrics(reports)
 
     def _emit(self, result: RoundResult) -> None:
         if self._on_round is not None:
