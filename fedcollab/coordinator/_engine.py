@@ -777,6 +777,7 @@ class RoundEngine:
             raise closed
         with self._cond:
             if r.closed or p.status != "uploading" or not r.total.complete(upload.institution):
+                self._refused_by_sum(upload)
                 raise closed
             p.status = "done"
             p.num_examples = upload.weight
@@ -1078,6 +1079,9 @@ class RoundEngine:
                         return None
                     # Waiting for institutions that will only decline would wait forever.
                     needed = max(self._study.min_institutions, min(needed, len(known)))
+                if barred:  # as for exhausted budgets: do not wait for institutions left out
+                    known = {i["name"] for i in self._store.institutions()} - self._exhausted - barred
+                    needed = max(self._study.min_institutions, min(needed, len(known)))
                 if len(online) >= needed:
                     k = self._study.institutions_per_round
                     if k and k < len(online):
@@ -1200,6 +1204,9 @@ class RoundEngine:
             for name, claimed in r.total.capped.items():
                 p = r.participants[name]
                 if p.status == "done" and name in weights:
+                    log.info("round %d: %s claimed %d examples and counts for %d (max_weight_share %g, "
+                             "max_examples_per_update %d)", r.number, name, claimed, weights[name],
+                             self._study.max_weight_share, self._study.max_examples_per_update)
                     p.num_examples = int(weights[name])
                     participants[name]["num_examples"] = p.num_examples
                     self._store.record_participation(
@@ -1262,8 +1269,12 @@ class RoundEngine:
         # sum: a model of Inf would poison every later round, so it is never committed.
         broken = [name for name, t in new.items() if not all_finite(t)]
         if broken:
+            # Each fold is checked (an update that overflows the sum is refused as it arrives),
+            # so this is the base plus the mean, or a server optimizer's step, overflowing:
+            # possible only with updates near float32's limit, which the norm bound refuses.
             raise _NotCommitted(f"NON_FINITE_AGGREGATE: the aggregate of tensors {broken[:5]} overflowed; "
-                                "bound what one update may contribute (central_dp.clip_norm)")
+                                "bound what one update may contribute (max_update_norm, adaptive_norm_factor, "
+                                "central_dp.clip_norm)")
         crash_point("coordinator.aggregated")
         total = sum(p.num_examples for p in done)
         metrics: dict[str, float] = {

@@ -10,6 +10,7 @@ ones at its first attempt, and a lying evaluation count cannot set the round's f
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import grpc
@@ -36,12 +37,13 @@ class Federation:
     """A coordinator under mutual TLS (the federation PKI's certificates), and a way to
     join it as one of its institutions, declaring a number of training examples."""
 
-    def __init__(self, tmp_path: Path, *, rounds: int) -> None:
-        pki = issue_ephemeral(directory=tmp_path / "pki", federation="hostile", institutions=[*HONEST, "mallory"])
+    def __init__(self, tmp_path: Path, *, rounds: int, **study: object) -> None:
+        pki = issue_ephemeral(directory=tmp_path / "pki", federation="hostile",
+                              institutions=[*HONEST, "hospital-c", "mallory"])
         cert, key = pki.coordinator
-        base = tiny_federation(tmp_path / "coordinator", rounds=rounds, min_institutions=2,
-                               min_available_institutions=3, round_timeout_s=30, evaluation_timeout_s=5,
-                               central_evaluation=None)
+        values: dict[str, object] = dict(rounds=rounds, min_institutions=2, min_available_institutions=3,
+                                         round_timeout_s=30, evaluation_timeout_s=5, central_evaluation=None)
+        base = tiny_federation(tmp_path / "coordinator", **{**values, **study})
         config = base.model_copy(update={"server": base.server.model_copy(update={
             "tls": TlsConfig(ca_cert=pki.ca_cert, cert=cert, key=key, crl=pki.crl)})})
         self._pki = pki
@@ -61,8 +63,8 @@ class Federation:
 def federation(tmp_path: Path):  # type: ignore[no-untyped-def]
     started: list[Federation] = []
 
-    def start(*, rounds: int) -> Federation:
-        started.append(Federation(tmp_path, rounds=rounds))
+    def start(*, rounds: int, **study: object) -> Federation:
+        started.append(Federation(tmp_path, rounds=rounds, **study))
         started[-1].coordinator.__enter__()
         return started[-1]
 
@@ -196,3 +198,50 @@ def test_a_huge_evaluation_count_cannot_set_the_rounds_accuracy(federation) -> N
     assert metrics["eval_accuracy"] == pytest.approx((100 * 0.986 + 120 * 0.97) / 440)  # was 1.6e-17
     assert metrics["eval_accuracy"] >= 0.5 * min(a for _, _, a in honest.values())  # at most half of it moved
     assert metrics["eval_accuracy_median"] == 0.97  # the median of the three reports stays with the honest ones
+
+
+def _selected(clients: dict[str, Client], count: int) -> dict[str, pb.Task]:
+    """The TRAIN tasks of the `count` institutions selected for the round now open."""
+    got: dict[str, pb.Task] = {}
+    for _ in range(100):
+        for name, c in clients.items():
+            if name not in got:
+                task = c.stub.PollTask(pb.PollTaskRequest(session_id=c.session, wait_seconds=0.05), timeout=5).task
+                if task.kind == pb.TASK_KIND_TRAIN:
+                    got[name] = task
+        if len(got) == count:
+            return got
+    raise AssertionError(f"only {sorted(got)} got a task")
+
+
+def test_a_round_failed_by_a_refused_institution_is_not_an_attempt(federation) -> None:  # type: ignore[no-untyped-def]
+    """Quorum 3 of 3 selected from 4: mallory's refusal leaves 2, so attempt 1 fails. It is
+    not counted (max_round_attempts = 1 would end the study otherwise), and attempt 2
+    leaves her out and commits with the three honest institutions."""
+    names = ["hospital-a", "hospital-b", "hospital-c", "mallory"]
+    # The study's seed decides who is selected (as the engine draws them); one where mallory is.
+    seed = next(s for s in range(100) if "mallory" in random.Random(str((s, 1, 1))).sample(names, 3))
+    f = federation(rounds=1, min_institutions=3, min_available_institutions=4, institutions_per_round=3,
+                   max_round_attempts=1, seed=seed)
+    coordinator = f.coordinator
+    clients = {n: f.join(n, 10**12 if n == "mallory" else 1000) for n in names}
+    tasks = _selected(clients, 3)
+    assert "mallory" in tasks
+    for name, task in tasks.items():
+        c = clients[name]
+        if name == "mallory":
+            _refused(lambda: c.upload(messages(c.session, task, deltas_for(task, 3e38), num_examples=10**12)),
+                     Code.INVALID_ARGUMENT, "UPDATE_OVERFLOWS_AGGREGATE")
+        else:
+            c.upload(messages(c.session, task, deltas_for(task, 0.1), num_examples=100))
+    tasks = _selected(clients, 3)
+    assert sorted(tasks) == ["hospital-a", "hospital-b", "hospital-c"]
+    for name, task in tasks.items():
+        clients[name].upload(messages(clients[name].session, task, deltas_for(task, 0.1), num_examples=100))
+    _evaluate(clients)
+    assert coordinator.wait(timeout=30)
+    assert not coordinator.engine.failure
+    rounds = coordinator.store.rounds()
+    assert [(r["attempt"], r["status"], r["counted"]) for r in rounds] == [(1, "failed", 0), (2, "committed", 1)]
+    assert rounds[0]["reason"].startswith("quorum not met")
+    assert coordinator.store.counted_attempts(1) == 0
