@@ -1219,7 +1219,8 @@ class RoundEngine:
         sent and the others can still make a quorum: those are then left out of this
         round's next attempts (_bounds.MISBEHAVIOUR), so uncounted attempts are bounded
         by the number of institutions."""
-        culprits = {p.name for p in r.participants.values() if p.status == "failed" and p.reason in _bounds.MISBEHAVIOUR}
+        culprits = {p.name for p in r.participants.values()
+                    if p.status == "failed" and p.reason in _bounds.MISBEHAVIOUR}
         barred = self._barred.setdefault(r.number, set())
         known = {i["name"] for i in self._store.institutions()} - self._exhausted - barred - culprits
         counted = not culprits or len(known) < self._study.min_institutions

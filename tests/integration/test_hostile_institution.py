@@ -142,7 +142,7 @@ def test_a_huge_example_count_buys_at_most_the_share_it_is_allowed(federation) -
     assert rows[3, "mallory"]["reason"] == "EXAMPLE_COUNT_ABOVE_DECLARED"
 
 
-def test_an_update_that_overflows_the_sum_is_refused_and_the_round_commits_at_once(federation) -> None:  # type: ignore[no-untyped-def]
+def test_an_overflowing_update_is_refused_and_the_round_commits_at_once(federation) -> None:  # type: ignore[no-untyped-def]
     f = federation(rounds=2)
     coordinator, join = f.coordinator, f.join
     clients = {n: join(n, 1000) for n in HONEST}
