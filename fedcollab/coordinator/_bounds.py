@@ -20,7 +20,9 @@ in its metrics as `update_norm_median`, so a restart keeps it), and above
 `max_update_norm`. Round 1 has no history: the round's own median is used once at
 least MIN_UPDATES_FOR_MEDIAN updates arrived, applied at the close (the updates above
 it are taken out of the sum by the rebuild from their spools); with fewer, a median
-says nothing an outlier did not choose, and only `max_update_norm` applies. A factor of
+says nothing an outlier did not choose, and only `max_update_norm` applies. For the
+same reason a round with fewer accepted updates hands on the median it was bounded by
+instead of its own; a federation of two never gets an adaptive bound. A factor of
 10 leaves honest updates, whose norms vary by a few times between institutions and
 shrink as training converges, far from the bound.
 """
@@ -149,9 +151,15 @@ def screen_bound(norms: Iterable[float], *, factor: float) -> float | None:
     return factor * median if math.isfinite(median) and median > 0 else None
 
 
-def norm_median(norms: Iterable[float]) -> float | None:
+def next_norm_median(norms: Iterable[float], *, previous: float | None) -> float | None:
+    """The median norm a committed round hands to the next one's bound: of its accepted
+    updates when there are at least MIN_UPDATES_FOR_MEDIAN (the median of two is their
+    mean, which one of them sets: it could raise the bound round after round), else the
+    one it was bounded by."""
     values = [v for v in norms if math.isfinite(v)]
-    return statistics.median(values) if values else None
+    if len(values) >= MIN_UPDATES_FOR_MEDIAN:
+        return statistics.median(values)
+    return previous
 
 
 def evaluation_metrics(reports: Mapping[str, tuple[int, float, float]]) -> dict[str, float]:

@@ -1292,7 +1292,8 @@ class RoundEngine:
             metrics.update(dp.metrics)
         metrics.update(ddp_metrics)
         if isinstance(r.total, RoundSum):
-            median = _bounds.norm_median(r.total.accepted_norms())
+            previous = (self._store.last_committed_metrics() or {}).get(_bounds.NORM_MEDIAN_METRIC)
+            median = _bounds.next_norm_median(r.total.accepted_norms(), previous=previous)
             if median is not None:  # the next round's adaptive norm bound starts from it
                 metrics[_bounds.NORM_MEDIAN_METRIC] = median
             if r.total.max_norm is not None:

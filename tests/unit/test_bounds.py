@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 from fedcollab.aggregation import StreamingFedAvg
 from fedcollab.aggregation._fedavg import AggregateOverflow
 from fedcollab.config import ModelConfig, StrategyConfig, StudyConfig
-from fedcollab.coordinator._bounds import bounded_reports, norm_policy, update_weight, water_fill
+from fedcollab.coordinator._bounds import (
+    bounded_reports,
+    evaluation_metrics,
+    next_norm_median,
+    norm_policy,
+    update_weight,
+    water_fill,
+)
 from fedcollab.coordinator._round_sum import RoundSum
 from fedcollab.coordinator._upload import UploadReceiver
 from fedcollab.errors import Rejected
@@ -160,9 +167,19 @@ def test_the_norm_bound_comes_from_the_last_committed_round() -> None:
     assert norm_policy(STUDY, last_metrics={"update_norm_median": 0.0}).max_norm is None  # never a bound of 0
 
 
+def test_the_next_rounds_median_needs_three_updates() -> None:
+    assert next_norm_median([1.0, 2.0, 30.0], previous=None) == 2.0
+    assert next_norm_median([1.0, 1e6], previous=None) is None  # two: whoever is larger would set it
+    assert next_norm_median([1.0, 1e6], previous=1.5) == 1.5  # handed on
+    assert next_norm_median([1.0, float("inf"), 2.0, 3.0], previous=None) == 2.0
+
+
 def test_evaluation_reports_are_bounded_like_updates() -> None:
     reports = {"a": (100, 0.1, 0.98), "b": (120, 0.2, 0.97), "m": (9 * 10**18, 50.0, 1.6e-17), "z": (0, 0.0, 0.0)}
     bounded = bounded_reports(reports, study=STUDY)
     assert bounded["m"][0] == 220 and bounded["a"] == reports["a"] and bounded["z"][0] == 0
     accuracy = sum(n * acc for n, _, acc in bounded.values()) / sum(n for n, _, _ in bounded.values())
     assert 0.48 < accuracy < 0.5  # half the weight at most: without the bound it would be 1.6e-17
+    metrics = evaluation_metrics(bounded)
+    assert metrics["eval_accuracy"] == pytest.approx(accuracy) and metrics["eval_examples"] == 440
+    assert metrics["eval_accuracy_median"] == 0.97 and metrics["eval_institutions"] == 4
