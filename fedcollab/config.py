@@ -343,6 +343,23 @@ class StudyConfig(_Strict):
     # An update whose L2 norm exceeds this is refused (UPDATE_NORM_OUT_OF_BOUNDS) and
     # recorded; NaN and Inf are always refused (NON_FINITE_VALUES). None: no bound.
     max_update_norm: float | None = Field(default=None, gt=0)
+    # Bounded influence (fedcollab/coordinator/_weights.py). An update counts for at most
+    # this many examples, and never for more than its institution declared at Join.
+    max_examples_per_update: int = Field(default=100_000_000, ge=1, le=10**12)
+    # An evaluation report counts for at most this many examples.
+    max_examples_per_evaluation: int = Field(default=100_000_000, ge=1, le=10**12)
+    # No institution carries more than this share of a round's total weight (of its
+    # evaluation's, likewise): larger weights are capped and the rest keep theirs
+    # (water-filling). 1.0 allows any share. When fewer than 1/share institutions take
+    # part, their weights become equal, the least that any of them can hold.
+    max_weight_share: float = Field(default=0.5, gt=0, le=1)
+    # Adaptive norm bound for updates the coordinator sees (no secure aggregation, no
+    # central DP, not a robust rule): an update whose L2 norm exceeds this factor times
+    # the median norm of the last committed round's accepted updates is refused
+    # (UPDATE_NORM_OUT_OF_BOUNDS). With no history (round 1), the bound is the factor times
+    # the round's own median once at least 3 updates arrived; with fewer, only
+    # max_update_norm bounds them. None: off.
+    adaptive_norm_factor: float | None = Field(default=10.0, gt=1)
 
     @property
     def wait_for_institutions(self) -> int:

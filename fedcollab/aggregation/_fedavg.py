@@ -10,7 +10,16 @@ import torch
 
 from fedcollab.aggregation._central_dp import add_gaussian_noise_, noise_generator
 from fedcollab.v1 import tensor_pb2
-from fedcollab.wire import TensorPiece, spec_numel, torch_dtype
+from fedcollab.wire import TensorPiece, all_finite, spec_numel, torch_dtype
+
+
+class AggregateOverflow(ArithmeticError):
+    """Folding an update made the running sum non-finite (its values times its weight
+    overflowed): the update is the cause, and the sum must be rebuilt without it."""
+
+    def __init__(self, *, tensor: str, weight: float) -> None:
+        super().__init__(f"adding the update (weight {weight:.6g}) made the sum of tensor {tensor!r} non-finite")
+        self.tensor = tensor
 
 
 class StreamingFedAvg:
@@ -37,10 +46,16 @@ class StreamingFedAvg:
         self.num_updates = 0
 
     def fold(self, *, pieces: Iterable[TensorPiece], weight: float) -> None:
-        """Adds weight * pieces (any part of an update, in any order)."""
+        """Adds weight * pieces (any part of an update, in any order). AggregateOverflow
+        if a piece makes its slice of the sum non-finite: finite values with a large
+        weight overflow float32. The sum is spoiled then; the caller rebuilds it without
+        the update (coordinator/_round_sum.py). The check reads only the slice just
+        touched, once: about what the fold itself costs."""
         for p in pieces:
             acc = self._sums[p.index][p.start : p.start + len(p.values)]
             acc.add_(p.values.to(acc.dtype), alpha=weight)
+            if not all_finite(acc):
+                raise AggregateOverflow(tensor=self._specs[p.index].name, weight=weight)
 
     def count(self, *, weight: float) -> None:
         """Counts one whole update of this weight, once all of it was folded."""

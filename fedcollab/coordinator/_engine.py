@@ -42,6 +42,8 @@ from fedcollab.coordinator._checkpoints import (
     stored_tensors,
     write_streaming,
 )
+from fedcollab.aggregation._fedavg import AggregateOverflow
+from fedcollab.coordinator import _bounds
 from fedcollab.coordinator._masked_sum import MaskedSum
 from fedcollab.coordinator._round_sum import NormOutOfBounds, RoundSum
 from fedcollab.coordinator._secagg import ADVERTISE, DONE, MASKED, SHARE, UNMASK, SecAggRound
@@ -87,6 +89,7 @@ class _Session:
     institution: str
     last_seen: float
     serial: int = 0  # of the certificate it joined with (0: plaintext), dropped if revoked
+    declared_examples: int = 0  # num_train_examples at Join: an update may claim no more
 
 
 @dataclass
@@ -122,6 +125,7 @@ class Upload:
     receiver: UploadReceiver
     round: _Round
     institution: str
+    weight: int = 0  # the example count it counts for, before the round's share cap
 
 
 @dataclass
@@ -199,6 +203,7 @@ class RoundEngine:
         # Institutions that declined with BUDGET_EXHAUSTED: not selected again in this
         # study (they would only decline again).
         self._exhausted: set[str] = set()
+        self._barred: dict[int, set[str]] = {}  # round -> institutions left out of its next attempts (_fail_round)
         self.failure: str | None = None
         self.bytes_in = 0
         self.bytes_out = 0
@@ -406,6 +411,12 @@ class RoundEngine:
                 if p["attempt"] == r["attempt"] and p["status"] == "done"
             ]
             aggregator, central = self._aggregation(r["metrics"])
+            claimed = {p["institution"]: p["metrics"][_bounds.CLAIMED_METRIC]
+                       for p in self._store.participations(round_number=r["round"])
+                       if p["attempt"] == r["attempt"] and p["status"] == "done"
+                       and _bounds.CLAIMED_METRIC in p["metrics"]}
+            if claimed:
+                aggregator["bounded_weights"] = _bounds.bounded_weights_record(self._study, claimed)
         signed = self._signed_record(
             model=latest, round_number=round_number, contributions=contributions, aggregator=aggregator,
             central_dp=central, signed_at_restart=True,
@@ -472,7 +483,8 @@ class RoundEngine:
             replaced = [s for s, v in self._sessions.items() if v.institution == institution]
             for sid in replaced:
                 del self._sessions[sid]
-            self._sessions[session_id] = _Session(session_id, institution, time.monotonic(), serial=serial)
+            self._sessions[session_id] = _Session(session_id, institution, time.monotonic(), serial=serial,
+                                                  declared_examples=num_train_examples)
             self._cond.notify_all()
             if replaced:  # a long-poll on a replaced session answers SESSION_UNKNOWN
                 self._tasks_changed([institution])
@@ -684,7 +696,8 @@ class RoundEngine:
     # ----------------------------------------------------------------- uploads
     def start_upload(self, *, header: pb.UpdateHeader) -> Upload:
         with self._cond:
-            institution = self._touch(header.session_id).institution
+            session = self._touch(header.session_id)
+            institution = session.institution
             r = self._round
             if r is None or r.closed or header.round != r.number:
                 current = r.number if r is not None and not r.closed else "none"
@@ -752,14 +765,29 @@ class RoundEngine:
                                    metadata={"round": header.round})
                 raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="PARTICIPATION_ENDED",
                                message=f"{institution}'s part in round {r.number} ended: {p.status} ({p.reason})")
-            r.total.add(institution, receiver=receiver, weight=float(header.num_examples))
-            return Upload(receiver, r, institution)
+            try:
+                weight = _bounds.update_weight(claimed=header.num_examples, declared=session.declared_examples,
+                                               cap=self._study.max_examples_per_update)
+            except Rejected as e:
+                receiver.discard()
+                self._fail(r, p, e.reason)
+                raise
+            if isinstance(r.total, RoundSum):
+                r.total.add(institution, receiver=receiver, weight=float(weight), claimed=float(header.num_examples))
+            else:
+                r.total.add(institution, receiver=receiver, weight=float(weight))
+            return Upload(receiver, r, institution, weight)
 
     def accept_chunk(self, upload: Upload, chunk: tensor_pb2.Chunk) -> None:
         """Check one chunk and fold it into the round's sum at once (under central DP,
         only measure it: the clipped update is folded when it completes)."""
         pieces = upload.receiver.accept(chunk)
-        if not upload.round.total.fold(upload.institution, pieces, upto=upload.receiver.received):
+        try:
+            folded = upload.round.total.fold(upload.institution, pieces, upto=upload.receiver.received)
+        except AggregateOverflow as e:
+            raise _overflow(e) from None
+        if not folded:
+            self._refused_by_sum(upload)
             raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="ROUND_CLOSED",
                            message=f"round {upload.round.number} closed during the upload")
         crash_point("coordinator.upload_chunk")
@@ -787,30 +815,43 @@ class RoundEngine:
         # outside the lock, as it reads the update back.
         try:
             finished = r.total.finish(upload.institution)
+        except AggregateOverflow as e:
+            self.abort_upload(upload, reason="UPDATE_OVERFLOWS_AGGREGATE")
+            raise _overflow(e) from None
         except NormOutOfBounds as e:
             self.abort_upload(upload, reason="UPDATE_NORM_OUT_OF_BOUNDS")
             raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="UPDATE_NORM_OUT_OF_BOUNDS",
                            message=f"{e}; the update is refused", metadata={"norm": f"{e.norm:.6g}",
                                                                             "bound": f"{e.bound:.6g}"}) from None
         if not finished:
+            self._refused_by_sum(upload)
             raise closed
         with self._cond:
             if r.closed or p.status != "uploading" or not r.total.complete(upload.institution):
+                self._refused_by_sum(upload)
                 raise closed
             p.status = "done"
-            p.num_examples = header.num_examples
+            p.num_examples = upload.weight
             p.metrics = dict(header.metrics)
             p.privacy = spend_dict(header.privacy) if header.HasField("privacy") else None
             p.update_sha256 = header.sha256.hex()
             self._cond.notify_all()
         self._store.record_participation(
             round_number=r.number, attempt=r.attempt, institution=p.name, status="done",
-            num_examples=header.num_examples, update_sha256=header.sha256.hex(), metrics=dict(header.metrics),
+            num_examples=p.num_examples, update_sha256=header.sha256.hex(), metrics=dict(header.metrics),
             privacy=p.privacy,
         )
         # Per call, so DEBUG: at INFO, rich's handler took ~5% of the coordinator's CPU
         # under 200 institutions; the round's open and commit lines stay at INFO.
         log.debug("round %d: update from %s accepted (%d examples)", r.number, p.name, header.num_examples)
+
+    def _refused_by_sum(self, upload: Upload) -> None:
+        """The sum refused this upload while another one was taken out (coordinator/_round_sum.py
+        _rebuild): its own reason, not ROUND_CLOSED."""
+        refused = upload.round.total.refused.get(upload.institution) if isinstance(upload.round.total,
+                                                                                   RoundSum) else None
+        if refused is not None:
+            raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason=refused[0], message=refused[1])
 
     def abort_upload(self, upload: Upload, *, reason: str) -> None:
         """Takes whatever was folded of this upload out of the sum, and records why."""
@@ -1048,8 +1089,9 @@ class RoundEngine:
                     log.info("study %s finished after %d rounds", self._study.name, self._study.rounds)
                     break
                 attempt = self._store.next_attempt(number)
-                if attempt > self._study.max_round_attempts:
-                    self.failure = f"round {number} failed {attempt - 1} times; giving up (see the rounds table)"
+                failed = self._store.counted_attempts(number)
+                if failed >= self._study.max_round_attempts:
+                    self.failure = f"round {number} failed {failed} times; giving up (see the rounds table)"
                     log.error(self.failure)
                     break
                 selected = self._wait_for_quorum(stop, seed=(self._study.seed, number, attempt))
@@ -1074,7 +1116,8 @@ class RoundEngine:
                 if self._paused.is_set():
                     self._cond.wait(0.2)
                     continue
-                online = [n for n in self._online() if n not in self._exhausted]
+                barred = self._barred.get(seed[1], set())  # refused in an uncounted attempt of this round
+                online = [n for n in self._online() if n not in self._exhausted and n not in barred]
                 needed = self._study.wait_for_institutions
                 if self._exhausted:
                     known = {i["name"] for i in self._store.institutions()} - self._exhausted
@@ -1086,6 +1129,9 @@ class RoundEngine:
                         log.error(self.failure)
                         return None
                     # Waiting for institutions that will only decline would wait forever.
+                    needed = max(self._study.min_institutions, min(needed, len(known)))
+                if barred:  # as for exhausted budgets: do not wait for institutions left out
+                    known = {i["name"] for i in self._store.institutions()} - self._exhausted - barred
                     needed = max(self._study.min_institutions, min(needed, len(known)))
                 if len(online) >= needed:
                     k = self._study.institutions_per_round
@@ -1101,9 +1147,12 @@ class RoundEngine:
         if self._study.secure_aggregation is not None:
             total, secagg, plan = self._secagg_round(selected)
         else:
+            norms = _bounds.norm_policy(self._study, last_metrics=self._store.last_committed_metrics())
             total = RoundSum(manifest=self.manifest, piece_bytes=self.chunk_bytes,
                              clip_norm=self._central_dp.clip_norm if self._central_dp else None,
-                             max_norm=self._study.max_update_norm, keep_updates=self._study.strategy.robust)
+                             max_norm=norms.max_norm, keep_updates=self._study.strategy.robust,
+                             max_weight_share=self._study.max_weight_share, screen_factor=norms.screen_factor,
+                             measure_norms=norms.measure)
         r = _Round(
             number=number, attempt=attempt, base=base,
             participants={n: _Participant(n, secrets.token_hex(16)) for n in selected},
@@ -1160,11 +1209,13 @@ class RoundEngine:
         """The closed round: committed if it can be, else recorded as failed and why."""
         number, attempt = r.number, r.attempt
         completed = r.total.close()  # uploads cut off by the close leave the sum here
+        if isinstance(r.total, RoundSum):
+            self._count_as_bounded(r, participants)
         done = [p for p in r.participants.values() if p.status == "done"]
         if r.secagg is not None and (r.secagg.stage != DONE or r.secagg.failure):
             why = r.secagg.failure or f"stopped at stage {pb.SecAggStage.Name(r.secagg.stage)}"
             reason = f"SECAGG_INCOMPLETE: secure aggregation did not complete: {why}"
-            self._store.fail_round(round_number=number, attempt=attempt, reason=reason)
+            self._fail_round(r, reason)
             log.warning("round %d failed: %s", number, reason)
             self._emit(RoundResult(number, attempt, "failed", None, participants, {}, reason))
             return
@@ -1175,20 +1226,60 @@ class RoundEngine:
             return
         if len(done) < self._study.min_institutions:
             reason = f"quorum not met: {len(done)} accepted updates, {self._study.min_institutions} needed"
-            self._store.fail_round(round_number=number, attempt=attempt, reason=reason)
+            self._fail_round(r, reason)
             log.warning("round %d failed: %s", number, reason)
             self._emit(RoundResult(number, attempt, "failed", None, participants, {}, reason))
             return
         try:
             metrics = self._commit(r, done, bytes_at_open)
         except _NotCommitted as e:
-            self._store.fail_round(round_number=number, attempt=attempt, reason=str(e))
+            self._fail_round(r, str(e))
             log.error("round %d failed: %s", number, e)
             self._emit(RoundResult(number, attempt, "failed", None, participants, {}, str(e)))
             return
         metrics.update(self._evaluate_round(number, self._current, stop))
         self._store.update_round_metrics(round_number=number, metrics=metrics)
         self._emit(RoundResult(number, attempt, "committed", self._current.version, participants, metrics))
+
+    def _count_as_bounded(self, r: _Round, participants: dict[str, dict[str, Any]]) -> None:
+        """After the sum's close: updates it refused there fail, and capped weights are
+        what the participants' records say they counted for."""
+        assert isinstance(r.total, RoundSum)
+        weights = r.total.weights()
+        with self._cond:
+            for name, (reason, message) in r.total.refused.items():
+                p = r.participants.get(name)
+                if p is not None and p.status in ("done", *_OPEN):
+                    self._fail(r, p, reason, message=message)
+                    participants[name].update(status=p.status, reason=p.reason)
+            for name, claimed in r.total.capped.items():
+                p = r.participants[name]
+                if p.status == "done" and name in weights:
+                    log.info("round %d: %s claimed %d examples and counts for %d (max_weight_share %g, "
+                             "max_examples_per_update %d)", r.number, name, claimed, weights[name],
+                             self._study.max_weight_share, self._study.max_examples_per_update)
+                    p.num_examples = int(weights[name])
+                    participants[name]["num_examples"] = p.num_examples
+                    self._store.record_participation(
+                        round_number=r.number, attempt=r.attempt, institution=name, status="done",
+                        num_examples=p.num_examples, update_sha256=p.update_sha256,
+                        metrics={**p.metrics, _bounds.CLAIMED_METRIC: claimed}, privacy=p.privacy)
+
+    def _fail_round(self, r: _Round, reason: str) -> None:
+        """A failed round counts as an attempt unless institutions were refused for what they
+        sent and the others can still make a quorum: those are then left out of this
+        round's next attempts (_bounds.MISBEHAVIOUR), so uncounted attempts are bounded
+        by the number of institutions."""
+        culprits = {p.name for p in r.participants.values()
+                    if p.status == "failed" and p.reason in _bounds.MISBEHAVIOUR}
+        barred = self._barred.setdefault(r.number, set())
+        known = {i["name"] for i in self._store.institutions()} - self._exhausted - barred - culprits
+        counted = not culprits or len(known) < self._study.min_institutions
+        if not counted:
+            barred |= culprits
+            log.warning("round %d: attempt %d not counted: it failed with %s refused for what they sent, who are "
+                        "left out of the next attempt", r.number, r.attempt, ", ".join(sorted(culprits)))
+        self._store.fail_round(round_number=r.number, attempt=r.attempt, reason=reason, counted=counted)
 
     def _expire(self, r: _Round) -> None:
         now = time.monotonic()
@@ -1230,8 +1321,12 @@ class RoundEngine:
         # sum: a model of Inf would poison every later round, so it is never committed.
         broken = [name for name, t in new.items() if not all_finite(t)]
         if broken:
+            # Each fold is checked (an update that overflows the sum is refused as it arrives),
+            # so this is the base plus the mean, or a server optimizer's step, overflowing:
+            # possible only with updates near float32's limit, which the norm bound refuses.
             raise _NotCommitted(f"NON_FINITE_AGGREGATE: the aggregate of tensors {broken[:5]} overflowed; "
-                                "bound what one update may contribute (central_dp.clip_norm)")
+                                "bound what one update may contribute (max_update_norm, adaptive_norm_factor, "
+                                "central_dp.clip_norm)")
         crash_point("coordinator.aggregated")
         total = sum(p.num_examples for p in done)
         metrics: dict[str, float] = {
@@ -1247,6 +1342,13 @@ class RoundEngine:
         if dp is not None:
             metrics.update(dp.metrics)
         metrics.update(ddp_metrics)
+        if isinstance(r.total, RoundSum):
+            previous = (self._store.last_committed_metrics() or {}).get(_bounds.NORM_MEDIAN_METRIC)
+            median = _bounds.next_norm_median(r.total.accepted_norms(), previous=previous)
+            if median is not None:  # the next round's adaptive norm bound starts from it
+                metrics[_bounds.NORM_MEDIAN_METRIC] = median
+            if r.total.max_norm is not None:
+                metrics["update_norm_bound"] = r.total.max_norm
         model = write_streaming({name: (flat, stored[name].dtype, stored[name].shape) for name, flat in new.items()},
                                 folder=self._models_dir, version=r.base.version + 1)
         del new  # evaluation reads the written model back: the sums are gone by then
@@ -1258,6 +1360,8 @@ class RoundEngine:
             aggregator, central_figures = self._secagg_aggregation(r, ddp_metrics)
         if self._study.strategy.name != "fedavg":
             aggregator["strategy"] = {**self._study.strategy.model_dump(exclude_none=True), **strategy_record}
+        if isinstance(r.total, RoundSum) and r.total.capped:  # signed: who claimed more than it counted for
+            aggregator["bounded_weights"] = _bounds.bounded_weights_record(self._study, r.total.capped)
         signed = self._signed_record(
             model=model, round_number=r.number, parent_sha256=r.base.sha256, aggregator=aggregator,
             central_dp=central_figures,
@@ -1304,20 +1408,13 @@ class RoundEngine:
                 self._cond.wait(0.25)
             e.closed = True
             self._tasks_changed(e.nonces)
-            reports = dict(e.reports)
+            # What each report counts for: bounded like an update's weight (_bounds).
+            reports = _bounds.bounded_reports(dict(e.reports), study=self._study)
         # All at once, now that no report can arrive: one transaction per round instead of
         # one per report. A crash during the evaluation loses its reports, which are
         # figures about a model already committed, not part of it.
         self._store.record_evaluations(round_number=number, model_version=model.version, reports=reports)
-        n = sum(v[0] for v in reports.values())
-        if n == 0:
-            return {}
-        return {
-            "eval_loss": sum(v[0] * v[1] for v in reports.values()) / n,
-            "eval_accuracy": sum(v[0] * v[2] for v in reports.values()) / n,
-            "eval_examples": float(n),
-            "eval_institutions": float(len(reports)),
-        }
+        return _bounds.evaluation_metrics(reports)
 
     def _emit(self, result: RoundResult) -> None:
         if self._on_round is not None:
@@ -1325,6 +1422,12 @@ class RoundEngine:
                 self._on_round(result)
             except Exception:  # an observer must never stop the federation
                 log.exception("round observer failed")
+
+
+def _overflow(e: AggregateOverflow) -> Rejected:
+    return Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="UPDATE_OVERFLOWS_AGGREGATE",
+                    message=f"{e}; the update is refused and the round goes on without it: send finite deltas of "
+                            "a sensible size")
 
 
 def _struct(params: Mapping[str, Any]) -> struct_pb2.Struct:

@@ -20,10 +20,21 @@ squares costs about what folding did), and 0.05 s more runs after the last chunk
 instead of 0.41 s (1.2x). An upload that fails before it finished was never folded,
 so under DP a failure costs no rebuild.
 
-With `max_norm`, each update's L2 norm is summed as it arrives (a float32 dot per
-piece) and an update above the bound is refused at finish(); with `keep_updates`
+With `max_norm` (or `measure_norms`), each update's L2 norm is summed as it arrives (a
+float32 dot per piece) and an update above the bound is refused at finish(); with `keep_updates`
 (robust rules, which need every update, not their sum) nothing is folded: the spools
 are kept past close() and read back, coordinate block by block, at the commit.
+
+One upload cannot spoil the sum for the others: after each piece is folded, the slice
+of the sum it touched is checked to be finite (finite float32 values with a large weight
+overflow). The upload that made it non-finite is refused (AggregateOverflow; the
+engine answers UPDATE_OVERFLOWS_AGGREGATE) and the sum is rebuilt without it.
+
+At close(), the round's bounds on influence apply (coordinator/_bounds.py): uploads
+above the round's own norm bound (`screen_factor`, round 1) are taken out, and weights
+above `max_weight_share` of the total are capped. Both change what the sum should hold,
+and both use the rebuild from the spools: once, and only in a round where one binds.
+Uploads the sum refused itself are listed in `refused`, with the reason.
 """
 
 from __future__ import annotations
@@ -36,6 +47,8 @@ from dataclasses import dataclass
 import torch
 
 from fedcollab.aggregation import StreamingFedAvg, clip_scale
+from fedcollab.aggregation._fedavg import AggregateOverflow
+from fedcollab.coordinator._bounds import screen_bound, water_fill
 from fedcollab.coordinator._upload import UploadReceiver
 from fedcollab.v1 import tensor_pb2
 from fedcollab.wire import TensorPiece
@@ -50,6 +63,7 @@ class _Upload:
     state: str = "active"  # active | complete | excluded
     squares: float = 0.0  # with a clip norm: sum of squares of what arrived so far
     norm: float | None = None  # with a clip norm or a norm bound: the whole update's L2 norm, once finished
+    claimed: float = 0.0  # the example count it claimed
 
 
 class NormOutOfBounds(Exception):
@@ -71,8 +85,12 @@ class RoundSum:
 
     def __init__(
         self, *, manifest: tensor_pb2.ModelManifest, piece_bytes: int, clip_norm: float | None = None,
-        max_norm: float | None = None, keep_updates: bool = False,
+        max_norm: float | None = None, keep_updates: bool = False, max_weight_share: float = 1.0,
+        screen_factor: float | None = None, measure_norms: bool = False,
     ) -> None:
+        """`max_weight_share` caps each weight at the close (water-filling); `screen_factor`
+        refuses, at the close, updates above that factor times the round's median norm;
+        `measure_norms` measures every update's norm (accepted_norms()) without a bound."""
         for name, v in (("clip_norm", clip_norm), ("max_norm", max_norm)):
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be positive and finite, got {v}")
@@ -80,6 +98,12 @@ class RoundSum:
             raise ValueError("keep_updates (robust rules) cannot clip: the config refuses central_dp with them")
         self.max_norm = max_norm
         self.keep_updates = keep_updates
+        self.max_weight_share = max_weight_share
+        self.screen_factor = screen_factor
+        self._norms = max_norm is not None or screen_factor is not None or measure_norms
+        # Uploads this sum refused itself (overflow, the close's norm bound): key -> (reason, message).
+        self.refused: dict[str, tuple[str, str]] = {}
+        self.capped: dict[str, float] = {}  # after close(): key -> the count it claimed, where it counts for less
         self._manifest = manifest
         self._piece_bytes = piece_bytes
         self.clip_norm = clip_norm
@@ -89,12 +113,13 @@ class RoundSum:
         self._closed = False
         self.rebuilds = 0
 
-    def add(self, key: str, *, receiver: UploadReceiver, weight: float) -> None:
-        """`weight` is the update's example count; with a clip norm it is ignored: an
+    def add(self, key: str, *, receiver: UploadReceiver, weight: float, claimed: float | None = None) -> None:
+        """`weight` is the update's example count (bounded: coordinator/_bounds.py), `claimed`
+        what it said where that was more; with a clip norm it is ignored: an
         institution's own claim must not scale its influence under DP."""
         with self._lock:
             if self.clip_norm is None:
-                self._uploads[key] = _Upload(receiver, weight=weight, scale=weight)
+                self._uploads[key] = _Upload(receiver, weight=weight, scale=weight, claimed=claimed or weight)
             else:
                 self._uploads[key] = _Upload(receiver, weight=1.0, scale=0.0)  # scale known at finish()
 
@@ -104,18 +129,29 @@ class RoundSum:
         only their squares are summed, and the update is folded by finish()."""
         if self.clip_norm is not None or self.keep_updates:
             return self._measure(key, pieces)
-        if self.max_norm is not None:
+        if self._norms:
             pieces = list(pieces)
             squares = sum(float(torch.dot(p.values, p.values)) for p in pieces)  # outside the lock
         with self._lock:
             u = self._uploads.get(key)
             if u is None or u.state != "active" or self._closed:
                 return False
-            self._sum.fold(pieces=pieces, weight=u.weight)
-            u.folded = upto
-            if self.max_norm is not None:
+            u.folded = upto  # first: an overflow part-way leaves some of these pieces in the sum
+            try:
+                self._sum.fold(pieces=pieces, weight=u.weight)
+            except AggregateOverflow as e:
+                self._refuse(key, u, "UPDATE_OVERFLOWS_AGGREGATE", str(e))
+                raise
+            if self._norms:
                 u.squares += squares
             return True
+
+    def _refuse(self, key: str, u: _Upload, reason: str, message: str) -> None:
+        """Caller holds the lock: takes the upload out and the sum back to the others."""
+        u.state = "excluded"
+        self.refused[key] = (reason, message)
+        if u.folded and not self._closed:
+            self._rebuild()
 
     def _measure(self, key: str, pieces: Iterable[TensorPiece]) -> bool:
         squares = 0.0
@@ -143,7 +179,7 @@ class RoundSum:
             u = self._uploads.get(key)
             if u is None or u.state != "active" or self._closed:
                 return False
-            if u.norm is None and (self.max_norm is not None or self.clip_norm is not None):
+            if u.norm is None and (self._norms or self.clip_norm is not None):
                 u.norm = math.sqrt(u.squares)
                 if self.max_norm is not None and u.norm > self.max_norm:
                     raise NormOutOfBounds(u.norm, self.max_norm)
@@ -153,7 +189,12 @@ class RoundSum:
             # Marked folded first: if reading the spool fails part-way, excluding the
             # upload then rebuilds the sum without it.
             u.folded = u.receiver.received
-            self._sum.fold(pieces=u.receiver.pieces(piece_bytes=self._piece_bytes, limit=u.folded), weight=u.scale)
+            try:
+                self._sum.fold(pieces=u.receiver.pieces(piece_bytes=self._piece_bytes, limit=u.folded),
+                               weight=u.scale)
+            except AggregateOverflow as e:
+                self._refuse(key, u, "UPDATE_OVERFLOWS_AGGREGATE", str(e))
+                raise
             return True
 
     def complete(self, key: str) -> bool:
@@ -179,16 +220,22 @@ class RoundSum:
                 self._rebuild()
 
     def close(self) -> list[str]:
-        """Excludes uploads still in flight and returns the keys of complete ones; the
-        sum then holds exactly those. Spools are removed, but for kept updates, which
-        discard() removes once they are aggregated."""
+        """Excludes uploads still in flight, applies the round's bounds (the close's norm
+        bound, the share cap) and returns the keys of complete ones; the sum then holds
+        exactly those, with their capped weights. Spools are removed, but for kept
+        updates, which discard() removes once they are aggregated."""
         with self._lock:
             if not self._closed:
                 partial = [u for u in self._uploads.values() if u.state == "active"]
                 for u in partial:
                     u.state = "excluded"
-                if any(u.folded for u in partial):
+                stale = any(u.folded for u in partial)
+                stale = self._screen() or stale
+                stale = self._cap_weights() or stale
+                if stale:
                     self._rebuild()
+                self.capped = {k: u.claimed for k, u in self._uploads.items()
+                               if u.state == "complete" and self.clip_norm is None and u.weight < u.claimed}
                 self._closed = True
                 for u in self._uploads.values():
                     if not (self.keep_updates and u.state == "complete"):
@@ -211,6 +258,50 @@ class RoundSum:
         with self._lock:
             for u in self._uploads.values():
                 u.receiver.discard()
+
+    def _screen(self) -> bool:
+        """Caller holds the lock. Round 1's norm bound: True if an upload was taken out."""
+        if self.screen_factor is None:
+            return False
+        done = {k: u for k, u in self._uploads.items() if u.state == "complete" and u.norm is not None}
+        bound = screen_bound((u.norm for u in done.values()), factor=self.screen_factor)  # type: ignore[misc]
+        if bound is None:
+            return False
+        out = False
+        for k, u in done.items():
+            assert u.norm is not None
+            if u.norm > bound:
+                u.state = "excluded"
+                self.refused[k] = ("UPDATE_NORM_OUT_OF_BOUNDS", f"update L2 norm {u.norm:.6g} exceeds {bound:.6g} "
+                                   f"({self.screen_factor:g} x the median norm of the round's updates)")
+                out = out or bool(u.folded)
+        return out
+
+    def _cap_weights(self) -> bool:
+        """Caller holds the lock. Water-fills the complete uploads' weights; True if a
+        folded one changed (the sum must be rebuilt)."""
+        if self.clip_norm is not None or self.max_weight_share >= 1:
+            return False  # clipped updates count once each: uniform already
+        done = {k: u for k, u in self._uploads.items() if u.state == "complete"}
+        if not done:
+            return False
+        capped = water_fill({k: int(u.weight) for k, u in done.items()}, max_share=self.max_weight_share)
+        out = False
+        for k, u in done.items():
+            if capped[k] != u.weight:
+                u.weight = u.scale = float(capped[k])
+                out = out or bool(u.folded)
+        return out
+
+    def weights(self) -> dict[str, float]:
+        """What each complete update counts for (after close(): with the share cap)."""
+        with self._lock:
+            return {k: u.weight for k, u in self._uploads.items() if u.state == "complete"}
+
+    def accepted_norms(self) -> list[float]:
+        """The L2 norms of the complete updates, where they were measured."""
+        with self._lock:
+            return [u.norm for u in self._uploads.values() if u.state == "complete" and u.norm is not None]
 
     def norm_of(self, key: str) -> float | None:
         with self._lock:
@@ -245,13 +336,24 @@ class RoundSum:
 
     def _rebuild(self) -> None:
         """Caller holds the lock. The sum of every non-excluded upload's folded bytes,
-        read back from the spools."""
-        self.rebuilds += 1
-        fresh = StreamingFedAvg(manifest=self._manifest)
-        for u in self._uploads.values():
-            if u.state == "excluded" or not u.folded:
+        read back from the spools. Summed in another order than they arrived, uploads
+        that cancelled each other's overflow may overflow now: the one that does is
+        refused too, and the sum started again (at most once per upload)."""
+        while True:
+            self.rebuilds += 1
+            fresh = StreamingFedAvg(manifest=self._manifest)
+            try:
+                for key, u in self._uploads.items():
+                    if u.state == "excluded" or not u.folded:
+                        continue
+                    culprit = key
+                    fresh.fold(pieces=u.receiver.pieces(piece_bytes=self._piece_bytes, limit=u.folded),
+                               weight=u.scale)
+                    if u.state == "complete":
+                        fresh.count(weight=u.weight)
+            except AggregateOverflow as e:
+                self._uploads[culprit].state = "excluded"
+                self.refused[culprit] = ("UPDATE_OVERFLOWS_AGGREGATE", str(e))
                 continue
-            fresh.fold(pieces=u.receiver.pieces(piece_bytes=self._piece_bytes, limit=u.folded), weight=u.scale)
-            if u.state == "complete":
-                fresh.count(weight=u.weight)
-        self._sum = fresh
+            self._sum = fresh
+            return

@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     model_version INTEGER,
     reason TEXT,
     metrics TEXT NOT NULL DEFAULT '{}',
+    counted INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (round, attempt)
 );
 CREATE TABLE IF NOT EXISTS participations (
@@ -113,6 +114,9 @@ class Store:
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(participations)")}
             if "privacy" not in columns:  # state written before privacy spend was recorded
                 self._db.execute("ALTER TABLE participations ADD COLUMN privacy TEXT")
+            if "counted" not in {r[1] for r in self._db.execute("PRAGMA table_info(rounds)")}:
+                # State from before some failed attempts were not counted: each one was.
+                self._db.execute("ALTER TABLE rounds ADD COLUMN counted INTEGER NOT NULL DEFAULT 1")
             # Rounds left open by a crash never committed: say so instead of leaving them open.
             self._db.execute(
                 "UPDATE rounds SET status='abandoned', closed_at=?, reason='coordinator stopped' "
@@ -227,8 +231,17 @@ class Store:
 
     # rounds
     def next_attempt(self, round_number: int) -> int:
+        """The number of the round's next attempt (its row's key): every attempt, counted or not."""
         rows = self._query("SELECT COALESCE(MAX(attempt), 0) AS a FROM rounds WHERE round=?", (round_number,))
         return int(rows[0]["a"]) + 1
+
+    def counted_attempts(self, round_number: int) -> int:
+        """Attempts of the round that ended without a commit and count towards
+        max_round_attempts: not those failed because institutions were refused
+        (fail_round(counted=False))."""
+        rows = self._query("SELECT COUNT(*) AS n FROM rounds WHERE round=? AND status!='committed' AND counted=1",
+                           (round_number,))
+        return int(rows[0]["n"])
 
     def open_round(self, *, round_number: int, attempt: int, base_version: int, participants: list[str]) -> None:
         with self._tx() as db:
@@ -279,11 +292,12 @@ class Store:
                 (time.time(), model.version, json.dumps(metrics), round_number, attempt),
             )
 
-    def fail_round(self, *, round_number: int, attempt: int, reason: str) -> None:
+    def fail_round(self, *, round_number: int, attempt: int, reason: str, counted: bool = True) -> None:
+        """`counted` False: the attempt does not count towards the study's max_round_attempts."""
         with self._tx() as db:
             db.execute(
-                "UPDATE rounds SET status='failed', closed_at=?, reason=? WHERE round=? AND attempt=?",
-                (time.time(), reason, round_number, attempt),
+                "UPDATE rounds SET status='failed', closed_at=?, reason=?, counted=? WHERE round=? AND attempt=?",
+                (time.time(), reason, int(counted), round_number, attempt),
             )
 
     def update_round_metrics(self, *, round_number: int, metrics: dict[str, Any]) -> None:
@@ -298,6 +312,11 @@ class Store:
                 "UPDATE rounds SET metrics=? WHERE round=? AND attempt=?",
                 (json.dumps(merged), round_number, row["attempt"]),
             )
+
+    def last_committed_metrics(self) -> dict[str, Any] | None:
+        """The metrics of the last committed round (None before the first)."""
+        rows = self._query("SELECT metrics FROM rounds WHERE status='committed' ORDER BY round DESC LIMIT 1")
+        return json.loads(rows[0]["metrics"]) if rows else None
 
     def last_committed_round(self) -> int:
         rows = self._query("SELECT COALESCE(MAX(round), 0) AS r FROM rounds WHERE status='committed'")

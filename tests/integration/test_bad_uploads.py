@@ -35,11 +35,13 @@ Code = grpc.StatusCode
 
 
 class Client:
-    def __init__(self, address: str, name: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(self, address: str, name: str, credentials: grpc.ChannelCredentials | None = None, *,
+                 examples: int = 1000) -> None:
+        """`examples`: declared at Join, the most any of its updates may claim."""
         self.channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
         self.stub = pb_grpc.CoordinatorServiceStub(self.channel)
         self.name = name
-        self.session = self.stub.Join(pb.JoinRequest(institution=name, num_train_examples=10)).session_id
+        self.session = self.stub.Join(pb.JoinRequest(institution=name, num_train_examples=examples)).session_id
 
     def task(self, kind: int) -> pb.Task:
         for _ in range(100):
@@ -172,8 +174,10 @@ CASES = [
 
 
 def test_bad_uploads_are_refused_and_never_aggregated(tmp_path: Path, test_ca) -> None:  # type: ignore[no-untyped-def]
+    # max_weight_share 1.0: the exact example-weighted mean is checked here; the bound on
+    # shares has its own tests (test_hostile_institution.py).
     config = tiny_federation(tmp_path / "coordinator", rounds=len(CASES), min_institutions=2,
-                             min_available_institutions=3, central_evaluation=None)
+                             min_available_institutions=3, central_evaluation=None, max_weight_share=1.0)
     honest = {"honest-a": (10, 0.25), "honest-b": (30, -0.5)}  # name: (examples, delta value)
     server_creds, client_creds = test_ca.mutual_tls([*honest, "mallory"])
     with Coordinator(config=config, credentials=server_creds) as coordinator:
@@ -247,7 +251,8 @@ def test_proto_level_garbage_gets_a_clear_status(tmp_path: Path) -> None:
 
 
 def test_bad_evaluation_reports_are_refused_and_not_recorded(tmp_path: Path) -> None:
-    config = tiny_federation(tmp_path / "c", rounds=1, min_institutions=2, central_evaluation=None)
+    config = tiny_federation(tmp_path / "c", rounds=1, min_institutions=2, central_evaluation=None,
+                             max_weight_share=1.0)  # the exact weighting of reports is checked
     with Coordinator(config=config) as coordinator:
         site, other = (Client(f"127.0.0.1:{coordinator.port}", n) for n in ("site", "other"))
         for c in (site, other):

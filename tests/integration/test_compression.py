@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from fedcollab.compression import encode_update, encoded_nbytes, update_decoder
 from fedcollab.config import CompressionConfig
 from fedcollab.coordinator import Coordinator
+from fedcollab.coordinator._bounds import water_fill
 from fedcollab.errors import RemoteError
 from fedcollab.institution import CoordinatorClient
 from fedcollab.institution._error_feedback import residual_path, with_error_feedback
@@ -75,7 +76,10 @@ def test_rounds_commit_the_weighted_mean_of_the_decoded_updates(tmp_path: Path, 
                                                          topk_fraction=compression.topk_fraction))
                 deltas = with_error_feedback(state_dir=shadow / name, study="tiny", task=task, deltas=deltas)
             sent.append((n, _decoded(manifest, compression, deltas)))
-            total += n
+        # Example-weighted, with no institution above the default max_weight_share (0.5).
+        counted = water_fill({str(i): n for i, (n, _) in enumerate(sent)}, max_share=0.5)
+        sent = [(counted[str(i)], d) for i, (_, d) in enumerate(sent)]
+        total = sum(n for n, _ in sent)
         for k in names:
             expected = base[k].double() + sum(n * d[k] for n, d in sent) / total
             torch.testing.assert_close(models[r][k].double(), expected, rtol=0, atol=1e-6)

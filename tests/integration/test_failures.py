@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedcollab.coordinator import Coordinator, RoundResult
+from fedcollab.coordinator._bounds import water_fill
 from tests.conftest import institution_config, recording_daemon, running, tiny_federation, wait_until
 
 pytestmark = pytest.mark.integration
@@ -21,6 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _assert_weighted_average(model_path: Path, sent: list[tuple[int, dict[str, torch.Tensor]]]) -> None:
+    # Example-weighted, with no institution above the default max_weight_share (0.5).
+    counted = water_fill({str(i): n for i, (n, _) in enumerate(sent)}, max_share=0.5)
+    sent = [(counted[str(i)], state) for i, (_, state) in enumerate(sent)]
     total = sum(n for n, _ in sent)
     for name, value in load_file(str(model_path)).items():
         expected = sum(n * state[name].double() for n, state in sent) / total

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedcollab.coordinator import Coordinator
+from fedcollab.coordinator._bounds import water_fill
 from tests.conftest import (
     institution_config,
     recording_daemon,
@@ -45,7 +46,10 @@ def test_rounds_commit_the_example_weighted_average(tmp_path: Path, test_ca, mod
     assert parents == {0: None, 1: 0, 2: 1, 3: 2}
     trainers = [t for _, t in pairs]
     for r in (1, 2, 3):
-        sent = [t.sent[r] for t in trainers]
+        # Example-weighted, with no institution above the default max_weight_share (0.5).
+        claimed = [t.sent[r] for t in trainers]
+        counted = water_fill({str(i): n for i, (n, _) in enumerate(claimed)}, max_share=0.5)
+        sent = [(counted[str(i)], state) for i, (_, state) in enumerate(claimed)]
         total = sum(n for n, _ in sent)
         committed = load_file(str(models[r].path))
         for name, value in committed.items():

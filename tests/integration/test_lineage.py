@@ -106,11 +106,16 @@ def test_every_version_has_a_record_that_verifies(study: Study) -> None:
         assert rec["version"] == v and rec["round"] == v and rec["model_sha256"] == study.models[v].sha256
         assert rec["parent_sha256"] == records[v - 1]["model_sha256"]
         assert rec["study"] == "tiny" and rec["federation"] == "federation" and rec["code_version"]
-        assert rec["aggregator"] == {"name": "fedavg", "weighting": "num_examples"} and rec["central_dp"] is None
+        aggregator = dict(rec["aggregator"])
+        bounded = aggregator.pop("bounded_weights", None)  # only where a weight was capped
+        assert aggregator == {"name": "fedavg", "weighting": "num_examples"} and rec["central_dp"] is None
         done = [p for p in study.participations
                 if p["round"] == v and p["attempt"] == committed[v]["attempt"] and p["status"] == "done"]
         assert [(c["institution"], c["update_sha256"], c["num_examples"]) for c in rec["contributions"]] == \
             [(p["institution"], p["update_sha256"], p["num_examples"]) for p in done]
+        if bounded is not None:  # the record names the claim above what counted
+            counted = {c["institution"]: c["num_examples"] for c in rec["contributions"]}
+            assert bounded["claimed"] and all(n > counted[name] for name, n in bounded["claimed"].items())
         assert len(rec["contributions"]) == 3
     for v, signed in study.records.items():
         assert read_record_file(record_path(study.state, v)) == signed, "the readable copy holds the signed bytes"

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from fedcollab.config import ModelConfig, PrivacyConfig, TrainConfig
 from fedcollab.coordinator import Coordinator
+from fedcollab.coordinator._bounds import water_fill
 from fedcollab.institution import daemon_from_config
 from fedcollab.institution._daemon import DaemonEvent
 from fedcollab.models import _lora, build_model, lora_base_sha256
@@ -60,6 +61,9 @@ def test_only_adapters_are_committed_and_uploaded(tmp_path: Path) -> None:
     for r in (1, 2, 3):
         sent = [t.sent[r] for t in trainers]
         assert all(sorted(state) == names for _, state in sent)
+        # Example-weighted, with no institution above the default max_weight_share (0.5).
+        counted = water_fill({str(i): n for i, (n, _) in enumerate(sent)}, max_share=0.5)
+        sent = [(counted[str(i)], state) for i, (_, state) in enumerate(sent)]
         total = sum(n for n, _ in sent)
         committed = load_file(str(models[r].path))
         for name, value in committed.items():  # FedAvg over the adapters, A and B each

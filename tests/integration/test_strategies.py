@@ -92,7 +92,8 @@ def test_the_server_optimizer_state_survives_a_restart(tmp_path: Path) -> None:
     from fedcollab.aggregation import ServerOptimizer, ServerOptimizerSettings
 
     config = tiny_federation(tmp_path / "c", rounds=2, min_institutions=2, central_evaluation=None,
-                             strategy=StrategyConfig(name="fedadam", eta=0.05))
+                             strategy=StrategyConfig(name="fedadam", eta=0.05),
+                             max_weight_share=1.0)  # the exact example-weighted mean is stepped on
     values = {1: {"a": (10, 0.02), "b": (30, -0.01)}, 2: {"a": (10, 0.03), "b": (30, 0.01)}}
     for round_number in (1, 2):
         with Coordinator(config=config) as coordinator:
