@@ -44,7 +44,7 @@ from fedcollab.coordinator._checkpoints import (
 )
 from fedcollab.coordinator._masked_sum import MaskedSum
 from fedcollab.coordinator._round_sum import NormOutOfBounds, RoundSum
-from fedcollab.coordinator._secagg import ADVERTISE, DONE, MASKED, SHARE, UNMASK, SecAggRound
+from fedcollab.coordinator._secagg import ADVERTISE, CONSISTENCY, DONE, MASKED, SHARE, UNMASK, SecAggRound
 from fedcollab.coordinator._store import Store
 from fedcollab.coordinator._strategy import OptimizerStates, optimizer_for, robust_mean_deltas, robust_settings_for
 from fedcollab.coordinator._upload import UploadReceiver, check_privacy_spend, spend_dict
@@ -61,7 +61,7 @@ from fedcollab.lineage import (
     sign_record,
     write_record_file,
 )
-from fedcollab.secagg import Quantizer, SecAggError, degree_for, threshold_for
+from fedcollab.secagg import PeerVerifier, Quantizer, SecAggError, degree_for, threshold_for
 from fedcollab.secagg._encode import masked_manifest
 from fedcollab.v1 import coordinator_service_pb2 as pb
 from fedcollab.v1 import tensor_pb2
@@ -340,7 +340,8 @@ class RoundEngine:
         assert sa is not None and r.secagg is not None
         aggregator = {"name": "secagg+fedavg", "weighting": "uniform", "bits": sa.bits,
                       "threshold": r.secagg.threshold, "neighbours": r.secagg.degree,
-                      "masked_updates": len(r.secagg.u3), "dropped_after_sharing": len(r.secagg.u2 - r.secagg.u3)}
+                      "masked_updates": len(r.secagg.u3), "dropped_after_sharing": len(r.secagg.u2 - r.secagg.u3),
+                      "wrong_shares_from": sorted(r.secagg.bad_shares)}
         if not ddp or sa.distributed_dp is None:
             return aggregator, None
         d = sa.distributed_dp
@@ -841,9 +842,11 @@ class RoundEngine:
                 r.secagg.submit_shares(institution, request.shares)
             elif which == "unmask":
                 r.secagg.submit_unmask(institution, request.unmask)
+            elif which == "consistency":
+                r.secagg.submit_consistency(institution, request.consistency)
             else:
                 raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="SECAGG_EMPTY",
-                               message="send keys, shares or unmask")
+                               message="send keys, shares, consistency or unmask")
             self._cond.notify_all()
 
     def secagg_poll(self, *, request: pb.SecAggPollRequest,
@@ -888,7 +891,7 @@ class RoundEngine:
                                    beta=d.rounding_beta)
         return plan.quantizer(), plan
 
-    def _secagg_round(self, selected: list[str]) -> tuple[MaskedSum, SecAggRound, DistributedDPPlan | None]:
+    def _secagg_round(self, selected: list[str], number: int) -> tuple[MaskedSum, SecAggRound, DistributedDPPlan | None]:
         sa = self._study.secure_aggregation
         assert sa is not None
         quantizer, plan = self._secagg_quantizer(len(selected))
@@ -897,7 +900,9 @@ class RoundEngine:
             params.clipping_range = plan.clip_norm
             params.distributed_dp.CopyFrom(pb.DistributedDPParams(
                 clip_norm=plan.clip_norm, l2_bound=plan.l2_bound, institution_variance=plan.institution_variance))
-        secagg = SecAggRound(names=selected, config=sa, round_id=secrets.token_bytes(16), params=params)
+        tls = self._config.server.tls  # with it, submitted signatures are checked against the federation CA
+        secagg = SecAggRound(names=selected, config=sa, round_id=secrets.token_bytes(16), params=params,
+                             round_number=number, verifier=PeerVerifier.from_file(tls.ca_cert) if tls else None)
         total = MaskedSum(model_manifest=self.manifest, quantizer=quantizer, piece_bytes=self.chunk_bytes)
         return total, secagg, plan
 
@@ -934,13 +939,18 @@ class RoundEngine:
             for p in late:
                 self._fail(r, p, "SECAGG_STAGE_TIMEOUT", message="sent no masked update in time")
             completed = set(r.total.close())  # takes uploads cut off here back out of the sum
-            sa.to_unmask(completed, deadline=now + timeout)
+            sa.to_consistency(completed, deadline=now + timeout)
             if len(sa.u3) < quorum:
                 self._secagg_abort(r, f"{len(sa.u3)} masked updates arrived, {quorum} needed")
-        elif sa.stage == UNMASK:
+        elif sa.stage in (CONSISTENCY, UNMASK):
             by_name = {s.institution: s for s in self._sessions.values()}
             reachable = {n for n in sa.u3 if n in by_name and now - by_name[n].last_seen <= self.lease_s}
             if sa.waiting(reachable) and now < sa.stage_deadline:
+                return
+            if sa.stage == CONSISTENCY:
+                sa.to_unmask(deadline=now + timeout)
+                self._cond.notify_all()
+                self._tasks_changed(r.participants)
                 return
             try:
                 sa.removal_check()
@@ -1049,7 +1059,7 @@ class RoundEngine:
         base = self._current
         secagg, plan = None, None
         if self._study.secure_aggregation is not None:
-            total, secagg, plan = self._secagg_round(selected)
+            total, secagg, plan = self._secagg_round(selected, number)
         else:
             total = RoundSum(manifest=self.manifest, piece_bytes=self.chunk_bytes,
                              clip_norm=self._central_dp.clip_norm if self._central_dp else None,
@@ -1158,10 +1168,13 @@ class RoundEngine:
         if isinstance(r.total, MaskedSum):
             assert r.secagg is not None
             try:
-                add, subtract = r.secagg.removal()
+                removal = r.secagg.removal()
             except SecAggError as e:
                 raise _NotCommitted(f"SECAGG_UNMASK_FAILED: {e.message}") from None
-            new = r.total.unmask_mean(add=add, subtract=subtract, count=len(done))
+            for holder, why in sorted(removal.bad_shares.items()):
+                log.warning("round %d: %s revealed a wrong share (left out, rebuilt from the others): %s",
+                            r.number, holder, why)
+            new = r.total.unmask_mean(add=removal.add, subtract=removal.subtract, count=len(done))
             if r.ddp is not None:
                 ddp_metrics = self._ddp_release(r.ddp, survivors=len(done))
         elif self._robust is not None:
