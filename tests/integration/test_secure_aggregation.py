@@ -17,6 +17,7 @@ import fedcollab.institution._secure as secure
 from fedcollab.config import SecureAggregationConfig
 from fedcollab.coordinator import Coordinator
 from fedcollab.lineage import read_record_file, record_path
+from tests.integration._tls_files import coordinator_tls, institution_tls
 from tests.conftest import institution_config, recording_daemon, running, tiny_federation, wait_until
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,6 @@ def _run(tmp_path: Path, test_ca, *, rounds: int, min_institutions: int, fail: d
          secure_aggregation: SecureAggregationConfig | None = None):
     """Runs the study; `fail[(name, round)]` makes that institution vanish at that step
     ("after_shares": it shared keys, then sends no masked update)."""
-    server_creds, client_creds = test_ca.mutual_tls(NAMES)
     config = tiny_federation(
         tmp_path / "coordinator", rounds=rounds, min_institutions=min_institutions,
         min_available_institutions=len(NAMES),
@@ -47,10 +47,12 @@ def _run(tmp_path: Path, test_ca, *, rounds: int, min_institutions: int, fail: d
 
     secure.encode_masked = encode
     try:
-        with Coordinator(config=config, credentials=server_creds) as coordinator:
-            pairs = [recording_daemon(institution_config(n, address=f"127.0.0.1:{coordinator.port}", index=i,
-                                                         parts=len(NAMES), state_root=tmp_path),
-                                      credentials=client_creds[n]) for i, n in enumerate(NAMES)]
+        # [tls] files on both sides: the institutions sign their keys with theirs.
+        config = coordinator_tls(test_ca, tmp_path / "tls", config)
+        with Coordinator(config=config) as coordinator:
+            pairs = [recording_daemon(institution_tls(test_ca, tmp_path / "tls", institution_config(
+                n, address=f"127.0.0.1:{coordinator.port}", index=i, parts=len(NAMES), state_root=tmp_path)))
+                for i, n in enumerate(NAMES)]
             with running([d for d, _ in pairs]) as outcome:
                 assert coordinator.wait(timeout=120), "study did not finish"
                 wait_until(lambda: len(outcome) == len(NAMES), timeout=30, what="daemons to finish")
