@@ -229,7 +229,8 @@ class RoundEngine:
             tensor_pb2.TensorSpec(name=t.name, dtype=wire_dtype(t.dtype), shape=list(t.shape))
             for t in stored_tensors(self._current.path)])
         self.dim = sum(spec_numel(s) for s in self.manifest.tensors)
-        self.masked_manifest = masked_manifest(self.dim)
+        sa = self._study.secure_aggregation  # weighted: each masked upload ends with its weight
+        self.masked_manifest = masked_manifest(self.dim + (1 if sa is not None and sa.weighted else 0))
         # Distributed DP under secure aggregation: one release per committed round.
         self._ddp_releases: list[tuple[float, float, float]] = [
             (r["metrics"]["distributed_dp_l1"], r["metrics"]["distributed_dp_l2"],
@@ -338,7 +339,8 @@ class RoundEngine:
     def _secagg_aggregation(self, r: _Round, ddp: Mapping[str, float]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         sa = self._study.secure_aggregation
         assert sa is not None and r.secagg is not None
-        aggregator = {"name": "secagg+fedavg", "weighting": "uniform", "bits": sa.bits,
+        aggregator = {"name": "secagg+fedavg", "weighting": "num_examples" if sa.weighted else "uniform",
+                      **({"max_weight": sa.max_weight} if sa.weighted else {}), "bits": sa.bits,
                       "threshold": r.secagg.threshold, "neighbours": r.secagg.degree,
                       "masked_updates": len(r.secagg.u3), "dropped_after_sharing": len(r.secagg.u2 - r.secagg.u3),
                       "wrong_shares_from": sorted(r.secagg.bad_shares)}
@@ -883,7 +885,9 @@ class RoundEngine:
         assert sa is not None
         d = sa.distributed_dp
         if d is None:
-            return Quantizer.for_range(clip=sa.clipping_range, bits=sa.bits, max_summands=n), None
+            # Weighted, the weight element (at most 1) is summed too.
+            clip = max(sa.clipping_range, 1.0) if sa.weighted else sa.clipping_range
+            return Quantizer.for_range(clip=clip, bits=sa.bits, max_summands=n), None
         from fedcollab.secagg._ddp import plan_distributed_dp
 
         plan = plan_distributed_dp(clip_norm=d.clip_norm, noise_multiplier=d.noise_multiplier, bits=sa.bits,
@@ -895,7 +899,8 @@ class RoundEngine:
         sa = self._study.secure_aggregation
         assert sa is not None
         quantizer, plan = self._secagg_quantizer(len(selected))
-        params = pb.SecAggParams(bits=sa.bits, scale=quantizer.scale, clipping_range=sa.clipping_range)
+        params = pb.SecAggParams(bits=sa.bits, scale=quantizer.scale, clipping_range=sa.clipping_range,
+                                 max_weight=sa.max_weight if sa.weighted else 0.0)
         if plan is not None:
             params.clipping_range = plan.clip_norm
             params.distributed_dp.CopyFrom(pb.DistributedDPParams(
@@ -903,7 +908,9 @@ class RoundEngine:
         tls = self._config.server.tls  # with it, submitted signatures are checked against the federation CA
         secagg = SecAggRound(names=selected, config=sa, round_id=secrets.token_bytes(16), params=params,
                              round_number=number, verifier=PeerVerifier.from_file(tls.ca_cert) if tls else None)
-        total = MaskedSum(model_manifest=self.manifest, quantizer=quantizer, piece_bytes=self.chunk_bytes)
+        total = MaskedSum(model_manifest=self.manifest, quantizer=quantizer, piece_bytes=self.chunk_bytes,
+                          weighted=sa.weighted, max_weight=sa.max_weight,
+                          clip=sa.clipping_range if plan is None else float("inf"))
         return total, secagg, plan
 
     def _secagg_step(self, r: _Round, now: float) -> None:
@@ -1169,12 +1176,12 @@ class RoundEngine:
             assert r.secagg is not None
             try:
                 removal = r.secagg.removal()
+                for holder, why in sorted(removal.bad_shares.items()):
+                    log.warning("round %d: %s revealed a wrong share (left out, rebuilt from the others): %s",
+                                r.number, holder, why)
+                new = r.total.unmask_mean(add=removal.add, subtract=removal.subtract, count=len(done))
             except SecAggError as e:
-                raise _NotCommitted(f"SECAGG_UNMASK_FAILED: {e.message}") from None
-            for holder, why in sorted(removal.bad_shares.items()):
-                log.warning("round %d: %s revealed a wrong share (left out, rebuilt from the others): %s",
-                            r.number, holder, why)
-            new = r.total.unmask_mean(add=removal.add, subtract=removal.subtract, count=len(done))
+                raise _NotCommitted(f"{e.reason}: {e.message}") from None
             if r.ddp is not None:
                 ddp_metrics = self._ddp_release(r.ddp, survivors=len(done))
         elif self._robust is not None:

@@ -31,7 +31,7 @@ from fedcollab.secagg import (
     SecAggError,
     SigningIdentity,
 )
-from fedcollab.secagg._encode import NoisePlan, encode_masked, masked_manifest
+from fedcollab.secagg._encode import NoisePlan, encode_masked, masked_manifest, weight_ratio
 from fedcollab.secagg._pb import advert_from_pb, advert_to_pb
 from fedcollab.v1 import coordinator_service_pb2 as pb
 
@@ -81,9 +81,11 @@ def send_secure(*, client: CoordinatorClient, session_id: str, name: str, task: 
     mine = client.secagg_wait(session_id=session_id, task=task, stage=pb.SEC_AGG_STAGE_MASKED_INPUT, wait_s=wait_s)
     sa.receive_shares([(s.owner, bytes(s.ciphertext)) for s in mine.shares if s.holder == name])
     rng = np.random.default_rng(secrets.randbits(128))  # rounding and noise: fresh entropy, never a fixed seed
+    weight = weight_ratio(num_examples=num_examples, max_weight=p.max_weight) if p.max_weight > 0 else None
     masked = encode_masked(deltas, quantizer=quantizer, clipping_range=p.clipping_range, noise=noise, secagg=sa,
-                           rng=rng)
-    log.info("%s: round %d: masked update with %d neighbours", name, task.round, len(sa.maskers))
+                           rng=rng, weight=weight)
+    log.info("%s: round %d: masked update with %d neighbours (%s)", name, task.round, len(sa.maskers),
+             "signed" if sa.signed else "UNSIGNED")
     client.upload(session_id=session_id, task=task, deltas=[torch.from_numpy(masked)], num_examples=num_examples,
                   metrics=metrics, privacy=privacy, manifest=masked_manifest(len(masked)))
     del masked

@@ -219,7 +219,7 @@ def test_a_crafted_share_is_detected_attributed_and_left_out(tmp_path: Path, tes
     that seed (a silently wrong sum). The coordinator checks every share against the
     commitment its dealer signed: mallory is named in the lineage record, its share
     left out, the seed rebuilt from the 4 good ones (t = 4 of 5), and the committed
-    model is the mean of the five updates."""
+    model is the (weighted) mean of the five updates."""
     names = [*HONEST, "mallory"]
     original = InstitutionSecAgg.reveal
 
@@ -242,7 +242,7 @@ def test_a_crafted_share_is_detected_attributed_and_left_out(tmp_path: Path, tes
     state_dir = Path(coord.config.server.state_dir)
     record = json.loads(read_record_file(record_path(state_dir, 1))[0])
     assert record["aggregator"]["wrong_shares_from"] == ["mallory"]
-    sent = [t.sent[1][1] for t in trainers.values()]
+    sent = [t.sent[1] for t in trainers.values()]  # (num_examples, model): weighted by min(n, 1000)
     for k, value in committed.items():
-        expected = sum(s[k].double() for s in sent) / len(sent)
+        expected = sum(min(n, 1000) * s[k].double() for n, s in sent) / sum(min(n, 1000) for n, _ in sent)
         torch.testing.assert_close(value.double(), expected, rtol=0, atol=1e-6)
