@@ -94,7 +94,8 @@ def _import_fedcollab() -> None:
     import secagg_stages  # the secure-aggregation stages (imported here: instrumented with fedcollab)
 
     _fc.update(
-        secagg=secagg_stages, RoundEngine=engine_mod.RoundEngine, CoordinatorServicer=servicer_mod.CoordinatorServicer, Store=Store,
+        secagg=secagg_stages,
+        RoundEngine=engine_mod.RoundEngine, CoordinatorServicer=servicer_mod.CoordinatorServicer, Store=Store,
         FederationConfig=FederationConfig, ModelConfig=ModelConfig, ServerConfig=ServerConfig,
         StudyConfig=StudyConfig, TrainConfig=TrainConfig, manifest_nbytes=manifest_nbytes,
         torch_dtype=torch_dtype, Caller=Caller,

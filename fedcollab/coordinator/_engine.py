@@ -895,7 +895,8 @@ class RoundEngine:
                                    beta=d.rounding_beta)
         return plan.quantizer(), plan
 
-    def _secagg_round(self, selected: list[str], number: int) -> tuple[MaskedSum, SecAggRound, DistributedDPPlan | None]:
+    def _secagg_round(self, selected: list[str],
+                      number: int) -> tuple[MaskedSum, SecAggRound, DistributedDPPlan | None]:
         sa = self._study.secure_aggregation
         assert sa is not None
         quantizer, plan = self._secagg_quantizer(len(selected))
@@ -954,17 +955,15 @@ class RoundEngine:
             reachable = {n for n in sa.u3 if n in by_name and now - by_name[n].last_seen <= self.lease_s}
             if sa.waiting(reachable) and now < sa.stage_deadline:
                 return
-            if sa.stage == CONSISTENCY:
+            if sa.stage == CONSISTENCY:  # the survivors signed their list (or their time is up)
                 sa.to_unmask(deadline=now + timeout)
-                self._cond.notify_all()
-                self._tasks_changed(r.participants)
-                return
-            try:
-                sa.removal_check()
-            except SecAggError as e:
-                self._secagg_abort(r, e.message)
-                return
-            sa.stage = DONE
+            else:
+                try:
+                    sa.removal_check()
+                except SecAggError as e:
+                    self._secagg_abort(r, e.message)
+                    return
+                sa.stage = DONE
         self._cond.notify_all()
         self._tasks_changed(r.participants)
 

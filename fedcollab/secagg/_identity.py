@@ -67,7 +67,9 @@ class SigningIdentity:
         pem = Path(cert).read_bytes()
         private = load_private_key(Path(key))
         certificate = x509.load_pem_x509_certificate(pem)
-        if certificate.public_key().public_numbers() != private.public_key().public_numbers():  # type: ignore[union-attr]
+        public = certificate.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey) or public.public_numbers() != \
+                private.public_key().public_numbers():
             raise PkiError(f"{key} is not the private key of {cert}")
         return cls(certificate_pem=pem, key=private)
 

@@ -26,10 +26,10 @@ from tests.unit.secagg_helpers import signing_identities
 NAMES = ["a", "b", "c", "d", "e"]
 
 
-def _setup(name: str, *, round_id: bytes, names: list[str] = NAMES, threshold: int = 4, **kw) -> RoundSetup:  # type: ignore[no-untyped-def]
+def _setup(name: str, *, round_id: bytes, names: list[str] = NAMES, threshold: int = 4) -> RoundSetup:
     graph = neighbour_graph(names, degree=degree_for(len(names), "auto"), seed=round_id)
     return RoundSetup(name=name, round_id=round_id, participants=tuple(names), neighbours=tuple(graph[name]),
-                      threshold=threshold, bits=32, **kw)
+                      threshold=threshold, bits=32)
 
 
 def _signed_round(names: list[str] = NAMES, threshold: int = 4) -> dict[str, InstitutionSecAgg]:
@@ -149,7 +149,8 @@ def test_a_dealer_whose_committed_shares_are_inconsistent_is_named() -> None:
                        share_commitment(round_id=d.setup.round_id, owner="d", kind=MASK_PRIVATE_KEY, share=b))
                    for h, (a, b) in d._dealt.items()}
     unsigned = replace(d.advertisement, share_commitments=commitments, signature=b"")
-    d.advertisement = replace(unsigned, signature=d._identity.sign(unsigned.signed_bytes(d.setup.shape)))  # type: ignore[union-attr]
+    assert d._identity is not None
+    d.advertisement = replace(unsigned, signature=d._identity.sign(unsigned.signed_bytes(d.setup.shape)))
     ads, revealed = _through_unmasking(clients)
     with pytest.raises(SecAggError, match="d dealt inconsistent shares"):
         _removal(clients, ads, revealed)
