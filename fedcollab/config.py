@@ -145,7 +145,8 @@ class SecureAggregationConfig(_Strict):
     # institution's neighbourhood (itself included), rounded up. Masks of dropped
     # institutions are removed once t of their neighbours answer. Institutions refuse
     # a round whose t is not above half of their neighbourhood (a coordinator could
-    # otherwise collect both secrets of one institution from two disjoint groups).
+    # otherwise collect both secrets of one institution from two disjoint groups), so
+    # a count below that is raised to a majority of the round's neighbourhood.
     reconstruction_threshold: int | float = Field(default=0.66, gt=0)
     # Neighbours each institution masks with: "auto" is everyone in small rounds
     # (up to 20 institutions) and O(log n) beyond; an int can raise the degree, not

@@ -1,9 +1,14 @@
 """The coordinator's bookkeeping of one secure-aggregation round: stages, who is still
 in, what each institution submitted, and what each one is handed when it polls.
 
-Every submission is checked against the stage and the sender's place in the graph
-before it is stored, so one misbehaving institution is refused (and eventually timed
-out of the round) without touching anyone else's part. The engine holds its lock
+Stages: ADVERTISE_KEYS, SHARE_KEYS, MASKED_INPUT, CONSISTENCY_CHECK (the survivors
+sign the list of survivors), UNMASK, DONE. Every submission is checked against the
+stage and the sender's place in the graph before it is stored (keys must carry a
+seed commitment and one share commitment per holder; a signature, when there is one,
+must be the sender's, against the federation CA under TLS), so one misbehaving
+institution is refused (and eventually timed out of the round) without touching
+anyone else's part. The institutions check what they are handed themselves
+(fedcollab/secagg/_client.py): this bookkeeping is not trusted by them. The engine holds its lock
 around every call; nothing here blocks or computes masks.
 """
 

@@ -50,13 +50,13 @@ def neighbour_graph(names: Sequence[str], *, degree: int, seed: bytes) -> dict[s
 def threshold_for(neighbourhood: int, setting: int | float) -> int:
     """Shamir threshold t for a neighbourhood of `neighbourhood` holders (the institution
     and its neighbours): a count, or a fraction rounded up; at least 2, at most all,
-    and above half of the neighbourhood."""
+    and always above half of the neighbourhood."""
     t = setting if isinstance(setting, int) else math.ceil(setting * neighbourhood - 1e-9)
-    if 2 * max(2, t) <= neighbourhood:
-        raise ValueError(f"reconstruction_threshold {setting} needs {t} shares of a neighbourhood of {neighbourhood}: "
-                         f"not above half, so the coordinator could collect both secrets of one institution from two "
-                         f"disjoint groups; use at least {neighbourhood // 2 + 1} (or a fraction above 0.5), which "
-                         "institutions enforce")
+    # Never half or less: two disjoint groups of t holders could then each be shown a
+    # different list of survivors and hand over both secrets of one institution, and
+    # institutions refuse such a round. A count below that is raised to a majority (a
+    # fraction above 0.5, which the config requires, always gives one).
+    t = max(t, neighbourhood // 2 + 1)
     if t > neighbourhood:
         raise ValueError(f"reconstruction_threshold {setting} needs {t} shares, but each institution has only "
                          f"{neighbourhood} holders (itself and its neighbours); lower the threshold or add neighbours")
