@@ -169,3 +169,32 @@ def test_equivocation_leaves_each_list_short_of_t_signatures() -> None:
     for n in NAMES:
         with pytest.raises(SecAggError, match="SECAGG_TOO_FEW_SIGNATURES"):
             clients[n].reveal(survivors=alive if n in "ab" else dropped, signatures=sigs)
+
+
+def test_without_a_certificate_an_institution_takes_part_unsigned_and_says_so(caplog, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Plaintext (no [tls]): the institution warns at every round that a lying
+    coordinator could then see its update; with [tls] files it cannot read, it refuses."""
+    import logging
+
+    from fedcollab.config import TlsConfig
+    from fedcollab.institution._secure import send_secure, signing_from
+    from fedcollab.v1 import coordinator_service_pb2 as pb
+
+    class Stop(Exception):
+        pass
+
+    class Client:
+        def secagg_submit(self, **kw):  # type: ignore[no-untyped-def]
+            assert not kw["keys"].signature and not kw["keys"].certificate  # unsigned, as warned
+            raise Stop
+
+    task = pb.Task(round=3, secure_aggregation=pb.SecAggParams(
+        round_id=bytes(16), participants=["a", "b", "c"], neighbours=["b", "c"], threshold=2, bits=32, scale=1e6,
+        clipping_range=8.0))
+    with caplog.at_level(logging.WARNING, logger="fedcollab.institution"), pytest.raises(Stop):
+        send_secure(client=Client(), session_id="s", name="a", task=task, deltas=[], num_examples=1, metrics={},
+                    privacy=None, wait_s=0.1, tls=None)  # type: ignore[arg-type]
+    assert any("UNSIGNED" in r.getMessage() and "coordinator that lies" in r.getMessage() for r in caplog.records)
+    missing = TlsConfig(ca_cert=tmp_path / "ca.pem", cert=tmp_path / "a.pem", key=tmp_path / "a.key")
+    with pytest.raises(SecAggError, match="SECAGG_NO_IDENTITY"):
+        signing_from(missing)
