@@ -125,7 +125,7 @@ def test_large_rounds_mask_with_log_n_neighbours_and_still_sum_exactly() -> None
     graph = neighbour_graph([f"i{k}" for k in range(n)], degree=degree, seed=b"x" * 16)
     assert all(len(v) == degree for v in graph.values())
     assert all(a in graph[b] for a in graph for b in graph[a])  # symmetric
-    unmasked, plain = _run(n, t=0.6, drop_share=2, drop_masked=3, drop_unmask=2, seed=3)
+    unmasked, plain = _run(n, t=0.6, drop_share=2, drop_masked=3, drop_sign=1, drop_unmask=1, seed=3, signed=True)
     np.testing.assert_array_equal(unmasked, plain)
 
 
