@@ -192,22 +192,43 @@ class SecureAggregationConfig(_Strict):
     bits: int = Field(default=32, ge=16, le=32)
     # Without distributed DP, each coordinate of an update is clipped to [-r, r].
     clipping_range: float = Field(default=8.0, gt=0)
-    # Shamir threshold t: an int is a count, a float in (0, 1] a fraction of each
+    # Shamir threshold t: an int is a count, a float in (0.5, 1] a fraction of each
     # institution's neighbourhood (itself included), rounded up. Masks of dropped
-    # institutions are removed once t of their neighbours answer.
+    # institutions are removed once t of their neighbours answer. Institutions refuse
+    # a round whose t is not above half of their neighbourhood (a coordinator could
+    # otherwise collect both secrets of one institution from two disjoint groups), so
+    # a count below that is raised to a majority of the round's neighbourhood.
     reconstruction_threshold: int | float = Field(default=0.66, gt=0)
     # Neighbours each institution masks with: "auto" is everyone in small rounds
-    # (up to 20 institutions) and O(log n) beyond; an int sets the degree.
+    # (up to 20 institutions) and O(log n) beyond; an int can raise the degree, not
+    # lower it (institutions refuse a graph sparser than "auto").
     neighbours: Literal["auto"] | int = "auto"
     # Each key-exchange and unmasking stage waits at most this long for stragglers.
     stage_timeout_s: float = Field(default=120.0, gt=0)
     distributed_dp: DistributedDPConfig | None = None
+    # How updates count in the mean. "num_examples": each institution masks its
+    # clipped update times min(n, max_weight) / max_weight together with that ratio
+    # as one more element, and the coordinator divides the unmasked sum by the
+    # unmasked sum of ratios (Flower's SecAgg+ max_weight, with the weight capped so
+    # no institution counts for more than max_weight examples). "uniform": each
+    # update counts once. "auto": num_examples, or uniform with distributed DP (whose
+    # accounting bounds each institution's contribution by clip_norm, once).
+    weighting: Literal["auto", "uniform", "num_examples"] = "auto"
+    max_weight: float = Field(default=1000.0, gt=0, le=1e9)
+
+    @property
+    def weighted(self) -> bool:
+        return self.weighting == "num_examples" or (self.weighting == "auto" and self.distributed_dp is None)
 
     @model_validator(mode="after")
     def _threshold_is_meaningful(self) -> SecureAggregationConfig:
         t = self.reconstruction_threshold
-        if isinstance(t, float) and not 0 < t <= 1:
-            raise ValueError("reconstruction_threshold as a fraction must be in (0, 1]; use an int for a count")
+        if isinstance(t, float) and not 0.5 < t <= 1:
+            raise ValueError("reconstruction_threshold as a fraction must be in (0.5, 1]: institutions refuse a "
+                             "threshold that is not above half of their neighbourhood; use an int for a count")
+        if self.weighting == "num_examples" and self.distributed_dp is not None:
+            raise ValueError("weighting = \"num_examples\" cannot be combined with distributed_dp, whose privacy "
+                             "accounting counts each update once: use weighting = \"uniform\" (or \"auto\")")
         if isinstance(t, int) and t < 2:
             raise ValueError("reconstruction_threshold must be at least 2 institutions: with 1, any single "
                              "neighbour's shares would unmask an institution's update")

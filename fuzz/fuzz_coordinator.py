@@ -90,7 +90,11 @@ def _import_fedcollab() -> None:
 
     grpc, pb, tensor_pb2, status_pb2, error_details_pb2, torch = _grpc, _pb, _tpb, _st, _ed, _torch
     ClientGone = type("ClientGone", (_grpc.RpcError,), {"__doc__": "The client went away mid-stream."})
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import secagg_stages  # the secure-aggregation stages (imported here: instrumented with fedcollab)
+
     _fc.update(
+        secagg=secagg_stages,
         RoundEngine=engine_mod.RoundEngine, CoordinatorServicer=servicer_mod.CoordinatorServicer, Store=Store,
         FederationConfig=FederationConfig, ModelConfig=ModelConfig, ServerConfig=ServerConfig,
         StudyConfig=StudyConfig, TrainConfig=TrainConfig, manifest_nbytes=manifest_nbytes,
@@ -333,6 +337,7 @@ class Env:
                 model=f["ModelConfig"](kind="mlp", params={"in_features": 8, "hidden": [4], "num_classes": 3}),
                 train=f["TrainConfig"](local_epochs=1, batch_size=8, learning_rate=0.01),
                 central_dp=_central_dp(),
+                secure_aggregation=f["secagg"].secagg_config(),
             ),
         )
         self.store = f["Store"](self.dir / "coordinator.sqlite")
@@ -353,6 +358,9 @@ class Env:
         self.thread = threading.Thread(target=self.engine.run, args=(self.stop,), name="fuzz-round-driver",
                                        daemon=True)
         self.thread.start()
+        # FUZZ_SECAGG=1: the honest institutions walk each round's secure-aggregation stages.
+        self.walk = (f["secagg"].HonestWalk(self, context=FakeContext, aborted=Aborted)
+                     if self.config.study.secure_aggregation is not None else None)
         deadline = time.monotonic() + 10
         while self.open_round() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -361,6 +369,8 @@ class Env:
         self.honest[name] = self.engine.join(institution=name, num_train_examples=100)[0]
 
     def close(self) -> None:
+        if self.walk is not None:
+            self.walk.close()
         self.stop.set()
         self.thread.join(timeout=10)
         try:
@@ -651,6 +661,20 @@ def _structured(r: ByteReader, env: Env, rpc: str) -> Any:
         return request
     if rpc == "Heartbeat":
         return pb.HeartbeatRequest(session_id=_session(r, env))
+    if rpc in ("SecAggPoll", "SecAggSubmit"):
+        rnd = env.open_round()
+        name = r.pick(env.names())
+        session = env.honest.get(name) or dict(env.others).get(name, "")
+        if r.chance(40):
+            session = _session(r, env)
+        where = dict(session=session, round=fuzz_int(r, rnd["number"] if rnd else 1),
+                     nonce=_nonce(r, rnd["nonces"] if rnd else None, name))
+        secagg = _fc["secagg"]
+        if rpc == "SecAggPoll":
+            return secagg.poll_request(r, env, session=where["session"], round_number=where["round"],
+                                       nonce=where["nonce"])
+        return secagg.submit_request(r, env, name=name, session=where["session"], round_number=where["round"],
+                                     nonce=where["nonce"])
     raise AssertionError(rpc)
 
 
@@ -658,6 +682,8 @@ _REQUEST = {
     "Join": "JoinRequest", "PollTask": "PollTaskRequest", "DownloadModel": "DownloadModelRequest",
     "UploadUpdate": "UploadUpdateRequest", "ReportEvaluation": "ReportEvaluationRequest",
     "DeclineTask": "DeclineTaskRequest", "Heartbeat": "HeartbeatRequest",
+    # Secure aggregation: every stage (CONSISTENCY_CHECK too) and payload; deep with FUZZ_SECAGG=1.
+    "SecAggPoll": "SecAggPollRequest", "SecAggSubmit": "SecAggSubmitRequest",
 }
 RPCS = list(_REQUEST)
 
@@ -933,6 +959,9 @@ def write_seeds(folder: Path) -> None:
         "ReportEvaluation": pb.ReportEvaluationRequest(session_id="x", round=1, loss=1.0, accuracy=0.5),
         "DeclineTask": pb.DeclineTaskRequest(session_id="x", round=1, reason="BUDGET_EXHAUSTED"),
         "Heartbeat": pb.HeartbeatRequest(session_id="x"),
+        "SecAggPoll": pb.SecAggPollRequest(session_id="x", round=1, stage=pb.SEC_AGG_STAGE_CONSISTENCY_CHECK),
+        "SecAggSubmit": pb.SecAggSubmitRequest(session_id="x", round=1, consistency=pb.ConsistencyPayload(
+            certificate=b"-----BEGIN CERTIFICATE-----", signature=b"sig")),
     }
     for i, rpc in enumerate(RPCS):
         blob = raws[rpc].SerializeToString()

@@ -46,7 +46,7 @@ from fedcollab.aggregation._fedavg import AggregateOverflow
 from fedcollab.coordinator import _bounds
 from fedcollab.coordinator._masked_sum import MaskedSum
 from fedcollab.coordinator._round_sum import NormOutOfBounds, RoundSum
-from fedcollab.coordinator._secagg import ADVERTISE, DONE, MASKED, SHARE, UNMASK, SecAggRound
+from fedcollab.coordinator._secagg import ADVERTISE, CONSISTENCY, DONE, MASKED, SHARE, UNMASK, SecAggRound
 from fedcollab.coordinator._store import Store
 from fedcollab.coordinator._strategy import OptimizerStates, optimizer_for, robust_mean_deltas, robust_settings_for
 from fedcollab.coordinator._upload import UploadReceiver, check_privacy_spend, spend_dict
@@ -63,7 +63,7 @@ from fedcollab.lineage import (
     sign_record,
     write_record_file,
 )
-from fedcollab.secagg import Quantizer, SecAggError, degree_for, threshold_for
+from fedcollab.secagg import PeerVerifier, Quantizer, SecAggError, degree_for, threshold_for
 from fedcollab.secagg._encode import masked_manifest
 from fedcollab.v1 import coordinator_service_pb2 as pb
 from fedcollab.v1 import tensor_pb2
@@ -235,7 +235,8 @@ class RoundEngine:
             tensor_pb2.TensorSpec(name=t.name, dtype=wire_dtype(t.dtype), shape=list(t.shape))
             for t in stored_tensors(self._current.path)])
         self.dim = sum(spec_numel(s) for s in self.manifest.tensors)
-        self.masked_manifest = masked_manifest(self.dim)
+        sa = self._study.secure_aggregation  # weighted: each masked upload ends with its weight
+        self.masked_manifest = masked_manifest(self.dim + (1 if sa is not None and sa.weighted else 0))
         # Distributed DP under secure aggregation: one release per committed round.
         self._ddp_releases: list[tuple[float, float, float]] = [
             (r["metrics"]["distributed_dp_l1"], r["metrics"]["distributed_dp_l2"],
@@ -344,9 +345,11 @@ class RoundEngine:
     def _secagg_aggregation(self, r: _Round, ddp: Mapping[str, float]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         sa = self._study.secure_aggregation
         assert sa is not None and r.secagg is not None
-        aggregator = {"name": "secagg+fedavg", "weighting": "uniform", "bits": sa.bits,
+        aggregator = {"name": "secagg+fedavg", "weighting": "num_examples" if sa.weighted else "uniform",
+                      **({"max_weight": sa.max_weight} if sa.weighted else {}), "bits": sa.bits,
                       "threshold": r.secagg.threshold, "neighbours": r.secagg.degree,
-                      "masked_updates": len(r.secagg.u3), "dropped_after_sharing": len(r.secagg.u2 - r.secagg.u3)}
+                      "masked_updates": len(r.secagg.u3), "dropped_after_sharing": len(r.secagg.u2 - r.secagg.u3),
+                      "wrong_shares_from": sorted(r.secagg.bad_shares)}
         if not ddp or sa.distributed_dp is None:
             return aggregator, None
         d = sa.distributed_dp
@@ -932,9 +935,11 @@ class RoundEngine:
                 r.secagg.submit_shares(institution, request.shares)
             elif which == "unmask":
                 r.secagg.submit_unmask(institution, request.unmask)
+            elif which == "consistency":
+                r.secagg.submit_consistency(institution, request.consistency)
             else:
                 raise Rejected(code=grpc.StatusCode.INVALID_ARGUMENT, reason="SECAGG_EMPTY",
-                               message="send keys, shares or unmask")
+                               message="send keys, shares, consistency or unmask")
             self._cond.notify_all()
 
     def secagg_poll(self, *, request: pb.SecAggPollRequest,
@@ -971,7 +976,9 @@ class RoundEngine:
         assert sa is not None
         d = sa.distributed_dp
         if d is None:
-            return Quantizer.for_range(clip=sa.clipping_range, bits=sa.bits, max_summands=n), None
+            # Weighted, the weight element (at most 1) is summed too.
+            clip = max(sa.clipping_range, 1.0) if sa.weighted else sa.clipping_range
+            return Quantizer.for_range(clip=clip, bits=sa.bits, max_summands=n), None
         from fedcollab.secagg._ddp import plan_distributed_dp
 
         plan = plan_distributed_dp(clip_norm=d.clip_norm, noise_multiplier=d.noise_multiplier, bits=sa.bits,
@@ -979,17 +986,23 @@ class RoundEngine:
                                    beta=d.rounding_beta)
         return plan.quantizer(), plan
 
-    def _secagg_round(self, selected: list[str]) -> tuple[MaskedSum, SecAggRound, DistributedDPPlan | None]:
+    def _secagg_round(self, selected: list[str],
+                      number: int) -> tuple[MaskedSum, SecAggRound, DistributedDPPlan | None]:
         sa = self._study.secure_aggregation
         assert sa is not None
         quantizer, plan = self._secagg_quantizer(len(selected))
-        params = pb.SecAggParams(bits=sa.bits, scale=quantizer.scale, clipping_range=sa.clipping_range)
+        params = pb.SecAggParams(bits=sa.bits, scale=quantizer.scale, clipping_range=sa.clipping_range,
+                                 max_weight=sa.max_weight if sa.weighted else 0.0)
         if plan is not None:
             params.clipping_range = plan.clip_norm
             params.distributed_dp.CopyFrom(pb.DistributedDPParams(
                 clip_norm=plan.clip_norm, l2_bound=plan.l2_bound, institution_variance=plan.institution_variance))
-        secagg = SecAggRound(names=selected, config=sa, round_id=secrets.token_bytes(16), params=params)
-        total = MaskedSum(model_manifest=self.manifest, quantizer=quantizer, piece_bytes=self.chunk_bytes)
+        tls = self._config.server.tls  # with it, submitted signatures are checked against the federation CA
+        secagg = SecAggRound(names=selected, config=sa, round_id=secrets.token_bytes(16), params=params,
+                             round_number=number, verifier=PeerVerifier.from_file(tls.ca_cert) if tls else None)
+        total = MaskedSum(model_manifest=self.manifest, quantizer=quantizer, piece_bytes=self.chunk_bytes,
+                          weighted=sa.weighted, max_weight=sa.max_weight,
+                          clip=sa.clipping_range if plan is None else float("inf"))
         return total, secagg, plan
 
     def _secagg_step(self, r: _Round, now: float) -> None:
@@ -1025,20 +1038,23 @@ class RoundEngine:
             for p in late:
                 self._fail(r, p, "SECAGG_STAGE_TIMEOUT", message="sent no masked update in time")
             completed = set(r.total.close())  # takes uploads cut off here back out of the sum
-            sa.to_unmask(completed, deadline=now + timeout)
+            sa.to_consistency(completed, deadline=now + timeout)
             if len(sa.u3) < quorum:
                 self._secagg_abort(r, f"{len(sa.u3)} masked updates arrived, {quorum} needed")
-        elif sa.stage == UNMASK:
+        elif sa.stage in (CONSISTENCY, UNMASK):
             by_name = {s.institution: s for s in self._sessions.values()}
             reachable = {n for n in sa.u3 if n in by_name and now - by_name[n].last_seen <= self.lease_s}
             if sa.waiting(reachable) and now < sa.stage_deadline:
                 return
-            try:
-                sa.removal_check()
-            except SecAggError as e:
-                self._secagg_abort(r, e.message)
-                return
-            sa.stage = DONE
+            if sa.stage == CONSISTENCY:  # the survivors signed their list (or their time is up)
+                sa.to_unmask(deadline=now + timeout)
+            else:
+                try:
+                    sa.removal_check()
+                except SecAggError as e:
+                    self._secagg_abort(r, e.message)
+                    return
+                sa.stage = DONE
         self._cond.notify_all()
         self._tasks_changed(r.participants)
 
@@ -1145,7 +1161,7 @@ class RoundEngine:
         base = self._current
         secagg, plan = None, None
         if self._study.secure_aggregation is not None:
-            total, secagg, plan = self._secagg_round(selected)
+            total, secagg, plan = self._secagg_round(selected, number)
         else:
             norms = _bounds.norm_policy(self._study, last_metrics=self._store.last_committed_metrics())
             total = RoundSum(manifest=self.manifest, piece_bytes=self.chunk_bytes,
@@ -1299,10 +1315,13 @@ class RoundEngine:
         if isinstance(r.total, MaskedSum):
             assert r.secagg is not None
             try:
-                add, subtract = r.secagg.removal()
+                removal = r.secagg.removal()
+                for holder, why in sorted(removal.bad_shares.items()):
+                    log.warning("round %d: %s revealed a wrong share (left out, rebuilt from the others): %s",
+                                r.number, holder, why)
+                new = r.total.unmask_mean(add=removal.add, subtract=removal.subtract, count=len(done))
             except SecAggError as e:
-                raise _NotCommitted(f"SECAGG_UNMASK_FAILED: {e.message}") from None
-            new = r.total.unmask_mean(add=add, subtract=subtract, count=len(done))
+                raise _NotCommitted(f"{e.reason}: {e.message}") from None
             if r.ddp is not None:
                 ddp_metrics = self._ddp_release(r.ddp, survivors=len(done))
         elif self._robust is not None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fedcollab.coordinator._upload import UploadReceiver
-from fedcollab.secagg import Quantizer, apply_masks
+from fedcollab.secagg import Quantizer, SecAggError, apply_masks
 from fedcollab.v1 import tensor_pb2
 from fedcollab.wire import TensorPiece, spec_numel
 
@@ -33,9 +33,16 @@ class _Upload:
 
 
 class MaskedSum:
-    def __init__(self, *, model_manifest: tensor_pb2.ModelManifest, quantizer: Quantizer, piece_bytes: int) -> None:
+    def __init__(self, *, model_manifest: tensor_pb2.ModelManifest, quantizer: Quantizer, piece_bytes: int,
+                 weighted: bool = False, clip: float = float("inf"), max_weight: float = 1.0) -> None:
+        """`weighted`: each upload ends with its weight (one more element), and the
+        mean divides by their sum; `clip`: the clipping range honest updates keep to."""
         self._model_manifest = model_manifest
-        self.dim = sum(spec_numel(s) for s in model_manifest.tensors)
+        self.model_dim = sum(spec_numel(s) for s in model_manifest.tensors)
+        self.weighted = weighted
+        self.clip = clip
+        self.max_weight = max_weight
+        self.dim = self.model_dim + (1 if weighted else 0)
         self.quantizer = quantizer
         self._keep = np.uint32((1 << quantizer.bits) - 1 if quantizer.bits < 32 else 0xFFFFFFFF)
         self._sum = np.zeros(self.dim, dtype=np.uint32)
@@ -113,14 +120,29 @@ class MaskedSum:
         """The mean of the survivors' updates, flat float32 per tensor: the masks are
         removed chunk by chunk (vectorized keystreams) and the signed integers decoded
         into the sum's own memory (4 bytes per element either way), so unmasking holds
-        one model; the caller adds the base from its file."""
+        one model; the caller adds the base from its file.
+
+        Weighted, the divisor is the unmasked sum of weights, which honest uploads keep
+        in [count / max_weight, count]; any other is refused (SecAggError), and each
+        coordinate of the mean is held to the clipping range, where the mean of
+        honest updates lies. What one hostile institution can still do is move each
+        coordinate of the mean anywhere inside that range (its masked vector cannot
+        be checked)."""
         with self._lock:
             assert self._closed, "close() the round's sum before unmasking it"
+            divisor = float(count)
+            if self.weighted:
+                last = apply_masks(self._sum[self.model_dim:], start=self.model_dim, bits=self.quantizer.bits,
+                                   add=add, subtract=subtract)
+                divisor = float(self.quantizer.decode(last)[0])
+                if not 0.5 * count / self.max_weight <= divisor <= count + 0.5:
+                    raise SecAggError("SECAGG_BAD_WEIGHT", f"the unmasked weights sum to {divisor:.6g}, outside what "
+                                      f"{count} honest uploads can sum to: an institution masked a forged weight")
             values = self._sum.view(np.float32)
-            for a in range(0, self.dim, _APPLY_ELEMS):
-                plain = apply_masks(self._sum[a:a + _APPLY_ELEMS], start=a, bits=self.quantizer.bits, add=add,
-                                    subtract=subtract)  # a copy: its slice can be overwritten
-                values[a:a + len(plain)] = self.quantizer.decode(plain) / count
+            for a in range(0, self.model_dim, _APPLY_ELEMS):
+                plain = apply_masks(self._sum[a:min(a + _APPLY_ELEMS, self.model_dim)], start=a,
+                                    bits=self.quantizer.bits, add=add, subtract=subtract)  # a copy
+                values[a:a + len(plain)] = np.clip(self.quantizer.decode(plain) / divisor, -self.clip, self.clip)
             out: dict[str, torch.Tensor] = {}
             start = 0
             for spec in self._model_manifest.tensors:

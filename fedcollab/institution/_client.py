@@ -176,9 +176,11 @@ class CoordinatorClient:
         return self._call(self._stub.UploadUpdate, requests(), timeout=self._timeout + size / 1e6)
 
     def secagg_submit(self, *, session_id: str, task: pb.Task, keys: pb.PeerKeys | None = None,
-                      shares: pb.ShareKeysPayload | None = None, unmask: pb.UnmaskPayload | None = None) -> None:
+                      shares: pb.ShareKeysPayload | None = None, unmask: pb.UnmaskPayload | None = None,
+                      consistency: pb.ConsistencyPayload | None = None) -> None:
         self._call(self._stub.SecAggSubmit, pb.SecAggSubmitRequest(
-            session_id=session_id, round=task.round, nonce=task.nonce, keys=keys, shares=shares, unmask=unmask))
+            session_id=session_id, round=task.round, nonce=task.nonce, keys=keys, shares=shares, unmask=unmask,
+            consistency=consistency))
 
     def secagg_wait(self, *, session_id: str, task: pb.Task, stage: int, wait_s: float) -> pb.SecAggPollResponse:
         """Long-polls until the inputs of `stage` are ready; the coordinator's refusal

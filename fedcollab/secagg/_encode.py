@@ -50,17 +50,35 @@ def _chunks(tensors: Sequence[torch.Tensor], chunk_elems: int) -> Iterator[tuple
         start += flat.numel()
 
 
+def weight_ratio(*, num_examples: int, max_weight: float) -> float:
+    """min(n, max_weight) / max_weight, in (0, 1]: the weight an update is masked with.
+    Scaled to at most 1, a weighted update stays inside the clipping range, so the
+    quantizer that fits the uniform sum fits this one too (Flower multiplies by
+    n / max_weight without a cap, which overflows when n exceeds it)."""
+    if not max_weight > 0:
+        raise SecAggError("SECAGG_BAD_PARAMS", "max_weight must be positive")
+    return min(max(int(num_examples), 1), max_weight) / max_weight
+
+
 def encode_masked(tensors: Sequence[torch.Tensor], *, quantizer: Quantizer, clipping_range: float,
                   noise: NoisePlan | None, secagg: InstitutionSecAgg, rng: np.random.Generator,
-                  chunk_elems: int = 1 << 20) -> np.ndarray:
-    """The masked update (uint32 mod 2^bits), ready to upload."""
+                  chunk_elems: int = 1 << 20, weight: float | None = None) -> np.ndarray:
+    """The masked update (uint32 mod 2^bits), ready to upload. With `weight` (a
+    weight_ratio), the clipped update is multiplied by it and the weight itself
+    follows as one more element."""
     dim = sum(t.numel() for t in tensors)
-    out = np.empty(dim, dtype=np.uint32)
+    if weight is not None and (noise is not None or not 0 < weight <= 1):
+        raise SecAggError("SECAGG_BAD_PARAMS", "a weight is in (0, 1], and never combined with distributed DP")
+    out = np.empty(dim + (weight is not None), dtype=np.uint32)
     if noise is None:
         for start, v in _chunks(tensors, chunk_elems):
-            out[start:start + len(v)] = quantizer.encode(np.clip(v, -clipping_range, clipping_range), rng=rng)
+            clipped = np.clip(v, -clipping_range, clipping_range)
+            out[start:start + len(v)] = quantizer.encode(clipped * weight if weight is not None else clipped, rng=rng)
+        if weight is not None:
+            out[dim:] = quantizer.encode(np.array([weight]), rng=rng)
     else:
         _encode_private(tensors, out, quantizer=quantizer, noise=noise, rng=rng, chunk_elems=chunk_elems)
+    dim = len(out)
     for start in range(0, dim, chunk_elems):
         out[start:start + chunk_elems] = secagg.mask(out[start:start + chunk_elems], start=start)
     return out

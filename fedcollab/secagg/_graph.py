@@ -17,15 +17,15 @@ COMPLETE_UP_TO = 20
 
 
 def degree_for(n: int, neighbours: str | int) -> int:
-    """Neighbours per institution for a round of n (n - 1 means the complete graph)."""
+    """Neighbours per institution for a round of n (n - 1 means the complete graph).
+    An int can raise the degree above "auto", never lower it: institutions refuse a
+    graph sparser than "auto" (a coordinator could otherwise shrink the neighbourhood
+    that holds each secret)."""
     if n < 2:
         return 0
-    if neighbours == "auto":
-        if n <= COMPLETE_UP_TO:
-            return n - 1
-        k = 2 * math.ceil(1.5 * math.log2(n))  # even, ~3 log2 n: the order Bell et al. recommend
-    else:
-        k = int(neighbours)
+    k = n - 1 if n <= COMPLETE_UP_TO else 2 * math.ceil(1.5 * math.log2(n))  # even, ~3 log2 n (Bell et al.)
+    if neighbours != "auto":
+        k = max(k, int(neighbours))
     return min(n - 1, k + (k % 2))  # even on a ring, unless complete
 
 
@@ -49,8 +49,14 @@ def neighbour_graph(names: Sequence[str], *, degree: int, seed: bytes) -> dict[s
 
 def threshold_for(neighbourhood: int, setting: int | float) -> int:
     """Shamir threshold t for a neighbourhood of `neighbourhood` holders (the institution
-    and its neighbours): a count, or a fraction rounded up; at least 2, at most all."""
+    and its neighbours): a count, or a fraction rounded up; at least 2, at most all,
+    and always above half of the neighbourhood."""
     t = setting if isinstance(setting, int) else math.ceil(setting * neighbourhood - 1e-9)
+    # Never half or less: two disjoint groups of t holders could then each be shown a
+    # different list of survivors and hand over both secrets of one institution, and
+    # institutions refuse such a round. A count below that is raised to a majority (a
+    # fraction above 0.5, which the config requires, always gives one).
+    t = max(t, neighbourhood // 2 + 1)
     if t > neighbourhood:
         raise ValueError(f"reconstruction_threshold {setting} needs {t} shares, but each institution has only "
                          f"{neighbourhood} holders (itself and its neighbours); lower the threshold or add neighbours")

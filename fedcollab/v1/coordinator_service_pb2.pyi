@@ -34,6 +34,7 @@ class SecAggStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SEC_AGG_STAGE_MASKED_INPUT: _ClassVar[SecAggStage]
     SEC_AGG_STAGE_UNMASK: _ClassVar[SecAggStage]
     SEC_AGG_STAGE_DONE: _ClassVar[SecAggStage]
+    SEC_AGG_STAGE_CONSISTENCY_CHECK: _ClassVar[SecAggStage]
 
 class SecretKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -57,6 +58,7 @@ SEC_AGG_STAGE_SHARE_KEYS: SecAggStage
 SEC_AGG_STAGE_MASKED_INPUT: SecAggStage
 SEC_AGG_STAGE_UNMASK: SecAggStage
 SEC_AGG_STAGE_DONE: SecAggStage
+SEC_AGG_STAGE_CONSISTENCY_CHECK: SecAggStage
 SECRET_KIND_UNSPECIFIED: SecretKind
 SECRET_KIND_SELF_MASK_SEED: SecretKind
 SECRET_KIND_MASK_PRIVATE_KEY: SecretKind
@@ -292,7 +294,7 @@ class Compression(_message.Message):
     def __init__(self, method: _Optional[_Union[CompressionMethod, str]] = ..., block_elements: _Optional[int] = ..., topk_fraction: _Optional[float] = ...) -> None: ...
 
 class SecAggParams(_message.Message):
-    __slots__ = ("round_id", "participants", "neighbours", "threshold", "bits", "scale", "clipping_range", "distributed_dp")
+    __slots__ = ("round_id", "participants", "neighbours", "threshold", "bits", "scale", "clipping_range", "distributed_dp", "max_weight", "round")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
@@ -301,6 +303,8 @@ class SecAggParams(_message.Message):
     SCALE_FIELD_NUMBER: _ClassVar[int]
     CLIPPING_RANGE_FIELD_NUMBER: _ClassVar[int]
     DISTRIBUTED_DP_FIELD_NUMBER: _ClassVar[int]
+    MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     round_id: bytes
     participants: _containers.RepeatedScalarFieldContainer[str]
     neighbours: _containers.RepeatedScalarFieldContainer[str]
@@ -309,7 +313,9 @@ class SecAggParams(_message.Message):
     scale: float
     clipping_range: float
     distributed_dp: DistributedDPParams
-    def __init__(self, round_id: _Optional[bytes] = ..., participants: _Optional[_Iterable[str]] = ..., neighbours: _Optional[_Iterable[str]] = ..., threshold: _Optional[int] = ..., bits: _Optional[int] = ..., scale: _Optional[float] = ..., clipping_range: _Optional[float] = ..., distributed_dp: _Optional[_Union[DistributedDPParams, _Mapping]] = ...) -> None: ...
+    max_weight: float
+    round: int
+    def __init__(self, round_id: _Optional[bytes] = ..., participants: _Optional[_Iterable[str]] = ..., neighbours: _Optional[_Iterable[str]] = ..., threshold: _Optional[int] = ..., bits: _Optional[int] = ..., scale: _Optional[float] = ..., clipping_range: _Optional[float] = ..., distributed_dp: _Optional[_Union[DistributedDPParams, _Mapping]] = ..., max_weight: _Optional[float] = ..., round: _Optional[int] = ...) -> None: ...
 
 class DistributedDPParams(_message.Message):
     __slots__ = ("clip_norm", "l2_bound", "institution_variance")
@@ -336,28 +342,66 @@ class SecAggPollRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., round: _Optional[int] = ..., nonce: _Optional[str] = ..., stage: _Optional[_Union[SecAggStage, str]] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class SecAggPollResponse(_message.Message):
-    __slots__ = ("ready", "peers", "shares", "survivors", "dropped")
+    __slots__ = ("ready", "peers", "shares", "survivors", "dropped", "signatures")
     READY_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     peers: _containers.RepeatedCompositeFieldContainer[PeerKeys]
     shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
     survivors: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ready: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[PeerKeys, _Mapping]]] = ..., shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+    signatures: _containers.RepeatedCompositeFieldContainer[SurvivorSignature]
+    def __init__(self, ready: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[PeerKeys, _Mapping]]] = ..., shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., signatures: _Optional[_Iterable[_Union[SurvivorSignature, _Mapping]]] = ...) -> None: ...
 
 class PeerKeys(_message.Message):
-    __slots__ = ("institution", "cipher_public_key", "mask_public_key")
+    __slots__ = ("institution", "cipher_public_key", "mask_public_key", "seed_commitment", "share_commitments", "certificate", "signature")
     INSTITUTION_FIELD_NUMBER: _ClassVar[int]
     CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SEED_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    SHARE_COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     institution: str
     cipher_public_key: bytes
     mask_public_key: bytes
-    def __init__(self, institution: _Optional[str] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ...) -> None: ...
+    seed_commitment: bytes
+    share_commitments: _containers.RepeatedCompositeFieldContainer[ShareCommitment]
+    certificate: bytes
+    signature: bytes
+    def __init__(self, institution: _Optional[str] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., seed_commitment: _Optional[bytes] = ..., share_commitments: _Optional[_Iterable[_Union[ShareCommitment, _Mapping]]] = ..., certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class ShareCommitment(_message.Message):
+    __slots__ = ("holder", "self_mask_seed", "mask_private_key")
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    SELF_MASK_SEED_FIELD_NUMBER: _ClassVar[int]
+    MASK_PRIVATE_KEY_FIELD_NUMBER: _ClassVar[int]
+    holder: str
+    self_mask_seed: bytes
+    mask_private_key: bytes
+    def __init__(self, holder: _Optional[str] = ..., self_mask_seed: _Optional[bytes] = ..., mask_private_key: _Optional[bytes] = ...) -> None: ...
+
+class SurvivorSignature(_message.Message):
+    __slots__ = ("institution", "certificate", "signature")
+    INSTITUTION_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    institution: str
+    certificate: bytes
+    signature: bytes
+    def __init__(self, institution: _Optional[str] = ..., certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class ConsistencyPayload(_message.Message):
+    __slots__ = ("certificate", "signature")
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    certificate: bytes
+    signature: bytes
+    def __init__(self, certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class EncryptedShare(_message.Message):
     __slots__ = ("owner", "holder", "ciphertext")
@@ -380,20 +424,22 @@ class RevealedShare(_message.Message):
     def __init__(self, owner: _Optional[str] = ..., kind: _Optional[_Union[SecretKind, str]] = ..., share: _Optional[bytes] = ...) -> None: ...
 
 class SecAggSubmitRequest(_message.Message):
-    __slots__ = ("session_id", "round", "nonce", "keys", "shares", "unmask")
+    __slots__ = ("session_id", "round", "nonce", "keys", "shares", "unmask", "consistency")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
     UNMASK_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     round: int
     nonce: str
     keys: PeerKeys
     shares: ShareKeysPayload
     unmask: UnmaskPayload
-    def __init__(self, session_id: _Optional[str] = ..., round: _Optional[int] = ..., nonce: _Optional[str] = ..., keys: _Optional[_Union[PeerKeys, _Mapping]] = ..., shares: _Optional[_Union[ShareKeysPayload, _Mapping]] = ..., unmask: _Optional[_Union[UnmaskPayload, _Mapping]] = ...) -> None: ...
+    consistency: ConsistencyPayload
+    def __init__(self, session_id: _Optional[str] = ..., round: _Optional[int] = ..., nonce: _Optional[str] = ..., keys: _Optional[_Union[PeerKeys, _Mapping]] = ..., shares: _Optional[_Union[ShareKeysPayload, _Mapping]] = ..., unmask: _Optional[_Union[UnmaskPayload, _Mapping]] = ..., consistency: _Optional[_Union[ConsistencyPayload, _Mapping]] = ...) -> None: ...
 
 class ShareKeysPayload(_message.Message):
     __slots__ = ("shares",)

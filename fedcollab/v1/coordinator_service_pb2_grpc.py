@@ -182,11 +182,15 @@ class CoordinatorServiceServicer:
     def SecAggPoll(self, request, context):
         """Secure aggregation (SecAgg+, Bell et al. 2020), for rounds whose TRAIN task
         carries SecAggParams. After training, an institution walks the stages in order:
-        submit ADVERTISE_KEYS; poll SHARE_KEYS (its neighbours' public keys), submit its
-        encrypted Shamir shares; poll MASKED_INPUT (the shares addressed to it), upload
-        its masked update with UploadUpdate; poll UNMASK (which neighbours survived and
-        which dropped), submit the shares that remove the masks. The coordinator only ever
-        holds masked updates and their masked sum.
+        submit ADVERTISE_KEYS (keys and seed commitments, signed with its certificate's
+        key); poll SHARE_KEYS (its neighbours' signed keys, each checked against the
+        federation CA before anything is shared), submit its encrypted Shamir shares;
+        poll MASKED_INPUT (the shares addressed to it), upload its masked update with
+        UploadUpdate; poll CONSISTENCY_CHECK (the round's survivors), submit its signature
+        on that list; poll UNMASK (the list again and the survivors' signatures on it:
+        nothing is revealed without t valid signatures on the same list), submit the
+        shares that remove the masks. The coordinator only ever holds masked updates and
+        their masked sum.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -17,6 +17,7 @@ import fedcollab.institution._secure as secure
 from fedcollab.config import SecureAggregationConfig
 from fedcollab.coordinator import Coordinator
 from fedcollab.lineage import read_record_file, record_path
+from tests.integration._tls_files import coordinator_tls, institution_tls
 from tests.conftest import institution_config, recording_daemon, running, tiny_federation, wait_until
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,6 @@ def _run(tmp_path: Path, test_ca, *, rounds: int, min_institutions: int, fail: d
          secure_aggregation: SecureAggregationConfig | None = None):
     """Runs the study; `fail[(name, round)]` makes that institution vanish at that step
     ("after_shares": it shared keys, then sends no masked update)."""
-    server_creds, client_creds = test_ca.mutual_tls(NAMES)
     config = tiny_federation(
         tmp_path / "coordinator", rounds=rounds, min_institutions=min_institutions,
         min_available_institutions=len(NAMES),
@@ -47,10 +47,12 @@ def _run(tmp_path: Path, test_ca, *, rounds: int, min_institutions: int, fail: d
 
     secure.encode_masked = encode
     try:
-        with Coordinator(config=config, credentials=server_creds) as coordinator:
-            pairs = [recording_daemon(institution_config(n, address=f"127.0.0.1:{coordinator.port}", index=i,
-                                                         parts=len(NAMES), state_root=tmp_path),
-                                      credentials=client_creds[n]) for i, n in enumerate(NAMES)]
+        # [tls] files on both sides: the institutions sign their keys with theirs.
+        config = coordinator_tls(test_ca, tmp_path / "tls", config)
+        with Coordinator(config=config) as coordinator:
+            pairs = [recording_daemon(institution_tls(test_ca, tmp_path / "tls", institution_config(
+                n, address=f"127.0.0.1:{coordinator.port}", index=i, parts=len(NAMES), state_root=tmp_path)))
+                for i, n in enumerate(NAMES)]
             with running([d for d, _ in pairs]) as outcome:
                 assert coordinator.wait(timeout=120), "study did not finish"
                 wait_until(lambda: len(outcome) == len(NAMES), timeout=30, what="daemons to finish")
@@ -62,20 +64,31 @@ def _run(tmp_path: Path, test_ca, *, rounds: int, min_institutions: int, fail: d
         secure.encode_masked = original
 
 
-def _expected_mean(pairs, round_number: int, names: list[str]) -> dict[str, torch.Tensor]:
-    sent = {d.name: t.sent[round_number][1] for d, t in pairs if round_number in t.sent and d.name in names}
+def _expected_mean(pairs, round_number: int, names: list[str], *, max_weight: float | None = 1000.0
+                   ) -> dict[str, torch.Tensor]:
+    """The mean of the models sent, weighted by min(num_examples, max_weight) (the
+    default weighting), or uniform with max_weight None."""
+    sent = {d.name: t.sent[round_number] for d, t in pairs if round_number in t.sent and d.name in names}
     assert sorted(sent) == sorted(names)
-    return {k: sum(s[k].double() for s in sent.values()) / len(sent) for k in next(iter(sent.values()))}
+    w = {n: 1.0 if max_weight is None else min(count, max_weight) for n, (count, _) in sent.items()}
+    assert max_weight is None or len(set(w.values())) > 1  # the Dirichlet split: weighting makes a difference
+    return {k: sum(w[n] * s[k].double() for n, (_, s) in sent.items()) / sum(w.values())
+            for k in next(iter(sent.values()))[1]}
 
 
-def test_the_committed_model_is_the_mean_of_masked_updates(tmp_path: Path, test_ca) -> None:
-    models, rounds, store, pairs, uploads, _ = _run(tmp_path, test_ca, rounds=2, min_institutions=4, fail={})
+@pytest.mark.parametrize("weighting", ["auto", "uniform"])
+def test_the_committed_model_is_the_mean_of_masked_updates(tmp_path: Path, test_ca, weighting: str) -> None:
+    """Weighted by default (each update counts min(n, max_weight) times, the weight
+    masked with it), or uniform."""
+    models, rounds, store, pairs, uploads, _ = _run(
+        tmp_path, test_ca, rounds=2, min_institutions=4, fail={}, secure_aggregation=SecureAggregationConfig(
+            stage_timeout_s=5, clipping_range=8.0, weighting=weighting))
     assert [r["round"] for r in rounds] == [1, 2]
     for r in (1, 2):
         committed = load_file(str(models[r].path))
-        expected = _expected_mean(pairs, r, NAMES)
+        expected = _expected_mean(pairs, r, NAMES, max_weight=1000.0 if weighting == "auto" else None)
         for name, value in committed.items():
-            # 4 summands, each off by at most one quantization level (8 * 4 / 2^31)
+            # 4 summands, each off by at most one quantization level (8 * 4 / 2^31), over the weights' sum
             torch.testing.assert_close(value.double(), expected[name], rtol=0, atol=1e-6)
     # What reached the coordinator were the masked uploads, not the updates.
     done = [p for p in store[1] if p["status"] == "done"]
@@ -98,6 +111,7 @@ def test_a_round_survives_an_institution_that_drops_after_sharing_keys(tmp_path:
     assert rounds[1]["metrics"]["num_updates"] == 4  # lab-c is back in round 2
     record = json.loads(read_record_file(record_path(state_dir, 1))[0])
     assert record["aggregator"]["name"] == "secagg+fedavg"
+    assert record["aggregator"]["weighting"] == "num_examples" and record["aggregator"]["max_weight"] == 1000.0
     assert record["aggregator"]["masked_updates"] == 3 and record["aggregator"]["dropped_after_sharing"] == 1
 
 
