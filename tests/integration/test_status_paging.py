@@ -37,7 +37,8 @@ def _fill(db: Path, first: int, last: int) -> None:
         rows.append((n, 2 if n % 10 == 0 else 1, "committed", now, now, n - 1, n, None,
                      json.dumps({**METRICS, "num_updates": 3, "train_loss": 1.0 / n})))
     with sqlite3.connect(db) as conn:
-        conn.executemany("INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        conn.executemany("INSERT INTO rounds (round, attempt, status, opened_at, closed_at, base_version, "
+                         "model_version, reason, metrics) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
 
 def _refused(call, reason: str) -> None:  # type: ignore[no-untyped-def]
