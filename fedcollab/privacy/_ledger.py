@@ -5,9 +5,22 @@ already spent: a daemon that restarts with a fresh accountant would silently res
 epsilon to zero. So every round's spend is written here, durably (SQLite in WAL mode
 with synchronous=FULL), *before* the update leaves the institution.
 
-Each row carries the cumulative epsilon of its study after that round and the whole
-accountant history, so a restarted daemon rebuilds its accountant from the newest row
-(`history`) and recognizes an assignment it already paid for (`find`).
+There is one ledger per institution (the site), at the top of its state folder, for
+every study it takes part in: the budget is the site's, per dataset, not the study's
+(a coordinator that offers the same study under new names gets no fresh budget). Each
+row names its study and its dataset (a key derived from the site's own [data] config,
+fedcollab.privacy._dataset) and carries two cumulative figures after that round: the
+study's own epsilon on that dataset (checked against the study's sub-limit) and the
+site's epsilon on that dataset, composed by one accountant over every study's rows
+(checked against the site's budget). A restarted daemon rebuilds its accountant from
+the rows (`history`) and recognizes an assignment it already paid for (`find`).
+
+The figures are computed by the caller (fedcollab.privacy._budget) from a snapshot of
+the rows; `append(based_on=...)` refuses with LedgerConflict when a row was added since
+that snapshot (another study's daemon, another process), so the check and the append
+are one step under SQLite's write lock and two studies cannot both spend the last of a
+budget. Ledgers of the older per-study format are migrated by
+fedcollab.privacy._ledger_migrate.
 
 Tamper evidence, in layers:
 
@@ -50,7 +63,11 @@ from fedcollab.errors import FedcollabError
 log = logging.getLogger(__name__)
 
 LEDGER_FILENAME = "privacy-ledger.sqlite"
-FORMAT = "fedcollab-privacy-ledger/1"
+FORMAT = "fedcollab-privacy-ledger/2"
+# Per-study ledgers (studies/<name>/privacy-ledger.sqlite) of fedcollab before the site ledger.
+FORMAT_V1 = "fedcollab-privacy-ledger/1"
+# Allowed excess over a limit: floating-point noise of the accountants, not extra spend.
+LIMIT_TOLERANCE = 1e-9
 GENESIS_HASH = "0" * 64
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -63,9 +80,11 @@ CREATE TABLE IF NOT EXISTS ledger (
     seq INTEGER PRIMARY KEY,
     created_at TEXT NOT NULL,
     study TEXT NOT NULL,
+    dataset TEXT NOT NULL,
     round INTEGER NOT NULL,
     nonce TEXT NOT NULL,
     epsilon REAL NOT NULL,
+    site_epsilon REAL NOT NULL,
     delta REAL NOT NULL,
     noise_multiplier REAL NOT NULL,
     sample_rate REAL NOT NULL,
@@ -73,12 +92,13 @@ CREATE TABLE IF NOT EXISTS ledger (
     accountant TEXT NOT NULL,
     accountant_state TEXT NOT NULL,
     budget_epsilon REAL NOT NULL,
+    site_budget_epsilon REAL NOT NULL,
     update_sha256 TEXT NOT NULL,
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS ledger_study ON ledger (study, seq);
-CREATE INDEX IF NOT EXISTS ledger_assignment ON ledger (study, round, nonce);
+CREATE INDEX IF NOT EXISTS ledger_study ON ledger (dataset, study, seq);
+CREATE INDEX IF NOT EXISTS ledger_assignment ON ledger (dataset, study, round, nonce);
 CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
 BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only: rows cannot be updated'); END;
 CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
@@ -90,16 +110,27 @@ BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
 """
 
 # Columns in table order; the hash covers all of them but prev_hash and hash.
-_COLUMNS = ("seq", "created_at", "study", "round", "nonce", "epsilon", "delta", "noise_multiplier",
-            "sample_rate", "steps", "accountant", "accountant_state", "budget_epsilon", "update_sha256",
-            "prev_hash", "hash")
-_TEXT = {"created_at", "study", "nonce", "accountant", "accountant_state", "update_sha256", "prev_hash", "hash"}
+_COLUMNS = ("seq", "created_at", "study", "dataset", "round", "nonce", "epsilon", "site_epsilon", "delta",
+            "noise_multiplier", "sample_rate", "steps", "accountant", "accountant_state", "budget_epsilon",
+            "site_budget_epsilon", "update_sha256", "prev_hash", "hash")
+_TEXT = {"created_at", "study", "dataset", "nonce", "accountant", "accountant_state", "update_sha256", "prev_hash",
+         "hash"}
 _INT = {"seq", "round", "steps"}
-_REAL = {"epsilon", "delta", "noise_multiplier", "sample_rate", "budget_epsilon"}
+_REAL = {"epsilon", "site_epsilon", "delta", "noise_multiplier", "sample_rate", "budget_epsilon",
+         "site_budget_epsilon"}
 
 
 class LedgerError(FedcollabError):
     """The ledger refuses an append, or its file cannot be used; the message says why."""
+
+
+class LedgerConflict(LedgerError):
+    """A row was added since the snapshot the figures of an append were computed from:
+    compute them again (`PrivacyLedger.snapshot`) and retry."""
+
+
+class OverLimit(LedgerError):
+    """The row would record a spend past the study's sub-limit or the site's budget."""
 
 
 @dataclass(frozen=True)
@@ -109,10 +140,15 @@ class LedgerEntry:
     seq: int
     created_at: str
     study: str
+    dataset: str
+    """The site's key for the data this round trained on (fedcollab.privacy._dataset)."""
     round: int
     nonce: str
     epsilon: float
-    """Cumulative epsilon spent in this study after this round (not this round's share)."""
+    """Cumulative epsilon of this study on this dataset after this round (not this round's share)."""
+    site_epsilon: float
+    """Cumulative epsilon of the site on this dataset after this round: every study's rows
+    composed by one accountant. This is what the site's budget bounds."""
     delta: float
     noise_multiplier: float
     sample_rate: float
@@ -122,14 +158,22 @@ class LedgerEntry:
     history: tuple[tuple[float, float, int], ...]
     """The accountant's history for the whole study so far: (noise_multiplier, sample_rate, steps)."""
     budget_epsilon: float
+    """The study's limit: its sub-limit (policy.budgets) or, without one, the site's budget."""
+    site_budget_epsilon: float
     update_sha256: str
     prev_hash: str
     hash: str
 
     @property
     def remaining_epsilon(self) -> float:
-        """Budget left in this study after this row (negative when over budget)."""
-        return self.budget_epsilon - self.epsilon
+        """Budget left to this study after this row: the smaller of what its sub-limit
+        and the site's budget leave (negative when over)."""
+        return min(self.budget_epsilon - self.epsilon, self.site_remaining_epsilon)
+
+    @property
+    def site_remaining_epsilon(self) -> float:
+        """The site's budget left on this dataset after this row (negative when over)."""
+        return self.site_budget_epsilon - self.site_epsilon
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (history as lists)."""
@@ -152,7 +196,7 @@ class VerifyReport:
 
 
 def ledger_path(state_dir: Path) -> Path:
-    """Where an institution's ledger lives: in its own state folder, next to its model cache."""
+    """Where a site's ledger lives: at the top of its state folder, one for every study."""
     return Path(state_dir) / LEDGER_FILENAME
 
 
@@ -227,6 +271,13 @@ class PrivacyLedger:
                 meta = None
                 if "ledger_meta" in tables:
                     meta = db.execute("SELECT value FROM ledger_meta WHERE key='format'").fetchone()
+                if meta is not None and meta[0] == FORMAT_V1:
+                    raise LedgerError(
+                        f"{self.path}: a per-study privacy ledger of an older fedcollab ({FORMAT_V1}); the "
+                        "budget is now the site's, in one ledger for every study. Migrate this state folder "
+                        "(its rows are kept): `fedcollab institution ledger --config institution.toml --migrate`, "
+                        "or start `fedcollab institution run`, which migrates it before training"
+                    )
                 if meta is None or meta[0] != FORMAT or "ledger" not in tables:
                     raise LedgerError(
                         f"{self.path}: this SQLite file is not a fedcollab privacy ledger "
@@ -299,9 +350,11 @@ class PrivacyLedger:
         self,
         *,
         study: str,
+        dataset: str,
         round: int,
         nonce: str,
         epsilon: float,
+        site_epsilon: float,
         delta: float,
         noise_multiplier: float,
         sample_rate: float,
@@ -309,33 +362,52 @@ class PrivacyLedger:
         accountant: str,
         history: Iterable[Sequence[float | int]],
         budget_epsilon: float,
+        site_budget_epsilon: float,
         update_sha256: str = "",
+        based_on: int | None = None,
     ) -> LedgerEntry:
         """Record one round's spend durably; returns the committed row.
 
         Call it before the update is sent: when it returns, the row is on disk. It
-        refuses (LedgerError) invalid values, a cumulative epsilon below the study's
-        previous one (spend never decreases), and a ledger whose chain does not verify
-        (a tampered ledger is never built upon).
+        refuses (LedgerError) invalid values; a cumulative figure below the previous
+        one (spend never decreases); a row past the study's limit or the site's budget
+        (OverLimit); a ledger whose chain does not verify (a tampered ledger is never
+        built upon); and, with `based_on` (the `snapshot` seq the figures were computed
+        from), any row added since (LedgerConflict: compute again and retry).
         """
         if self.readonly:
             raise LedgerError(f"{self.path}: opened read-only")
-        values = _validate(study=study, round=round, nonce=nonce, epsilon=epsilon, delta=delta,
-                           noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
-                           accountant=accountant, history=history, budget_epsilon=budget_epsilon,
+        values = _validate(study=study, dataset=dataset, round=round, nonce=nonce, epsilon=epsilon,
+                           site_epsilon=site_epsilon, delta=delta, noise_multiplier=noise_multiplier,
+                           sample_rate=sample_rate, steps=steps, accountant=accountant, history=history,
+                           budget_epsilon=budget_epsilon, site_budget_epsilon=site_budget_epsilon,
                            update_sha256=update_sha256)
+        for figure, limit, what in (("epsilon", "budget_epsilon", f"study {study!r}'s limit"),
+                                    ("site_epsilon", "site_budget_epsilon", "the site's budget")):
+            if values[figure] > values[limit] * (1 + LIMIT_TOLERANCE):
+                raise OverLimit(f"{figure} {values[figure]!r} is past {what} of {values[limit]!r} on dataset "
+                                f"{dataset!r}: a spend past a limit is never recorded (nor sent)")
         with self._lock:
             with self._tx(write=True) as db:
                 report = self._inspect_locked(db, repair=True)
                 if not report.ok:
                     raise LedgerError(f"{self.path}: refusing to append to a ledger that does not verify: "
                                       f"{report.problem}")
-                previous = self._latest_locked(db, values["study"])
+                if based_on is not None and report.rows != based_on:
+                    raise LedgerConflict(f"{self.path}: {report.rows - based_on} row(s) added since the spend was "
+                                         "computed; compute it again")
+                previous = self._latest_locked(db, values["study"], values["dataset"])
                 if previous is not None and values["epsilon"] < previous.epsilon:
                     raise LedgerError(
                         f"epsilon {values['epsilon']!r} for study {values['study']!r} is below the "
                         f"{previous.epsilon!r} already recorded at row {previous.seq}: epsilon is the "
                         "cumulative spend of the study, and spend never decreases"
+                    )
+                site = self._latest_locked(db, None, values["dataset"])
+                if site is not None and values["site_epsilon"] < site.site_epsilon:
+                    raise LedgerError(
+                        f"site_epsilon {values['site_epsilon']!r} on dataset {values['dataset']!r} is below the "
+                        f"{site.site_epsilon!r} already recorded at row {site.seq}: the site's spend never decreases"
                     )
                 fields: dict[str, Any] = {
                     "seq": report.rows + 1,
@@ -347,20 +419,59 @@ class PrivacyLedger:
                 db.execute(f"INSERT INTO ledger ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
                            tuple(fields[c] for c in _COLUMNS))
             entry = _entry(fields)
-            # The row is committed and durable. Now move the head, under SQLite's write lock
-            # so that concurrent writers (another process on the same folder) cannot move it
-            # backwards: it always records the newest committed row.
-            try:
-                with self._tx(write=True) as db:
-                    newest = db.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
-                    self._write_head(int(newest[0]), str(newest[1]))
-            except OSError as e:
-                # Not raised: the spend *is* recorded, and a caller that saw an exception
-                # might record it twice. A head one row behind is repaired on the next open
-                # or append; if the folder stays unwritable the next append raises.
-                log.error("%s: row %d recorded, but the head file could not be written: %s",
-                          self.path, entry.seq, e)
+            self._move_head(entry.seq)
             return entry
+
+    def import_rows(self, rows: Sequence[dict[str, Any]], *, meta: dict[str, str]) -> int:
+        """Append already-spent rows (a migration) in one transaction with `meta` keys
+        that mark their source, so a crash imports all or nothing and a source is never
+        imported twice (a meta key already present refuses the whole import). Rows are
+        not checked against the limits: their spend happened; later rounds are."""
+        if self.readonly:
+            raise LedgerError(f"{self.path}: opened read-only")
+        checked = []
+        for r in rows:
+            values = _validate(**{k: r[k] for k in _ARGS})
+            checked.append({"created_at": str(r["created_at"]), **values})
+        with self._lock:
+            with self._tx(write=True) as db:
+                report = self._inspect_locked(db, repair=True)
+                if not report.ok:
+                    raise LedgerError(f"{self.path}: refusing to import into a ledger that does not verify: "
+                                      f"{report.problem}")
+                for key, value in meta.items():
+                    db.execute("INSERT INTO ledger_meta (key, value) VALUES (?, ?)", (key, value))
+                prev, seq = report.head_hash, report.rows
+                for values in checked:
+                    seq += 1
+                    fields: dict[str, Any] = {"seq": seq, **values, "prev_hash": prev}
+                    fields = {c: fields[c] for c in _COLUMNS if c != "hash"}
+                    fields["hash"] = prev = row_hash(prev, fields)
+                    db.execute(f"INSERT INTO ledger ({', '.join(_COLUMNS)}) "
+                               f"VALUES ({', '.join('?' * len(_COLUMNS))})", tuple(fields[c] for c in _COLUMNS))
+            self._move_head(seq)
+            return len(checked)
+
+    def meta(self, key: str) -> str | None:
+        """A value of the ledger's meta table (format, migrated sources)."""
+        with self._tx(write=False) as db:
+            row = db.execute("SELECT value FROM ledger_meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _move_head(self, seq: int) -> None:
+        """The rows are committed and durable. Now move the head, under SQLite's write lock
+        so that concurrent writers (another process on the same folder) cannot move it
+        backwards: it always records the newest committed row."""
+        try:
+            with self._tx(write=True) as db:
+                newest = db.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
+                if newest is not None:
+                    self._write_head(int(newest[0]), str(newest[1]))
+        except OSError as e:
+            # Not raised: the spend *is* recorded, and a caller that saw an exception
+            # might record it twice. A head one row behind is repaired on the next open
+            # or append; if the folder stays unwritable the next append raises.
+            log.error("%s: row %d recorded, but the head file could not be written: %s", self.path, seq, e)
 
     def _write_head(self, seq: int, hash_: str) -> None:
         """Replace the head file atomically and durably."""
@@ -368,47 +479,62 @@ class PrivacyLedger:
 
     # -- reading ------------------------------------------------------------------------
 
-    def entries(self, *, study: str | None = None) -> list[LedgerEntry]:
-        """All rows (of one study if given), oldest first. Does not verify: call verify() for that."""
+    def entries(self, *, study: str | None = None, dataset: str | None = None) -> list[LedgerEntry]:
+        """All rows (of one study and/or one dataset if given), oldest first. Does not
+        verify: call verify() for that."""
+        where, args = _where(study, dataset)
         with self._tx(write=False) as db:
-            if study is None:
-                rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger ORDER BY seq").fetchall()
-            else:
-                rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger WHERE study=? ORDER BY seq",
-                                  (study,)).fetchall()
+            rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger{where} ORDER BY seq", args).fetchall()
         return [_read_entry(row) for row in rows]
 
-    def latest(self, *, study: str) -> LedgerEntry | None:
-        """The newest row of a study: its cumulative spend and accountant history."""
+    def snapshot(self, *, dataset: str) -> tuple[int, list[LedgerEntry]]:
+        """(rows in the whole ledger, this dataset's rows) read at one instant: the
+        figures of an append are computed from it and `append(based_on=...)` checks
+        that nothing was added since."""
         with self._tx(write=False) as db:
-            return self._latest_locked(db, study)
+            count = int(db.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
+            rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger WHERE dataset=? ORDER BY seq",
+                              (dataset,)).fetchall()
+        return count, [_read_entry(row) for row in rows]
+
+    def latest(self, *, study: str | None, dataset: str | None = None) -> LedgerEntry | None:
+        """The newest row of a study (on one dataset if given), or of a dataset (study None)."""
+        with self._tx(write=False) as db:
+            return self._latest_locked(db, study, dataset)
 
     @staticmethod
-    def _latest_locked(db: sqlite3.Connection, study: str) -> LedgerEntry | None:
-        row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger WHERE study=? ORDER BY seq DESC LIMIT 1",
-                         (study,)).fetchone()
+    def _latest_locked(db: sqlite3.Connection, study: str | None, dataset: str | None = None) -> LedgerEntry | None:
+        where, args = _where(study, dataset)
+        row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger{where} ORDER BY seq DESC LIMIT 1",
+                         args).fetchone()
         return None if row is None else _read_entry(row)
 
-    def find(self, *, study: str, round: int, nonce: str) -> LedgerEntry | None:
+    def find(self, *, study: str, round: int, nonce: str, dataset: str | None = None) -> LedgerEntry | None:
         """The spend recorded for exactly this assignment, so a restarted daemon does not count it twice.
 
         If the same assignment was recorded more than once (it was trained again, which
         spends again), the newest row is returned.
         """
+        where, args = _where(study, dataset)
         with self._tx(write=False) as db:
             row = db.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM ledger WHERE study=? AND round=? AND nonce=? "
-                "ORDER BY seq DESC LIMIT 1", (study, round, nonce)).fetchone()
+                f"SELECT {', '.join(_COLUMNS)} FROM ledger{where} AND round=? AND nonce=? "
+                "ORDER BY seq DESC LIMIT 1", (*args, round, nonce)).fetchone()
         return None if row is None else _read_entry(row)
 
-    def spent(self, *, study: str) -> float:
+    def spent(self, *, study: str, dataset: str | None = None) -> float:
         """Cumulative epsilon spent in a study so far (0.0 before its first row)."""
-        entry = self.latest(study=study)
+        entry = self.latest(study=study, dataset=dataset)
         return 0.0 if entry is None else entry.epsilon
 
-    def history(self, *, study: str) -> list[tuple[float, float, int]]:
+    def site_spent(self, *, dataset: str) -> float:
+        """The site's cumulative epsilon on a dataset, over every study (0.0 before any row)."""
+        entry = self.latest(study=None, dataset=dataset)
+        return 0.0 if entry is None else entry.site_epsilon
+
+    def history(self, *, study: str, dataset: str | None = None) -> list[tuple[float, float, int]]:
         """The accountant history to restore after a restart (opacus' `accountant.history`)."""
-        entry = self.latest(study=study)
+        entry = self.latest(study=study, dataset=dataset)
         return [] if entry is None else list(entry.history)
 
     # -- verification -------------------------------------------------------------------
@@ -523,6 +649,18 @@ class PrivacyLedger:
             raise LedgerError(f"{self.head_path}: cannot write the ledger's head file: {e}") from None
 
 
+def _where(study: str | None, dataset: str | None) -> tuple[str, tuple[str, ...]]:
+    """A WHERE clause (never empty: callers append AND ...) and its arguments."""
+    clauses, args = ["1=1"], []
+    if study is not None:
+        clauses.append("study=?")
+        args.append(study)
+    if dataset is not None:
+        clauses.append("dataset=?")
+        args.append(dataset)
+    return " WHERE " + " AND ".join(clauses), tuple(args)
+
+
 def _split_sql(script: str) -> list[str]:
     """The schema's statements (triggers contain ';' inside BEGIN ... END)."""
     statements, current = [], ""
@@ -584,17 +722,26 @@ def _integer(name: str, value: Any) -> int:
     return i
 
 
-def _validate(*, study: Any, round: Any, nonce: Any, epsilon: Any, delta: Any, noise_multiplier: Any,
-              sample_rate: Any, steps: Any, accountant: Any, history: Any, budget_epsilon: Any,
-              update_sha256: Any) -> dict[str, Any]:
+_ARGS = ("study", "dataset", "round", "nonce", "epsilon", "site_epsilon", "delta", "noise_multiplier", "sample_rate",
+         "steps", "accountant", "history", "budget_epsilon", "site_budget_epsilon", "update_sha256")
+
+
+def _validate(*, study: Any, dataset: Any, round: Any, nonce: Any, epsilon: Any, site_epsilon: Any, delta: Any,
+              noise_multiplier: Any, sample_rate: Any, steps: Any, accountant: Any, history: Any,
+              budget_epsilon: Any, site_budget_epsilon: Any, update_sha256: Any) -> dict[str, Any]:
     """Typed, checked column values; LedgerError names the first wrong argument and why."""
     if not isinstance(study, str) or not study:
         raise LedgerError(f"study must be a non-empty string, got {study!r}")
+    if not isinstance(dataset, str) or not dataset:
+        raise LedgerError(f"dataset must be the site's non-empty dataset key, got {dataset!r}")
     if not isinstance(nonce, str) or not nonce:
         raise LedgerError(f"nonce must be the task's non-empty nonce string, got {nonce!r}")
     eps = _real("epsilon", epsilon)
     if eps < 0:
         raise LedgerError(f"epsilon must be >= 0, got {eps!r}")
+    site_eps = _real("site_epsilon", site_epsilon)
+    if site_eps < 0:
+        raise LedgerError(f"site_epsilon must be >= 0, got {site_eps!r}")
     d = _real("delta", delta)
     if not 0 < d < 1:
         raise LedgerError(f"delta must be in (0, 1), got {d!r}")
@@ -609,6 +756,9 @@ def _validate(*, study: Any, round: Any, nonce: Any, epsilon: Any, delta: Any, n
     budget = _real("budget_epsilon", budget_epsilon)
     if budget <= 0:
         raise LedgerError(f"budget_epsilon must be > 0, got {budget!r}")
+    site_budget = _real("site_budget_epsilon", site_budget_epsilon)
+    if site_budget <= 0:
+        raise LedgerError(f"site_budget_epsilon must be > 0, got {site_budget!r}")
     if not isinstance(update_sha256, str) or not (update_sha256 == "" or _SHA256_HEX.fullmatch(update_sha256)):
         raise LedgerError(f"update_sha256 must be 64 lowercase hex digits or empty, got {update_sha256!r}")
     if isinstance(history, (str, bytes)) or not isinstance(history, Iterable):
@@ -626,8 +776,8 @@ def _validate(*, study: Any, round: Any, nonce: Any, epsilon: Any, delta: Any, n
                               f"got {item!r}")
         state.append([h_sigma, h_q, h_steps])
     return {
-        "study": study, "round": _integer("round", round), "nonce": nonce, "epsilon": eps, "delta": d,
-        "noise_multiplier": sigma, "sample_rate": q, "steps": _integer("steps", steps),
-        "accountant": accountant, "accountant_state": canonical_json(state), "budget_epsilon": budget,
-        "update_sha256": update_sha256,
+        "study": study, "dataset": dataset, "round": _integer("round", round), "nonce": nonce, "epsilon": eps,
+        "site_epsilon": site_eps, "delta": d, "noise_multiplier": sigma, "sample_rate": q,
+        "steps": _integer("steps", steps), "accountant": accountant, "accountant_state": canonical_json(state),
+        "budget_epsilon": budget, "site_budget_epsilon": site_budget, "update_sha256": update_sha256,
     }
