@@ -124,12 +124,12 @@ class InstitutionPrivacy:
         c = self.config
         mine = [e for e in rows if e.study == study]
         study_history = _history(mine, noise=noise, rate=rate, steps=steps)
-        after = epsilon_of(history=study_history, delta=c.target_delta, accountant=c.accountant)
+        after = composed_epsilon(history=study_history, delta=c.target_delta, accountant=c.accountant)
         if len(mine) == len(rows):  # no other study touched this dataset: the same history
             site_after = after
         else:
-            site_after = epsilon_of(history=_history(rows, noise=noise, rate=rate, steps=steps),
-                                    delta=c.target_delta, accountant=c.accountant)
+            site_after = composed_epsilon(history=_history(rows, noise=noise, rate=rate, steps=steps),
+                                          delta=c.target_delta, accountant=c.accountant)
         before = mine[-1].epsilon if mine else 0.0
         site_before = rows[-1].site_epsilon if rows else 0.0
         limit = self.study_limit(study)
@@ -182,6 +182,17 @@ class InstitutionPrivacy:
                                       budget=rp.budget) from None
         raise PrivacyError(f"the site's ledger kept changing while round {rp.round} of study {rp.study!r} was being "
                            f"recorded ({_RETRIES} tries); nothing was recorded or sent")
+
+
+def composed_epsilon(*, history: Sequence[tuple[float, float, int]], delta: float, accountant: str) -> float:
+    """epsilon_of, for a history that may mix mechanisms (several studies' noise and
+    rates). Opacus' GDP accountant reads only the last (noise, rate) of its history (it
+    is meant for one constant mechanism), so it would count a mixed history as its last
+    study alone: such a history is accounted with RDP instead, a valid bound for any
+    composition (and the more conservative of the two)."""
+    if accountant == "gdp" and len({(z, q) for z, q, s in history if s > 0}) > 1:
+        accountant = "rdp"
+    return epsilon_of(history=history, delta=delta, accountant=accountant)
 
 
 def _history(rows: Sequence[LedgerEntry], *, noise: float, rate: float, steps: int) -> History:

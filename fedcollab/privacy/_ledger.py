@@ -382,7 +382,7 @@ class PrivacyLedger:
                            sample_rate=sample_rate, steps=steps, accountant=accountant, history=history,
                            budget_epsilon=budget_epsilon, site_budget_epsilon=site_budget_epsilon,
                            update_sha256=update_sha256)
-        for figure, limit, what in (("epsilon", "budget_epsilon", f"study {study!r}'s limit"),
+        for figure, limit, what in (("epsilon", "budget_epsilon", f"the limit of study {study!r}"),
                                     ("site_epsilon", "site_budget_epsilon", "the site's budget")):
             if values[figure] > values[limit] * (1 + LIMIT_TOLERANCE):
                 raise OverLimit(f"{figure} {values[figure]!r} is past {what} of {values[limit]!r} on dataset "

@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedcollab.privacy._accounting import History, compose, epsilon_of
+from fedcollab.privacy._accounting import History, compose
+from fedcollab.privacy._budget import composed_epsilon
 from fedcollab.privacy._ledger import (
     FORMAT_V1,
     GENESIS_HASH,
@@ -102,7 +103,8 @@ def _site_figures(ledger: PrivacyLedger, rows: Sequence[dict[str, Any]], *, data
     for r in rows:
         history = compose(history, noise_multiplier=r["noise_multiplier"], sample_rate=r["sample_rate"],
                           steps=r["steps"])
-        r["site_epsilon"] = max(r["epsilon"], epsilon_of(history=history, delta=r["delta"], accountant=r["accountant"]))
+        site = composed_epsilon(history=history, delta=r["delta"], accountant=r["accountant"])
+        r["site_epsilon"] = max(r["epsilon"], site)
         r["dataset"], r["site_budget_epsilon"] = dataset, site_budget
 
 
