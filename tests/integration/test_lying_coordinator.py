@@ -123,7 +123,7 @@ def test_copies_of_a_study_under_new_names_spend_one_site_budget(pki: Any, tmp_p
     history: list[tuple[float, float, int]] = []
     for e in rows:
         history = compose(history, noise_multiplier=e.noise_multiplier, sample_rate=e.sample_rate, steps=e.steps)
-    total = composed_epsilon(history=history, delta=victim.privacy.target_delta, accountant="gdp")  # type: ignore[union-attr]
+    total = composed_epsilon(history=history, delta=1e-5, accountant="gdp")  # the site's delta (the default)
     studies = {e.study for e in rows}
     # Each name alone would have spent the whole budget (2 rounds calibrated to 1.0):
     # together they spent it once, and the copies that came too late were declined.

@@ -184,7 +184,8 @@ def test_old_per_study_ledgers_are_migrated_into_the_site_ledger_once(tmp_path: 
         assert ledger.verify().ok
         site = epsilon_of(history=[(1.0, 0.2, 25)], delta=1e-5, accountant=ACCOUNTANT)
         assert rows[-1].site_epsilon == pytest.approx(site)  # both studies composed: the old spend still counts
-        assert rows[-1].epsilon == pytest.approx(epsilon_of(history=[(1.0, 0.2, 15)], delta=1e-5, accountant=ACCOUNTANT))
+        copy_alone = epsilon_of(history=[(1.0, 0.2, 15)], delta=1e-5, accountant=ACCOUNTANT)
+        assert rows[-1].epsilon == pytest.approx(copy_alone)
     assert (state / V1_FILENAME).is_file() and (state / "studies" / "copy" / V1_FILENAME).is_file()
     assert not ledger_path(state / "studies" / "copy").exists()
     with open_site_ledger(state, dataset="builtin:digits", site_budget=8.0) as again:  # a restart: nothing twice
