@@ -170,7 +170,10 @@ def cmd_institution_run(args: argparse.Namespace) -> int:
     console.print(f"institution {agent.name} connecting to {config.institution.coordinator}; "
                   f"studies accepted by its policy: {', '.join(config.policy.studies) or 'the default study only'}",
                   markup=False, highlight=False)
-    finished = agent.run(stop=stop)
+    try:
+        finished = agent.run(stop=stop)
+    finally:
+        agent.close()
     for study, decision in sorted(agent.decisions.items()):
         if not decision.accept:
             console.print(f"declined study [bold]{study}[/]: {decision.reason}: {decision.message}")

@@ -147,16 +147,27 @@ class HostileCoordinator(pb_grpc.CoordinatorServiceServicer):
     def __init__(self, *, names: list[str], key: Any) -> None:
         self.names = names
         self.declined: list[tuple[str, str]] = []
+        self.joins: list[str] = []
+        self.offers: list[pb.StudyOffer] | None = None
         self.lie = ""
         self._key = key
         self.data = b"safetensors bytes of a published model" * 50
         self.sha = hashlib.sha256(self.data).hexdigest()
 
     def ListStudies(self, request: Any, context: Any) -> pb.ListOpenStudiesResponse:
+        if self.offers is not None:
+            return pb.ListOpenStudiesResponse(studies=self.offers)
         offers = [pb.StudyOffer(study=pb.StudyInfo(name=n, model=pb.ModelSpec(kind="mlp"), total_rounds=1),
                                 status="running", local_epochs=1, is_default=d)
                   for n in self.names for d in (False, True)]
         return pb.ListOpenStudiesResponse(studies=offers)
+
+    def Join(self, request: Any, context: Any) -> pb.JoinResponse:
+        """Answers for another study than the one asked for (or, for the default, a path)."""
+        name = "other-study" if request.study else "../../escaped-T"
+        self.joins.append(request.study)
+        return pb.JoinResponse(session_id="s", study=pb.StudyInfo(name=name), heartbeat_interval_seconds=1,
+                               lineage_public_key=raw_public_key(self._key))
 
     def DeclineStudy(self, request: Any, context: Any) -> pb.DeclineStudyResponse:
         self.declined.append((request.study, request.reason))
@@ -233,6 +244,76 @@ def test_study_names_that_are_paths_are_declined_and_create_nothing(pki: Any, ho
     assert told >= {n for n in servicer.names if "\x00" not in n}, servicer.declined
     assert all(reason == "STUDY_NAME_INVALID" for _, reason in servicer.declined)
     assert len(servicer.declined) <= 2 * len(servicer.names)
+
+
+def test_the_default_policy_takes_one_default_study_and_no_submitted_one(pki: Any, hostile: Any,
+                                                                        tmp_path: Path) -> None:
+    """A coordinator cannot enrol a site with no policy.studies in a study by calling
+    it the default, nor in a submitted one."""
+    servicer, port = hostile
+
+    def offer(name: str, default: bool) -> pb.StudyOffer:
+        return pb.StudyOffer(study=pb.StudyInfo(name=name, model=pb.ModelSpec(kind="mlp")), status="running",
+                             local_epochs=1, is_default=default)
+
+    servicer.offers = [offer("tiny", True), offer("tiny-again", True), offer("copy", False)]
+    config = InstitutionConfig(
+        institution=InstitutionInfo(name="hospital-a", coordinator=f"127.0.0.1:{port}", state_dir=tmp_path / "s",
+                                    trainer="synthetic"), tls=_tls(pki, "hospital-a"))
+    started: list[tuple[str, str]] = []
+
+    class Ended:
+        def __init__(self, study: str) -> None:
+            self.study = study
+
+        def expect_study(self, name: str) -> None:
+            started.append((self.study, name))
+
+        def run(self, *, stop: threading.Event) -> bool:
+            return True
+
+    agent = InstitutionAgent(config=config, list_every_s=0.05, make_daemon=lambda cfg, study: Ended(study))  # type: ignore[arg-type,return-value]
+    assert agent.run() is True
+    assert started == [("", "tiny")]
+    assert {n: d.reason for n, d in agent.decisions.items()} == {
+        "tiny": "", "tiny-again": "DEFAULT_STUDY_CHANGED", "copy": "STUDY_NOT_ACCEPTED"}
+    again = InstitutionAgent(config=config, list_every_s=0.05)  # a restart remembers which default it took
+    servicer.offers = [offer("tiny-2", True)]
+    assert again.run() is True and again.decisions["tiny-2"].reason == "DEFAULT_STUDY_CHANGED"
+    assert sorted(servicer.declined) == [("copy", "STUDY_NOT_ACCEPTED"), ("tiny-2", "DEFAULT_STUDY_CHANGED"),
+                                         ("tiny-again", "DEFAULT_STUDY_CHANGED")]
+
+
+@pytest.mark.parametrize(("study", "expect", "reason"), [
+    ("cardio", "", "STUDY_MISMATCH"),  # asked to join cardio, answered for other-study
+    ("", "tiny", "STUDY_MISMATCH"),  # the default study, accepted as "tiny"
+    ("", "", "STUDY_NAME_INVALID"),  # the default study, answered with a path for a name
+])
+def test_a_join_answered_for_another_study_is_refused(pki: Any, hostile: Any, tmp_path: Path, study: str,
+                                                     expect: str, reason: str) -> None:
+    """The study's name keys its spend in the site's ledger: the daemon takes part only
+    in the study it was started for."""
+    from fedcollab.institution import DaemonEvent, daemon_from_config
+
+    servicer, port = hostile
+    config = InstitutionConfig(
+        institution=InstitutionInfo(name="hospital-a", coordinator=f"127.0.0.1:{port}", state_dir=tmp_path / "s",
+                                    trainer="synthetic"), tls=_tls(pki, "hospital-a"))
+    stop = threading.Event()
+    events: list[DaemonEvent] = []
+
+    def seen(event: DaemonEvent) -> None:
+        events.append(event)
+        if event.kind in ("refused", "joined"):
+            stop.set()
+
+    daemon = daemon_from_config(config, on_event=seen, study=study)
+    if expect:
+        daemon.expect_study(expect)
+    assert daemon.run(stop=stop) is False
+    assert [e.kind for e in events] == ["refused"] and events[0].detail.startswith(reason), events
+    assert servicer.joins == [study]
+    assert not (tmp_path / "s").exists() and not (tmp_path / "escaped-T").exists()
 
 
 # ------------------------------------------------------------ (c) model pull
