@@ -194,6 +194,9 @@ def cmd_institution_ledger(args: argparse.Namespace) -> int:
         if args.migrate:
             return _migrate_ledgers(config)
         path = ledger_path(state)  # the site's one ledger, for every study
+        if not path.is_file() and any(state.glob("studies/*/privacy-ledger.sqlite")):
+            raise ConfigError(f"{state}: per-study privacy ledgers of an older fedcollab, and no site ledger yet; "
+                              f"migrate them (their rows are kept): add --migrate")
     else:
         if args.migrate:
             raise ConfigError("--migrate needs --config institution.toml (the dataset the old rows count against)")

@@ -157,10 +157,21 @@ class InstitutionAgent:
             running = any(t.is_alive() for t in self._threads.values())
             if not running and not waiting and not self._keep_running:
                 return True  # every study it accepted has ended (or none is left to join)
-            stop.wait(self._list_every_s if running or waiting or self._keep_running else 1.0)
+            self._pause(stop, self._list_every_s if running or waiting or self._keep_running else 1.0,
+                        alive=sum(t.is_alive() for t in self._threads.values()))
         for t in self._threads.values():
             t.join(timeout=30)
         return False
+
+    def _pause(self, stop: threading.Event, seconds: float, *, alive: int) -> None:
+        """Until the next listing; cut short when a study's daemon ends, so that the
+        agent sees at once that nothing is left (a coordinator that lingers only a
+        moment after its last study would otherwise be gone before the next listing)."""
+        deadline = time.monotonic() + seconds
+        while not stop.is_set() and time.monotonic() < deadline:
+            if sum(t.is_alive() for t in self._threads.values()) < alive:
+                return
+            stop.wait(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def close(self) -> None:
         """Closes the site's ledger (a daemon still running refuses to spend from then on)."""

@@ -177,3 +177,18 @@ def test_an_old_per_study_ledger_is_refused_until_migrated(capsys: pytest.Captur
     assert code == 0 and "ledger intact: 3 rows" in out, out
     code, out = run(capsys, "--config", str(path))
     assert "over 2 studies" in out, out
+
+
+def test_old_study_ledgers_without_a_site_ledger_ask_for_migration(capsys: pytest.CaptureFixture[str],
+                                                                  tmp_path: Path) -> None:
+    from tests.unit.test_site_budget import _v1_ledger
+
+    state = tmp_path / "old-state"
+    _v1_ledger(ledger_path(state / "studies" / "copy"), "copy", 1, start="2026-01-02T00:00")
+    path = tmp_path / "institution.toml"
+    path.write_text(f'[institution]\nname = "hospital-a"\nstate_dir = "{state.name}"\ntrainer = "synthetic"\n')
+    code, out = run(capsys, "--config", str(path))
+    assert code == 2 and "older fedcollab" in out and "--migrate" in out, out
+    code, out = run(capsys, "--config", str(path), "--migrate")  # no [data] and [privacy] to count them against
+    assert code == 2 and "needs the institution's [data] and [privacy]" in out, out
+    assert not ledger_path(state).exists()
