@@ -278,50 +278,82 @@ def cmd_model_list(args: argparse.Namespace) -> int:
 
 
 def cmd_model_pull(args: argparse.Namespace) -> int:
+    """Nothing is saved unless what arrives is the version asked for: the description
+    names that study and version, the bytes hash to its SHA-256, and the signed lineage
+    record names the same study, version and SHA-256. A coordinator that answers with
+    another version (an older one, another study's) is refused, and the partial file
+    goes with it."""
+    from fedcollab._names import NAME, SHA256_HEX
     from fedcollab.lineage import LineageError, check_model, load_public_key, raw_public_key
     from fedcollab.registry import ModelCard, card_path_for, write_card
 
+    if not NAME.fullmatch(args.study):  # it becomes a file name
+        raise ConfigError(f"--study {args.study!r}: a study name is letters, digits, '.', '_' or '-'")
+    if args.version < 1:
+        raise ConfigError(f"version {args.version}: versions start at 1")
     client, config = _partner_client(args)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     part = out_dir / f".{args.study}-v{args.version}.part"
+    asked = f"v{args.version} of study {args.study!r}"
+
+    def refuse(problem: str) -> FedcollabError:
+        part.unlink(missing_ok=True)
+        return FedcollabError(f"{asked}: {problem}: nothing saved")
+
     info, offset = None, part.stat().st_size if part.is_file() else 0
     digest = hashlib.sha256()
     if offset:
         with part.open("rb") as f:
             while block := f.read(1 << 22):
                 digest.update(block)
-    with part.open("ab") as f:
+    out = None
+    try:
         for message in client.pull_model(study=args.study, version=args.version, offset=offset):
             if message.WhichOneof("payload") == "model":
+                if info is not None:
+                    raise refuse("the coordinator described the model twice")
                 info = message.model
+                if (info.study, info.version) != (args.study, args.version):
+                    raise refuse(f"the coordinator sent v{info.version} of study {info.study[:80]!r} instead")
+                if not SHA256_HEX.fullmatch(info.sha256):
+                    raise refuse(f"the coordinator names the file by {info.sha256[:80]!r}, not a SHA-256")
                 continue
+            if info is None:
+                raise refuse("the coordinator sent the file before saying which model it is")
             chunk = message.chunk
             if chunk.offset != offset or hashlib.sha256(chunk.data).digest() != chunk.sha256:
-                part.unlink(missing_ok=True)
-                raise FedcollabError(f"chunk at offset {chunk.offset} is corrupt: nothing saved; pull again")
-            f.write(chunk.data)
+                raise refuse(f"chunk at offset {chunk.offset} is corrupt; pull again")
+            if offset + len(chunk.data) > info.size_bytes:
+                raise refuse(f"the coordinator sends more than the {info.size_bytes} bytes it announced")
+            if out is None:
+                out = part.open("ab")
+            out.write(chunk.data)
             digest.update(chunk.data)
             offset += len(chunk.data)
-        f.flush()
-        os.fsync(f.fileno())
+        if out is not None:
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        if out is not None:
+            out.close()
     if info is None:
-        raise FedcollabError("the coordinator sent no model description: nothing saved")
+        raise refuse("the coordinator sent no model description")
     # Nothing is saved under the final name unless the hash and the signature both check out.
     if digest.hexdigest() != info.sha256:
-        part.unlink(missing_ok=True)
-        raise FedcollabError(f"v{args.version}: the file's SHA-256 is {digest.hexdigest()[:16]}.., the registry says "
-                             f"{info.sha256[:16]}..: nothing saved; pull again")
+        raise refuse(f"the file's SHA-256 is {digest.hexdigest()[:16]}.., the registry says {info.sha256[:16]}..; "
+                     "pull again")
     pinned = config.institution.lineage_public_key
     key = raw_public_key(load_public_key(pinned)) if pinned is not None else bytes(info.lineage_public_key)
     try:
         record = check_model(record_bytes=info.lineage_record, signature=info.lineage_signature, public_key=key,
-                             version=info.version, sha256=info.sha256)
+                             version=args.version, sha256=info.sha256)
     except LineageError as e:
-        part.unlink(missing_ok=True)
-        raise FedcollabError(f"v{args.version}'s signed lineage record does not verify ({e.message}): nothing saved"
-                             + ("" if pinned else "; pin the coordinator's key with institution.lineage_public_key")
-                             ) from None
+        raise refuse(f"its signed lineage record does not verify ({e.message})"
+                     + ("" if pinned else "; pin the coordinator's key with institution.lineage_public_key")
+                     ) from None
+    if record.get("study") != args.study:
+        raise refuse(f"its signed lineage record is study {str(record.get('study'))[:80]!r}'s")
     final = out_dir / f"{args.study}-v{args.version}.safetensors"
     now = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
     from google.protobuf import json_format

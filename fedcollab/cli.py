@@ -168,9 +168,13 @@ def cmd_institution_run(args: argparse.Namespace) -> int:
                              what=args.config)
     stop = _stop_on_signals()
     agent = InstitutionAgent(config=config, keep_running=args.keep_running)
-    console.print(f"institution [bold]{agent.name}[/] connecting to {config.institution.coordinator}; "
-                  f"studies accepted by its policy: {', '.join(config.policy.studies)}")
-    finished = agent.run(stop=stop)
+    console.print(f"institution {agent.name} connecting to {config.institution.coordinator}; "
+                  f"studies accepted by its policy: {', '.join(config.policy.studies) or 'the default study only'}",
+                  markup=False, highlight=False)
+    try:
+        finished = agent.run(stop=stop)
+    finally:
+        agent.close()
     for study, decision in sorted(agent.decisions.items()):
         if not decision.accept:
             console.print(f"declined study [bold]{study}[/]: {decision.reason}: {decision.message}")
@@ -186,12 +190,17 @@ def cmd_institution_ledger(args: argparse.Namespace) -> int:
     from fedcollab.privacy._ledger import PrivacyLedger, ledger_path
 
     if args.config:
-        state = Path(load_config(InstitutionConfig, args.config).institution.state_dir)
-        # A submitted study's ledger is in its own folder (the default study's at the top).
-        if args.study and (state / "studies" / args.study).is_dir():
-            state = state / "studies" / args.study
-        path = ledger_path(state)
+        config = load_config(InstitutionConfig, args.config)
+        state = Path(config.institution.state_dir)
+        if args.migrate:
+            return _migrate_ledgers(config)
+        path = ledger_path(state)  # the site's one ledger, for every study
+        if not path.is_file() and any(state.glob("studies/*/privacy-ledger.sqlite")):
+            raise ConfigError(f"{state}: per-study privacy ledgers of an older fedcollab, and no site ledger yet; "
+                              f"migrate them (their rows are kept): add --migrate")
     else:
+        if args.migrate:
+            raise ConfigError("--migrate needs --config institution.toml (the dataset the old rows count against)")
         path = Path(args.ledger)
     if not path.is_file():
         raise ConfigError(f"{path}: no privacy ledger yet (an institution writes it when it first "
@@ -207,18 +216,20 @@ def cmd_institution_ledger(args: argparse.Namespace) -> int:
                 console.print(f"[red]ledger {escape(str(path))} does not verify:[/] ", end="")
                 console.print(report.problem, style="red", markup=False, highlight=False)
             return 0 if report.ok else 1
-        entries = ledger.entries(study=args.study)
+        every = ledger.entries()
+    entries = [e for e in every if args.study is None or e.study == args.study]
     if args.json:
         print(json.dumps([e.to_dict() for e in entries], indent=2))
         return 0
     table = Table(title=escape(f"privacy ledger {path}"), box=None, pad_edge=False, header_style="bold underline")
-    for col in ("seq", "time (UTC)", "study", "round", "epsilon", "budget", "left", "delta", "noise", "rate",
-                "steps", "acct", "update"):
+    for col in ("seq", "time (UTC)", "study", "round", "epsilon", "limit", "site", "budget", "left", "delta",
+                "noise", "rate", "steps", "acct", "update"):
         table.add_column(col)
     for e in entries:
         left = f"{e.remaining_epsilon:.3f}" if e.remaining_epsilon >= 0 else f"[red]{e.remaining_epsilon:.3f}[/]"
         table.add_row(str(e.seq), e.created_at[:16].replace("T", " "), escape(e.study), str(e.round),
-                      f"{e.epsilon:.3f}", f"{e.budget_epsilon:.3f}", left, f"{e.delta:g}", f"{e.noise_multiplier:g}",
+                      f"{e.epsilon:.3f}", f"{e.budget_epsilon:.3f}", f"{e.site_epsilon:.3f}",
+                      f"{e.site_budget_epsilon:.3f}", left, f"{e.delta:g}", f"{e.noise_multiplier:g}",
                       f"{e.sample_rate:g}", str(e.steps), e.accountant, e.update_sha256[:12])
     console.print(table)
     if not entries:
@@ -226,9 +237,33 @@ def cmd_institution_ledger(args: argparse.Namespace) -> int:
     for study in dict.fromkeys(e.study for e in entries):
         rows = [e for e in entries if e.study == study]
         last, rounds = rows[-1], len({e.round for e in rows})
-        console.print(f"study {study}: epsilon {last.epsilon:.2f} of {last.budget_epsilon:.2f} spent "
+        console.print(f"study {study}: epsilon {last.epsilon:.2f} of its limit {last.budget_epsilon:.2f} spent "
                       f"(delta {last.delta:g}, {last.accountant} accountant), "
                       f"{rounds} round{'' if rounds == 1 else 's'}", markup=False, highlight=False)
+    # The site's totals are over every study, whatever --study shows.
+    for dataset in dict.fromkeys(e.dataset for e in every):
+        rows = [e for e in every if e.dataset == dataset]
+        last, studies = rows[-1], len({e.study for e in rows})
+        console.print(f"site total on {dataset}: epsilon {last.site_epsilon:.2f} of its budget "
+                      f"{last.site_budget_epsilon:.2f} spent, over {studies} stud{'y' if studies == 1 else 'ies'}",
+                      markup=False, highlight=False)
+    return 0
+
+
+def _migrate_ledgers(config: InstitutionConfig) -> int:
+    from fedcollab.privacy._dataset import dataset_key
+    from fedcollab.privacy._ledger_migrate import open_site_ledger
+
+    if config.privacy is None or config.data is None:
+        raise ConfigError("--migrate needs the institution's [data] and [privacy] tables: the old rows count "
+                          "against that dataset and budget")
+    state = Path(config.institution.state_dir)
+    key = dataset_key(config.data)
+    with open_site_ledger(state, dataset=key, site_budget=config.privacy.budget) as ledger:
+        rows = len(ledger.entries())
+    console.print(f"site ledger {state / 'privacy-ledger.sqlite'}: {rows} rows (older per-study ledgers, if any, "
+                  f"migrated and kept as privacy-ledger.v1.sqlite), counted against {key}",
+                  markup=False, highlight=False)
     return 0
 
 
@@ -419,7 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     where = ledger.add_mutually_exclusive_group(required=True)
     where.add_argument("--config", help="institution.toml (the ledger is in its state_dir)")
     where.add_argument("--ledger", help="a privacy-ledger.sqlite file")
-    ledger.add_argument("--study", help="only this study's rows (with --config: from the study's own ledger when it has one)")
+    ledger.add_argument("--study", help="only this study's rows (the site's totals still count every study)")
+    ledger.add_argument("--migrate", action="store_true",
+                        help="with --config: move older per-study ledgers into the site's one ledger")
     ledger.add_argument("--verify", action="store_true", help="check the hash chain; exit 1 if it is broken")
     ledger.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ledger.set_defaults(func=cmd_institution_ledger)

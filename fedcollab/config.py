@@ -494,6 +494,11 @@ class DataConfig(_Strict):
     # Share of the institution's own data held out for federated evaluation.
     val_fraction: float = Field(default=0.2, ge=0, lt=1)
     partition: PartitionConfig | None = None
+    # The key of this data in the site's privacy ledger: every study that trains on it
+    # spends from one budget. Unset: the data's source (the built-in dataset's name, or
+    # the npz file's resolved path; see fedcollab/privacy/_dataset.py). Set it to keep
+    # the budget when the file moves, or to tell two truly disjoint datasets apart.
+    id: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 
     @model_validator(mode="after")
     def _npz_needs_path(self) -> DataConfig:
@@ -504,8 +509,9 @@ class DataConfig(_Strict):
 
 class PrivacyConfig(_Strict):
     """The institution's own sample-level DP (Opacus DP-SGD). The noise multiplier is
-    calibrated so the study's planned rounds spend `target_epsilon`; the daemon refuses
-    any task that would take it past `budget_epsilon` (default: the target)."""
+    calibrated so each study's planned rounds spend `target_epsilon`; `budget_epsilon`
+    (default: the target) is the site's budget on its data, across every study: the
+    daemon refuses any task that would take the site's composed spend past it."""
 
     target_epsilon: float = Field(gt=0, le=100)
     target_delta: float = Field(default=1e-5, gt=0, lt=0.1)
@@ -556,12 +562,17 @@ class PolicyConfig(_Strict):
     it (the decline and its reason are recorded on both sides), and every task is
     checked again against the limits."""
 
-    # Study names, or shell patterns ("*": every study), this institution takes part in.
-    studies: list[str] = Field(default_factory=lambda: ["*"])
+    # Study names, or shell patterns ("digits-*"), this institution takes part in.
+    # Empty (the default): only the coordinator's default study (the one its
+    # federation.toml runs), never a study an operator submits later: taking part in a
+    # new study is the site's decision, so a site names what it accepts. "*" accepts
+    # every study; the site's privacy budget still bounds them all together.
+    studies: list[str] = Field(default_factory=list)
     # Model kinds accepted (e.g. ["mlp", "lora_transformer"]); empty: any kind.
     model_kinds: list[str] = Field(default_factory=list)
-    # Privacy budget (epsilon) per study name, in place of [privacy] budget_epsilon for
-    # that study; each study has its own ledger. 0 declines the study.
+    # A sub-limit (epsilon) per study name inside the site's budget ([privacy]
+    # budget_epsilon, shared by every study on the same data): the study's own spend
+    # stays within it, and the site's total within the budget. 0 declines the study.
     budgets: dict[str, float] = Field(default_factory=dict)
     # Local compute: at most this many epochs per round; a round's training at most this
     # long (a study whose last round here took longer is declined from then on); at most
@@ -597,6 +608,13 @@ class InstitutionConfig(_Strict):
             raise ValueError("a [data] table is needed to train (or set institution.trainer)")
         if self.privacy is not None and self.institution.trainer != "torch":
             raise ValueError("[privacy] needs institution.trainer = \"torch\": DP-SGD trains on data")
+        if self.privacy is not None:
+            over = {n: e for n, e in self.policy.budgets.items() if e > self.privacy.budget}
+            if over:
+                raise ValueError(
+                    f"policy.budgets {over} exceed the site's privacy budget ({self.privacy.budget:g}, "
+                    "[privacy] budget_epsilon or target_epsilon): a study's sub-limit lies inside the site's "
+                    "budget, which every study on this data shares; lower the sub-limit or raise budget_epsilon")
         return self
 
 

@@ -12,7 +12,6 @@ with the coordinator's one key, the key institutions pin.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import threading
 import tomllib
@@ -23,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+# STUDY_NAME: one definition for both sides (institutions check offered names with it).
+from fedcollab._names import STUDY_NAME
 from fedcollab.config import FederationConfig, StudyFile, parse_config
 from fedcollab.coordinator._consortium import Consortium
 from fedcollab.coordinator._engine import Evaluator, RoundEngine, RoundResult
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedcollab.coordinator")
 
-# No '.': a submitted study's session ids are "<name>.<token>".
-STUDY_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 FINAL = ("cancelled", "finished", "failed")
 
 

@@ -1,7 +1,14 @@
 """An institution across a coordinator's studies: it lists them, accepts or declines
 each by its site policy (recording why, here and at the coordinator), and runs one
-daemon per accepted study, each with its own state (models, pending updates, privacy
-ledger) under `studies/<name>/`. The default study keeps the top of the state folder.
+daemon per accepted study, each with its own state (models, pending updates) under
+`studies/<name>/`; the default study keeps the top of the state folder. The privacy
+ledger is the site's, one at the top for every study: the budget is per dataset, not
+per study name, so a study offered again under another name spends from it too.
+
+Everything the coordinator says is checked before it touches the disk: a study name
+must be what the coordinator itself accepts (fedcollab._names.STUDY_NAME), and the
+folder it names must lie inside state_dir; an offer that fails is declined with
+STUDY_NAME_INVALID and creates nothing.
 """
 
 from __future__ import annotations
@@ -16,33 +23,50 @@ from pathlib import Path
 
 import grpc
 
+from fedcollab._names import NAME, STUDY_NAME, PathEscape, inside
 from fedcollab.config import InstitutionConfig
 from fedcollab.errors import RemoteError
 from fedcollab.institution._backoff import Backoff
 from fedcollab.institution._client import CoordinatorClient
 from fedcollab.institution._daemon import DaemonEvent, InstitutionDaemon, daemon_from_config
 from fedcollab.institution._policy import Decision, decide_study
+from fedcollab.privacy._dataset import dataset_key
+from fedcollab.privacy._ledger import PrivacyLedger
+from fedcollab.privacy._ledger_migrate import open_site_ledger
 from fedcollab.transport import channel_credentials_from
 from fedcollab.v1 import coordinator_service_pb2 as pb
 
 log = logging.getLogger("fedcollab.institution")
 
 DECISIONS_FILE = "study-decisions.jsonl"
+# Declines of names that are no name at all are kept in memory only, and at most this
+# many: a coordinator inventing a new one at every listing must not fill the disk.
+_MAX_INVALID = 1024
+
+
+def name_problem(offer: pb.StudyOffer) -> str:
+    """Why the offer's study name cannot be used (empty: it can). A submitted study's
+    name becomes a folder, so it must be one the coordinator accepts from operators."""
+    name = offer.study.name
+    pattern, what = (NAME, "1-128 letters, digits, '.', '_' or '-'") if offer.is_default else (
+        STUDY_NAME, "1-63 lowercase letters, digits, '_' or '-'")
+    if not pattern.fullmatch(name):
+        return f"study name {name[:80]!r} is not a study name ({what}, starting with a letter or digit)"
+    return ""
 
 
 def study_config(config: InstitutionConfig, offer: pb.StudyOffer) -> InstitutionConfig:
     """The institution's config as the daemon of this study uses it: its own state
-    folder, and its own privacy budget when the policy gives one."""
-    name = offer.study.name
-    updates: dict[str, object] = {}
-    if not offer.is_default:
-        folder = Path(config.institution.state_dir) / "studies" / name
-        updates["institution"] = config.institution.model_copy(update={"state_dir": folder})
-    budget = config.policy.budgets.get(name)
-    if budget is not None and config.privacy is not None:
-        updates["privacy"] = config.privacy.model_copy(
-            update={"budget_epsilon": budget, "target_epsilon": min(config.privacy.target_epsilon, budget)})
-    return config.model_copy(update=updates)
+    folder (the default study: the top one). The privacy budget stays the site's; a
+    study's sub-limit (policy.budgets) is applied by InstitutionPrivacy. PathEscape
+    when the folder would leave state_dir (a name never checked by name_problem)."""
+    if offer.is_default:
+        return config
+    studies = Path(config.institution.state_dir) / "studies"
+    folder = inside(studies, studies / offer.study.name)
+    if folder.parent != studies.resolve():  # one folder per study, right under studies/
+        raise PathEscape(f"study {offer.study.name[:80]!r} names no folder of its own under {studies}")
+    return config.model_copy(update={"institution": config.institution.model_copy(update={"state_dir": folder})})
 
 
 class InstitutionAgent:
@@ -69,12 +93,22 @@ class InstitutionAgent:
         self._on_event = on_event
         self._keep_running = keep_running
         self._list_every_s = list_every_s
+        self._ledger: PrivacyLedger | None = None  # the site's, shared by every study's daemon
         self._make_daemon = make_daemon or (lambda cfg, study: daemon_from_config(
-            cfg, credentials=self._credentials, on_event=self._on_event, study=study))
+            cfg, credentials=self._credentials, on_event=self._on_event, study=study, ledger=self._site_ledger()))
         self._state_dir = Path(config.institution.state_dir)
+        self._default_study: str | None = None  # the study accepted as the coordinator's default
+        self._invalid: dict[str, Decision] = {}
         self.decisions: dict[str, Decision] = self._load_decisions()
         self._threads: dict[str, threading.Thread] = {}
         self.finished: dict[str, bool] = {}
+
+    def _site_ledger(self) -> PrivacyLedger | None:
+        """Opened (and older per-study ledgers migrated) once, before the first daemon trains."""
+        c = self.config
+        if self._ledger is None and c.privacy is not None and c.data is not None:
+            self._ledger = open_site_ledger(self._state_dir, dataset=dataset_key(c.data), site_budget=c.privacy.budget)
+        return self._ledger
 
     # ----------------------------------------------------------------- decisions
     def _load_decisions(self) -> dict[str, Decision]:
@@ -85,14 +119,16 @@ class InstitutionAgent:
                 try:
                     row = json.loads(line)
                     out[row["study"]] = Decision(row["accept"], row.get("reason", ""), row.get("message", ""))
+                    if row["accept"] and row.get("default"):
+                        self._default_study = row["study"]
                 except (ValueError, KeyError, TypeError):
                     log.warning("%s: skipped a damaged line of %s", self.name, path)
         return out
 
-    def _record(self, study: str, decision: Decision) -> None:
+    def _record(self, study: str, decision: Decision, *, default: bool = False) -> None:
         self._state_dir.mkdir(parents=True, exist_ok=True)
         row = {"at": time.time(), "study": study, "accept": decision.accept, "reason": decision.reason,
-               "message": decision.message}
+               "message": decision.message, "default": default}
         with open(self._state_dir / DECISIONS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
             f.flush()
@@ -121,19 +157,48 @@ class InstitutionAgent:
             running = any(t.is_alive() for t in self._threads.values())
             if not running and not waiting and not self._keep_running:
                 return True  # every study it accepted has ended (or none is left to join)
-            stop.wait(self._list_every_s if running or waiting or self._keep_running else 1.0)
+            self._pause(stop, self._list_every_s if running or waiting or self._keep_running else 1.0,
+                        alive=sum(t.is_alive() for t in self._threads.values()))
         for t in self._threads.values():
             t.join(timeout=30)
         return False
+
+    def _pause(self, stop: threading.Event, seconds: float, *, alive: int) -> None:
+        """Until the next listing; cut short when a study's daemon ends, so that the
+        agent sees at once that nothing is left (a coordinator that lingers only a
+        moment after its last study would otherwise be gone before the next listing)."""
+        deadline = time.monotonic() + seconds
+        while not stop.is_set() and time.monotonic() < deadline:
+            if sum(t.is_alive() for t in self._threads.values()) < alive:
+                return
+            stop.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def close(self) -> None:
+        """Closes the site's ledger (a daemon still running refuses to spend from then on)."""
+        if self._ledger is not None:
+            self._ledger.close()
 
     def _consider(self, offer: pb.StudyOffer, stop: threading.Event) -> bool:
         """Decides on a study seen for the first time and starts its daemon when it may
         run. True: accepted and waiting for its turn (queued)."""
         name = offer.study.name
+        problem = name_problem(offer)
+        if problem:
+            self._refuse_name(name, problem)
+            return False
         decision = self.decisions.get(name)
         if decision is None:
             decision = decide_study(self.config.policy, offer)
-            self._record(name, decision)
+            if (decision.accept and offer.is_default and not self.config.policy.studies
+                    and self._default_study not in (None, name)):
+                # With no policy.studies, "the default study" is the one this site accepted
+                # as such: a coordinator that calls each new study its default gets no pass.
+                decision = Decision(False, "DEFAULT_STUDY_CHANGED",
+                                    f"this site took part in {self._default_study!r} as the coordinator's default "
+                                    f"study; {name!r} is now offered as the default: name it in policy.studies")
+            if decision.accept and offer.is_default:
+                self._default_study = name
+            self._record(name, decision, default=offer.is_default)
             if decision.accept:
                 log.info("%s: accepted study %s", self.name, name)
             else:
@@ -148,7 +213,14 @@ class InstitutionAgent:
             return False
         if offer.status == "queued":
             return True
-        daemon = self._make_daemon(study_config(self.config, offer), "" if offer.is_default else name)
+        try:
+            config = study_config(self.config, offer)
+        except PathEscape as e:  # name_problem lets no such name through; this is the second lock
+            self._refuse_name(name, str(e))
+            return False
+        daemon = self._make_daemon(config, "" if offer.is_default else name)
+        if offer.is_default:
+            daemon.expect_study(name)
 
         def serve() -> None:
             self.finished[name] = daemon.run(stop=stop)
@@ -157,3 +229,17 @@ class InstitutionAgent:
         self._threads[name] = thread
         thread.start()
         return False
+
+    def _refuse_name(self, name: str, problem: str) -> None:
+        """Declined, logged (escaped: it may hold control characters) and told, once; nothing is created."""
+        if name in self._invalid:
+            return
+        if len(self._invalid) >= _MAX_INVALID:
+            self._invalid.pop(next(iter(self._invalid)))
+        decision = Decision(False, "STUDY_NAME_INVALID", problem)
+        self._invalid[name] = decision
+        log.warning("%s: declined an offered study: %s: %s", self.name, decision.reason, problem)
+        try:
+            self._client.decline_study(institution=self.name, study=name, reason=decision.reason, message=problem)
+        except RemoteError as e:
+            log.warning("%s: could not tell the coordinator: %s", self.name, e)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 
 from fedcollab import __version__
 from fedcollab._faults import crash_point
+from fedcollab._names import SHA256_HEX
 from fedcollab.compression import compression_from_proto, compression_to_proto, encode_update
 from fedcollab.config import CompressionConfig
 from fedcollab.errors import RemoteError
@@ -23,7 +23,6 @@ from fedcollab.v1 import coordinator_service_pb2_grpc as pb_grpc
 from fedcollab.v1 import tensor_pb2
 from fedcollab.wire import from_rpc_error, iter_chunks, manifest_of, stream_sha256
 
-_SHA = re.compile(r"^[0-9a-f]{64}$")
 # Largest chunk a coordinator may be configured to send (config.ServerConfig.chunk_bytes).
 _MAX_CHUNK = 64 * 1024 * 1024
 
@@ -91,7 +90,8 @@ class CoordinatorClient:
     def download(self, *, session_id: str, model: pb.ModelRef, cache_dir: Path) -> Path:
         """The model's safetensors file, from the cache or downloaded (resuming a partial
         file), verified chunk by chunk and as a whole against its SHA-256."""
-        if not _SHA.match(model.sha256):
+        # fullmatch: the name becomes a file name, and `match` with '$' lets a trailing newline in.
+        if not SHA256_HEX.fullmatch(model.sha256):
             raise RemoteError(code=grpc.StatusCode.INVALID_ARGUMENT, reason="BAD_MODEL_REF",
                               message=f"the coordinator named a model by {model.sha256[:80]!r}, not a SHA-256")
         final = cache_dir / f"{model.sha256}.safetensors"

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from fedcollab import models
 from fedcollab._faults import crash_point
+from fedcollab._names import NAME, STUDY_NAME
 from fedcollab._struct import integral
 from fedcollab.compression import EncodingError, compression_from_proto
 from fedcollab.config import InstitutionConfig
@@ -57,7 +58,9 @@ from fedcollab.privacy import (
     RoundPrivacy,
     validate_model,
 )
-from fedcollab.privacy._ledger import PrivacyLedger, ledger_path
+from fedcollab.privacy._dataset import dataset_key
+from fedcollab.privacy._ledger import PrivacyLedger
+from fedcollab.privacy._ledger_migrate import open_site_ledger
 from fedcollab.secagg import SecAggError
 from fedcollab.transport import channel_credentials_from
 from fedcollab.v1 import coordinator_service_pb2 as pb
@@ -116,10 +119,13 @@ class InstitutionDaemon:
         on_event: Callable[[DaemonEvent], None] | None = None,
         privacy: InstitutionPrivacy | None = None,
         study: str = "",
+        expect_name: str = "",
     ) -> None:
-        """`study`: the study to join (empty: the coordinator's default study)."""
+        """`study`: the study to join (empty: the coordinator's default study).
+        `expect_name`: for the default study, the name it must answer with (empty: any)."""
         self.config = config
         self._join_study = study
+        self._expect_name = expect_name
         self._policy = config.policy
         self._last_train_s: float | None = None  # this study's last round, for policy.max_train_seconds
         self.name = config.institution.name
@@ -232,6 +238,7 @@ class InstitutionDaemon:
     def _join(self) -> None:
         response = self._client.join(institution=self.name, num_train_examples=self._num_train,
                                      study=self._join_study)
+        self._check_study_name(response.study.name)
         self._lineage_key = self._checked_lineage_key(bytes(response.lineage_public_key))
         if self._study is not None and response.study.SerializeToString() != self._study.SerializeToString():
             self._model = None  # another study: rebuild the model
@@ -239,6 +246,21 @@ class InstitutionDaemon:
         self._heartbeat_s = max(0.05, response.heartbeat_interval_seconds or 2.0)
         self._emit("joined")
         log.info("%s: joined study %r", self.name, response.study.name)
+
+    def expect_study(self, name: str) -> None:
+        """The default study's name as the site accepted it: a Join answered for another is refused."""
+        self._expect_name = name
+
+    def _check_study_name(self, name: str) -> None:
+        """The study's name keys its spend in the site's ledger: it must be the one this
+        daemon was started for (the one the site's policy accepted), and a name at all."""
+        expected = self._join_study or self._expect_name
+        if expected and name != expected:
+            raise LineageError(f"asked to join study {expected!r}, the coordinator answered for {name[:80]!r}: "
+                               "not joining", reason="STUDY_MISMATCH")
+        if not (STUDY_NAME if self._join_study else NAME).fullmatch(name):
+            raise LineageError(f"the coordinator named its study {name[:80]!r}, which is no study name: not joining",
+                               reason="STUDY_NAME_INVALID")
 
     def _checked_lineage_key(self, key: bytes) -> bytes:
         if len(key) != 32:
@@ -352,8 +374,15 @@ class InstitutionDaemon:
         if rp is not None:
             assert self.privacy is not None
             self._keep_pending(task, deltas, num_examples=result.num_examples, metrics=result.metrics)
-            self.privacy.record(rp, update_sha256=stream_sha256(deltas).hex())  # durable before it leaves
-            spend = _spend_message(rp)
+            try:
+                entry = self.privacy.record(rp, update_sha256=stream_sha256(deltas).hex())  # durable before it leaves
+            except BudgetExhausted as e:
+                # Another study spent the rest of the site's budget while this one trained:
+                # nothing was recorded, so nothing may leave.
+                self._drop_pending()
+                self._decline(task, "BUDGET_EXHAUSTED", str(e), spent=e.spent)
+                return
+            spend = _spend_message(rp, entry.epsilon)
         self._send(task, deltas, num_examples=result.num_examples, metrics=result.metrics, privacy=spend)
 
     def _send(self, task: pb.Task, deltas: list[torch.Tensor], *, num_examples: int, metrics: dict[str, float],
@@ -381,7 +410,8 @@ class InstitutionDaemon:
         privacy = None
         if spent is not None and self.privacy is not None:
             c = self.privacy.config
-            privacy = pb.PrivacySpend(epsilon=spent, delta=c.target_delta, budget_epsilon=c.budget,
+            limit = self.privacy.study_limit(self._study.name) if self._study is not None else c.budget
+            privacy = pb.PrivacySpend(epsilon=spent, delta=c.target_delta, budget_epsilon=limit,
                                       accountant=c.accountant, max_grad_norm=c.max_grad_norm)
         log.warning("%s: declined round %d: %s: %s", self.name, task.round, reason, message)
         self._client.decline(session_id=self._session or "", task=task, reason=reason, message=message,
@@ -475,9 +505,13 @@ def daemon_from_config(
     on_event: Callable[[DaemonEvent], None] | None = None,
     wrap_trainer: Callable[[Trainer], Trainer] | None = None,
     study: str = "",
+    ledger: PrivacyLedger | None = None,
+    expect_name: str = "",
 ) -> InstitutionDaemon:
     """The daemon as `fedcollab institution run` builds it: data, trainer and all.
-    `wrap_trainer` lets a simulation put a poisoned institution's trainer around it."""
+    `wrap_trainer` lets a simulation put a poisoned institution's trainer around it.
+    `ledger`: the site's privacy ledger, shared by the daemons of all its studies
+    (InstitutionAgent); without it, the one at the top of config's state_dir."""
     trainer: Trainer
     privacy: InstitutionPrivacy | None = None
     if config.institution.threads:
@@ -498,18 +532,23 @@ def daemon_from_config(
                                seed=config.data.seed, grad_sample_mode=mode, cache_dir=state_dir)
         num_train = len(train)
         if config.privacy is not None:
-            privacy = InstitutionPrivacy(config=config.privacy, ledger=PrivacyLedger(ledger_path(state_dir)),
-                                         num_examples=num_train)
+            key = dataset_key(config.data)
+            if ledger is None:
+                ledger = open_site_ledger(state_dir, dataset=key, site_budget=config.privacy.budget)
+            privacy = InstitutionPrivacy(config=config.privacy, ledger=ledger, num_examples=num_train, dataset=key,
+                                         study_budgets=config.policy.budgets)
         else:
             log.warning("%s: no [privacy] table: training WITHOUT differential privacy", config.institution.name)
     if wrap_trainer is not None:
         trainer = wrap_trainer(trainer)
     return InstitutionDaemon(config=config, trainer=trainer, num_train_examples=num_train,
-                             credentials=credentials, on_event=on_event, privacy=privacy, study=study)
+                             credentials=credentials, on_event=on_event, privacy=privacy, study=study,
+                             expect_name=expect_name)
 
 
-def _spend_message(rp: RoundPrivacy) -> pb.PrivacySpend:
+def _spend_message(rp: RoundPrivacy, epsilon: float) -> pb.PrivacySpend:
+    """What the coordinator hears: the study's own spend (what its model discloses), as recorded."""
     return pb.PrivacySpend(
-        epsilon=rp.epsilon_after, delta=rp.delta, budget_epsilon=rp.budget, noise_multiplier=rp.noise_multiplier,
+        epsilon=epsilon, delta=rp.delta, budget_epsilon=rp.budget, noise_multiplier=rp.noise_multiplier,
         sample_rate=rp.sample_rate, steps=rp.steps, accountant=rp.accountant, max_grad_norm=rp.max_grad_norm,
     )

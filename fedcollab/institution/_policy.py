@@ -22,7 +22,13 @@ ACCEPT = Decision(accept=True)
 
 def decide_study(policy: PolicyConfig, offer: pb.StudyOffer) -> Decision:
     name = offer.study.name
-    if not any(fnmatch.fnmatchcase(name, pattern) for pattern in policy.studies):
+    if not policy.studies:
+        # No list: the coordinator's default study only; a submitted one needs the site's yes.
+        if not offer.is_default:
+            return Decision(False, "STUDY_NOT_ACCEPTED",
+                            f"study {name!r} was submitted to the coordinator, and policy.studies is empty (the "
+                            "default study only): add its name or a pattern to take part")
+    elif not any(fnmatch.fnmatchcase(name, pattern) for pattern in policy.studies):
         return Decision(False, "STUDY_NOT_ACCEPTED",
                         f"study {name!r} matches none of policy.studies ({', '.join(policy.studies) or 'none'})")
     kind = offer.study.model.kind

@@ -5,9 +5,22 @@ already spent: a daemon that restarts with a fresh accountant would silently res
 epsilon to zero. So every round's spend is written here, durably (SQLite in WAL mode
 with synchronous=FULL), *before* the update leaves the institution.
 
-Each row carries the cumulative epsilon of its study after that round and the whole
-accountant history, so a restarted daemon rebuilds its accountant from the newest row
-(`history`) and recognizes an assignment it already paid for (`find`).
+There is one ledger per institution (the site), at the top of its state folder, for
+every study it takes part in: the budget is the site's, per dataset, not the study's
+(a coordinator that offers the same study under new names gets no fresh budget). Each
+row names its study and its dataset (a key derived from the site's own [data] config,
+fedcollab.privacy._dataset) and carries two cumulative figures after that round: the
+study's own epsilon on that dataset (checked against the study's sub-limit) and the
+site's epsilon on that dataset, composed by one accountant over every study's rows
+(checked against the site's budget). A restarted daemon rebuilds its accountant from
+the rows (`history`) and recognizes an assignment it already paid for (`find`).
+
+The figures are computed by the caller (fedcollab.privacy._budget) from a snapshot of
+the rows; `append(based_on=...)` refuses with LedgerConflict when a row was added since
+that snapshot (another study's daemon, another process), so the check and the append
+are one step under SQLite's write lock and two studies cannot both spend the last of a
+budget. Ledgers of the older per-study format are migrated by
+fedcollab.privacy._ledger_migrate.
 
 Tamper evidence, in layers:
 
@@ -27,13 +40,8 @@ next step against a deliberate adversary.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import json
 import logging
-import math
-import numbers
-import re
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -44,15 +52,35 @@ from types import TracebackType
 from typing import Any, Self
 
 from fedcollab._fileio import atomic_write
-from fedcollab.config import ACCOUNTANTS
-from fedcollab.errors import FedcollabError
+from fedcollab.privacy._ledger_rows import (
+    _ARGS,
+    _COLUMNS,
+    LedgerConflict,
+    LedgerEntry,
+    LedgerError,
+    OverLimit,
+    _entry,
+    _read_entry,
+    _typed,
+    _validate,
+    canonical_json,
+    row_hash,
+)
+
+__all__ = [
+    "FORMAT", "FORMAT_V1", "GENESIS_HASH", "LEDGER_FILENAME", "LIMIT_TOLERANCE", "LedgerConflict", "LedgerEntry",
+    "LedgerError", "OverLimit", "PrivacyLedger", "VerifyReport", "canonical_json", "ledger_path", "row_hash",
+]
 
 log = logging.getLogger(__name__)
 
 LEDGER_FILENAME = "privacy-ledger.sqlite"
-FORMAT = "fedcollab-privacy-ledger/1"
+FORMAT = "fedcollab-privacy-ledger/2"
+# Per-study ledgers (studies/<name>/privacy-ledger.sqlite) of fedcollab before the site ledger.
+FORMAT_V1 = "fedcollab-privacy-ledger/1"
+# Allowed excess over a limit: floating-point noise of the accountants, not extra spend.
+LIMIT_TOLERANCE = 1e-9
 GENESIS_HASH = "0" * 64
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger_meta (
@@ -63,9 +91,11 @@ CREATE TABLE IF NOT EXISTS ledger (
     seq INTEGER PRIMARY KEY,
     created_at TEXT NOT NULL,
     study TEXT NOT NULL,
+    dataset TEXT NOT NULL,
     round INTEGER NOT NULL,
     nonce TEXT NOT NULL,
     epsilon REAL NOT NULL,
+    site_epsilon REAL NOT NULL,
     delta REAL NOT NULL,
     noise_multiplier REAL NOT NULL,
     sample_rate REAL NOT NULL,
@@ -73,12 +103,13 @@ CREATE TABLE IF NOT EXISTS ledger (
     accountant TEXT NOT NULL,
     accountant_state TEXT NOT NULL,
     budget_epsilon REAL NOT NULL,
+    site_budget_epsilon REAL NOT NULL,
     update_sha256 TEXT NOT NULL,
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS ledger_study ON ledger (study, seq);
-CREATE INDEX IF NOT EXISTS ledger_assignment ON ledger (study, round, nonce);
+CREATE INDEX IF NOT EXISTS ledger_study ON ledger (dataset, study, seq);
+CREATE INDEX IF NOT EXISTS ledger_assignment ON ledger (dataset, study, round, nonce);
 CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
 BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only: rows cannot be updated'); END;
 CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
@@ -88,55 +119,6 @@ BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS ledger_meta_no_delete BEFORE DELETE ON ledger_meta
 BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
 """
-
-# Columns in table order; the hash covers all of them but prev_hash and hash.
-_COLUMNS = ("seq", "created_at", "study", "round", "nonce", "epsilon", "delta", "noise_multiplier",
-            "sample_rate", "steps", "accountant", "accountant_state", "budget_epsilon", "update_sha256",
-            "prev_hash", "hash")
-_TEXT = {"created_at", "study", "nonce", "accountant", "accountant_state", "update_sha256", "prev_hash", "hash"}
-_INT = {"seq", "round", "steps"}
-_REAL = {"epsilon", "delta", "noise_multiplier", "sample_rate", "budget_epsilon"}
-
-
-class LedgerError(FedcollabError):
-    """The ledger refuses an append, or its file cannot be used; the message says why."""
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """One row: the privacy spent in one round of one study, and where the chain stood."""
-
-    seq: int
-    created_at: str
-    study: str
-    round: int
-    nonce: str
-    epsilon: float
-    """Cumulative epsilon spent in this study after this round (not this round's share)."""
-    delta: float
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    """Optimizer steps taken in this round."""
-    accountant: str
-    history: tuple[tuple[float, float, int], ...]
-    """The accountant's history for the whole study so far: (noise_multiplier, sample_rate, steps)."""
-    budget_epsilon: float
-    update_sha256: str
-    prev_hash: str
-    hash: str
-
-    @property
-    def remaining_epsilon(self) -> float:
-        """Budget left in this study after this row (negative when over budget)."""
-        return self.budget_epsilon - self.epsilon
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready values (history as lists)."""
-        d = dataclasses.asdict(self)
-        d["history"] = [list(h) for h in self.history]
-        return d
-
 
 @dataclass(frozen=True)
 class VerifyReport:
@@ -152,19 +134,8 @@ class VerifyReport:
 
 
 def ledger_path(state_dir: Path) -> Path:
-    """Where an institution's ledger lives: in its own state folder, next to its model cache."""
+    """Where a site's ledger lives: at the top of its state folder, one for every study."""
     return Path(state_dir) / LEDGER_FILENAME
-
-
-def canonical_json(obj: Any) -> str:
-    """One spelling per value, so hashes are reproducible; floats as repr (exact round-trip)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-
-def row_hash(prev_hash: str, fields: dict[str, Any]) -> str:
-    """sha256(prev_hash + "\\n" + canonical JSON of the row without prev_hash and hash)."""
-    body = {k: v for k, v in fields.items() if k not in ("prev_hash", "hash")}
-    return hashlib.sha256((prev_hash + "\n" + canonical_json(body)).encode()).hexdigest()
 
 
 class PrivacyLedger:
@@ -227,6 +198,13 @@ class PrivacyLedger:
                 meta = None
                 if "ledger_meta" in tables:
                     meta = db.execute("SELECT value FROM ledger_meta WHERE key='format'").fetchone()
+                if meta is not None and meta[0] == FORMAT_V1:
+                    raise LedgerError(
+                        f"{self.path}: a per-study privacy ledger of an older fedcollab ({FORMAT_V1}); the "
+                        "budget is now the site's, in one ledger for every study. Migrate this state folder "
+                        "(its rows are kept): `fedcollab institution ledger --config institution.toml --migrate`, "
+                        "or start `fedcollab institution run`, which migrates it before training"
+                    )
                 if meta is None or meta[0] != FORMAT or "ledger" not in tables:
                     raise LedgerError(
                         f"{self.path}: this SQLite file is not a fedcollab privacy ledger "
@@ -299,9 +277,11 @@ class PrivacyLedger:
         self,
         *,
         study: str,
+        dataset: str,
         round: int,
         nonce: str,
         epsilon: float,
+        site_epsilon: float,
         delta: float,
         noise_multiplier: float,
         sample_rate: float,
@@ -309,33 +289,52 @@ class PrivacyLedger:
         accountant: str,
         history: Iterable[Sequence[float | int]],
         budget_epsilon: float,
+        site_budget_epsilon: float,
         update_sha256: str = "",
+        based_on: int | None = None,
     ) -> LedgerEntry:
         """Record one round's spend durably; returns the committed row.
 
         Call it before the update is sent: when it returns, the row is on disk. It
-        refuses (LedgerError) invalid values, a cumulative epsilon below the study's
-        previous one (spend never decreases), and a ledger whose chain does not verify
-        (a tampered ledger is never built upon).
+        refuses (LedgerError) invalid values; a cumulative figure below the previous
+        one (spend never decreases); a row past the study's limit or the site's budget
+        (OverLimit); a ledger whose chain does not verify (a tampered ledger is never
+        built upon); and, with `based_on` (the `snapshot` seq the figures were computed
+        from), any row added since (LedgerConflict: compute again and retry).
         """
         if self.readonly:
             raise LedgerError(f"{self.path}: opened read-only")
-        values = _validate(study=study, round=round, nonce=nonce, epsilon=epsilon, delta=delta,
-                           noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
-                           accountant=accountant, history=history, budget_epsilon=budget_epsilon,
+        values = _validate(study=study, dataset=dataset, round=round, nonce=nonce, epsilon=epsilon,
+                           site_epsilon=site_epsilon, delta=delta, noise_multiplier=noise_multiplier,
+                           sample_rate=sample_rate, steps=steps, accountant=accountant, history=history,
+                           budget_epsilon=budget_epsilon, site_budget_epsilon=site_budget_epsilon,
                            update_sha256=update_sha256)
+        for figure, limit, what in (("epsilon", "budget_epsilon", f"the limit of study {study!r}"),
+                                    ("site_epsilon", "site_budget_epsilon", "the site's budget")):
+            if values[figure] > values[limit] * (1 + LIMIT_TOLERANCE):
+                raise OverLimit(f"{figure} {values[figure]!r} is past {what} of {values[limit]!r} on dataset "
+                                f"{dataset!r}: a spend past a limit is never recorded (nor sent)")
         with self._lock:
             with self._tx(write=True) as db:
                 report = self._inspect_locked(db, repair=True)
                 if not report.ok:
                     raise LedgerError(f"{self.path}: refusing to append to a ledger that does not verify: "
                                       f"{report.problem}")
-                previous = self._latest_locked(db, values["study"])
+                if based_on is not None and report.rows != based_on:
+                    raise LedgerConflict(f"{self.path}: {report.rows - based_on} row(s) added since the spend was "
+                                         "computed; compute it again")
+                previous = self._latest_locked(db, values["study"], values["dataset"])
                 if previous is not None and values["epsilon"] < previous.epsilon:
                     raise LedgerError(
                         f"epsilon {values['epsilon']!r} for study {values['study']!r} is below the "
                         f"{previous.epsilon!r} already recorded at row {previous.seq}: epsilon is the "
                         "cumulative spend of the study, and spend never decreases"
+                    )
+                site = self._latest_locked(db, None, values["dataset"])
+                if site is not None and values["site_epsilon"] < site.site_epsilon:
+                    raise LedgerError(
+                        f"site_epsilon {values['site_epsilon']!r} on dataset {values['dataset']!r} is below the "
+                        f"{site.site_epsilon!r} already recorded at row {site.seq}: the site's spend never decreases"
                     )
                 fields: dict[str, Any] = {
                     "seq": report.rows + 1,
@@ -347,20 +346,59 @@ class PrivacyLedger:
                 db.execute(f"INSERT INTO ledger ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
                            tuple(fields[c] for c in _COLUMNS))
             entry = _entry(fields)
-            # The row is committed and durable. Now move the head, under SQLite's write lock
-            # so that concurrent writers (another process on the same folder) cannot move it
-            # backwards: it always records the newest committed row.
-            try:
-                with self._tx(write=True) as db:
-                    newest = db.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
-                    self._write_head(int(newest[0]), str(newest[1]))
-            except OSError as e:
-                # Not raised: the spend *is* recorded, and a caller that saw an exception
-                # might record it twice. A head one row behind is repaired on the next open
-                # or append; if the folder stays unwritable the next append raises.
-                log.error("%s: row %d recorded, but the head file could not be written: %s",
-                          self.path, entry.seq, e)
+            self._move_head(entry.seq)
             return entry
+
+    def import_rows(self, rows: Sequence[dict[str, Any]], *, meta: dict[str, str]) -> int:
+        """Append already-spent rows (a migration) in one transaction with `meta` keys
+        that mark their source, so a crash imports all or nothing and a source is never
+        imported twice (a meta key already present refuses the whole import). Rows are
+        not checked against the limits: their spend happened; later rounds are."""
+        if self.readonly:
+            raise LedgerError(f"{self.path}: opened read-only")
+        checked = []
+        for r in rows:
+            values = _validate(**{k: r[k] for k in _ARGS})
+            checked.append({"created_at": str(r["created_at"]), **values})
+        with self._lock:
+            with self._tx(write=True) as db:
+                report = self._inspect_locked(db, repair=True)
+                if not report.ok:
+                    raise LedgerError(f"{self.path}: refusing to import into a ledger that does not verify: "
+                                      f"{report.problem}")
+                for key, value in meta.items():
+                    db.execute("INSERT INTO ledger_meta (key, value) VALUES (?, ?)", (key, value))
+                prev, seq = report.head_hash, report.rows
+                for values in checked:
+                    seq += 1
+                    fields: dict[str, Any] = {"seq": seq, **values, "prev_hash": prev}
+                    fields = {c: fields[c] for c in _COLUMNS if c != "hash"}
+                    fields["hash"] = prev = row_hash(prev, fields)
+                    db.execute(f"INSERT INTO ledger ({', '.join(_COLUMNS)}) "
+                               f"VALUES ({', '.join('?' * len(_COLUMNS))})", tuple(fields[c] for c in _COLUMNS))
+            self._move_head(seq)
+            return len(checked)
+
+    def meta(self, key: str) -> str | None:
+        """A value of the ledger's meta table (format, migrated sources)."""
+        with self._tx(write=False) as db:
+            row = db.execute("SELECT value FROM ledger_meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _move_head(self, seq: int) -> None:
+        """The rows are committed and durable. Now move the head, under SQLite's write lock
+        so that concurrent writers (another process on the same folder) cannot move it
+        backwards: it always records the newest committed row."""
+        try:
+            with self._tx(write=True) as db:
+                newest = db.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
+                if newest is not None:
+                    self._write_head(int(newest[0]), str(newest[1]))
+        except OSError as e:
+            # Not raised: the spend *is* recorded, and a caller that saw an exception
+            # might record it twice. A head one row behind is repaired on the next open
+            # or append; if the folder stays unwritable the next append raises.
+            log.error("%s: row %d recorded, but the head file could not be written: %s", self.path, seq, e)
 
     def _write_head(self, seq: int, hash_: str) -> None:
         """Replace the head file atomically and durably."""
@@ -368,47 +406,62 @@ class PrivacyLedger:
 
     # -- reading ------------------------------------------------------------------------
 
-    def entries(self, *, study: str | None = None) -> list[LedgerEntry]:
-        """All rows (of one study if given), oldest first. Does not verify: call verify() for that."""
+    def entries(self, *, study: str | None = None, dataset: str | None = None) -> list[LedgerEntry]:
+        """All rows (of one study and/or one dataset if given), oldest first. Does not
+        verify: call verify() for that."""
+        where, args = _where(study, dataset)
         with self._tx(write=False) as db:
-            if study is None:
-                rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger ORDER BY seq").fetchall()
-            else:
-                rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger WHERE study=? ORDER BY seq",
-                                  (study,)).fetchall()
+            rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger{where} ORDER BY seq", args).fetchall()
         return [_read_entry(row) for row in rows]
 
-    def latest(self, *, study: str) -> LedgerEntry | None:
-        """The newest row of a study: its cumulative spend and accountant history."""
+    def snapshot(self, *, dataset: str) -> tuple[int, list[LedgerEntry]]:
+        """(rows in the whole ledger, this dataset's rows) read at one instant: the
+        figures of an append are computed from it and `append(based_on=...)` checks
+        that nothing was added since."""
         with self._tx(write=False) as db:
-            return self._latest_locked(db, study)
+            count = int(db.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
+            rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger WHERE dataset=? ORDER BY seq",
+                              (dataset,)).fetchall()
+        return count, [_read_entry(row) for row in rows]
+
+    def latest(self, *, study: str | None, dataset: str | None = None) -> LedgerEntry | None:
+        """The newest row of a study (on one dataset if given), or of a dataset (study None)."""
+        with self._tx(write=False) as db:
+            return self._latest_locked(db, study, dataset)
 
     @staticmethod
-    def _latest_locked(db: sqlite3.Connection, study: str) -> LedgerEntry | None:
-        row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger WHERE study=? ORDER BY seq DESC LIMIT 1",
-                         (study,)).fetchone()
+    def _latest_locked(db: sqlite3.Connection, study: str | None, dataset: str | None = None) -> LedgerEntry | None:
+        where, args = _where(study, dataset)
+        row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger{where} ORDER BY seq DESC LIMIT 1",
+                         args).fetchone()
         return None if row is None else _read_entry(row)
 
-    def find(self, *, study: str, round: int, nonce: str) -> LedgerEntry | None:
+    def find(self, *, study: str, round: int, nonce: str, dataset: str | None = None) -> LedgerEntry | None:
         """The spend recorded for exactly this assignment, so a restarted daemon does not count it twice.
 
         If the same assignment was recorded more than once (it was trained again, which
         spends again), the newest row is returned.
         """
+        where, args = _where(study, dataset)
         with self._tx(write=False) as db:
             row = db.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM ledger WHERE study=? AND round=? AND nonce=? "
-                "ORDER BY seq DESC LIMIT 1", (study, round, nonce)).fetchone()
+                f"SELECT {', '.join(_COLUMNS)} FROM ledger{where} AND round=? AND nonce=? "
+                "ORDER BY seq DESC LIMIT 1", (*args, round, nonce)).fetchone()
         return None if row is None else _read_entry(row)
 
-    def spent(self, *, study: str) -> float:
+    def spent(self, *, study: str, dataset: str | None = None) -> float:
         """Cumulative epsilon spent in a study so far (0.0 before its first row)."""
-        entry = self.latest(study=study)
+        entry = self.latest(study=study, dataset=dataset)
         return 0.0 if entry is None else entry.epsilon
 
-    def history(self, *, study: str) -> list[tuple[float, float, int]]:
+    def site_spent(self, *, dataset: str) -> float:
+        """The site's cumulative epsilon on a dataset, over every study (0.0 before any row)."""
+        entry = self.latest(study=None, dataset=dataset)
+        return 0.0 if entry is None else entry.site_epsilon
+
+    def history(self, *, study: str, dataset: str | None = None) -> list[tuple[float, float, int]]:
         """The accountant history to restore after a restart (opacus' `accountant.history`)."""
-        entry = self.latest(study=study)
+        entry = self.latest(study=study, dataset=dataset)
         return [] if entry is None else list(entry.history)
 
     # -- verification -------------------------------------------------------------------
@@ -523,6 +576,18 @@ class PrivacyLedger:
             raise LedgerError(f"{self.head_path}: cannot write the ledger's head file: {e}") from None
 
 
+def _where(study: str | None, dataset: str | None) -> tuple[str, tuple[str, ...]]:
+    """A WHERE clause (never empty: callers append AND ...) and its arguments."""
+    clauses, args = ["1=1"], []
+    if study is not None:
+        clauses.append("study=?")
+        args.append(study)
+    if dataset is not None:
+        clauses.append("dataset=?")
+        args.append(dataset)
+    return " WHERE " + " AND ".join(clauses), tuple(args)
+
+
 def _split_sql(script: str) -> list[str]:
     """The schema's statements (triggers contain ';' inside BEGIN ... END)."""
     statements, current = [], ""
@@ -532,102 +597,3 @@ def _split_sql(script: str) -> list[str]:
             statements.append(current.strip())
             current = ""
     return statements
-
-
-def _typed(row: Sequence[Any]) -> dict[str, Any]:
-    """A row as a dict, refusing values whose type is not the column's (a sign of editing)."""
-    fields = dict(zip(_COLUMNS, row, strict=True))
-    for k, v in fields.items():
-        if k in _TEXT and not isinstance(v, str):
-            raise TypeError(f"{k} is {type(v).__name__}, not text")
-        if k in _INT and (not isinstance(v, int) or isinstance(v, bool)):
-            raise TypeError(f"{k} is {type(v).__name__}, not an integer")
-        if k in _REAL:
-            if not isinstance(v, float):
-                raise TypeError(f"{k} is {type(v).__name__}, not a real number")
-            if not math.isfinite(v):
-                raise ValueError(f"{k} is not finite")
-    return fields
-
-
-def _read_entry(row: Sequence[Any]) -> LedgerEntry:
-    try:
-        return _entry(_typed(row))
-    except (TypeError, ValueError) as e:
-        raise LedgerError(f"row {row[0]}: malformed ({e}); the ledger was edited: run verify()") from None
-
-
-def _entry(fields: dict[str, Any]) -> LedgerEntry:
-    state = json.loads(fields["accountant_state"])
-    if not isinstance(state, list):
-        raise TypeError("accountant_state is not a list")
-    history = tuple((float(nm), float(sr), int(st)) for nm, sr, st in state)
-    values = {k: v for k, v in fields.items() if k != "accountant_state"}
-    return LedgerEntry(**values, history=history)
-
-
-def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise LedgerError(f"{name} must be a number, got {value!r}")
-    f = float(value)
-    if not math.isfinite(f):
-        raise LedgerError(f"{name} must be finite, got {f!r}")
-    return f
-
-
-def _integer(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise LedgerError(f"{name} must be an integer, got {value!r}")
-    i = int(value)
-    if i < 0:
-        raise LedgerError(f"{name} must be >= 0, got {i}")
-    return i
-
-
-def _validate(*, study: Any, round: Any, nonce: Any, epsilon: Any, delta: Any, noise_multiplier: Any,
-              sample_rate: Any, steps: Any, accountant: Any, history: Any, budget_epsilon: Any,
-              update_sha256: Any) -> dict[str, Any]:
-    """Typed, checked column values; LedgerError names the first wrong argument and why."""
-    if not isinstance(study, str) or not study:
-        raise LedgerError(f"study must be a non-empty string, got {study!r}")
-    if not isinstance(nonce, str) or not nonce:
-        raise LedgerError(f"nonce must be the task's non-empty nonce string, got {nonce!r}")
-    eps = _real("epsilon", epsilon)
-    if eps < 0:
-        raise LedgerError(f"epsilon must be >= 0, got {eps!r}")
-    d = _real("delta", delta)
-    if not 0 < d < 1:
-        raise LedgerError(f"delta must be in (0, 1), got {d!r}")
-    sigma = _real("noise_multiplier", noise_multiplier)
-    if sigma < 0:
-        raise LedgerError(f"noise_multiplier must be >= 0, got {sigma!r}")
-    q = _real("sample_rate", sample_rate)
-    if not 0 < q <= 1:
-        raise LedgerError(f"sample_rate must be in (0, 1], got {q!r}")
-    if accountant not in ACCOUNTANTS:
-        raise LedgerError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
-    budget = _real("budget_epsilon", budget_epsilon)
-    if budget <= 0:
-        raise LedgerError(f"budget_epsilon must be > 0, got {budget!r}")
-    if not isinstance(update_sha256, str) or not (update_sha256 == "" or _SHA256_HEX.fullmatch(update_sha256)):
-        raise LedgerError(f"update_sha256 must be 64 lowercase hex digits or empty, got {update_sha256!r}")
-    if isinstance(history, (str, bytes)) or not isinstance(history, Iterable):
-        raise LedgerError(f"history must be a list of (noise_multiplier, sample_rate, steps), got {history!r}")
-    state: list[list[float | int]] = []
-    for i, raw in enumerate(history):
-        item = tuple(raw) if isinstance(raw, Iterable) and not isinstance(raw, (str, bytes)) else ()
-        if len(item) != 3:
-            raise LedgerError(f"history[{i}] must be (noise_multiplier, sample_rate, steps), got {raw!r}")
-        h_sigma = _real(f"history[{i}] noise_multiplier", item[0])
-        h_q = _real(f"history[{i}] sample_rate", item[1])
-        h_steps = _integer(f"history[{i}] steps", item[2])
-        if h_sigma < 0 or not 0 < h_q <= 1:
-            raise LedgerError(f"history[{i}] must have noise_multiplier >= 0 and sample_rate in (0, 1], "
-                              f"got {item!r}")
-        state.append([h_sigma, h_q, h_steps])
-    return {
-        "study": study, "round": _integer("round", round), "nonce": nonce, "epsilon": eps, "delta": d,
-        "noise_multiplier": sigma, "sample_rate": q, "steps": _integer("steps", steps),
-        "accountant": accountant, "accountant_state": canonical_json(state), "budget_epsilon": budget,
-        "update_sha256": update_sha256,
-    }

@@ -66,9 +66,9 @@ def test_an_institution_past_its_budget_declines_and_the_study_goes_on(tmp_path:
         configs = [_private(n, i, port=coordinator.port, root=tmp_path) for i, n in enumerate(NAMES)]
         # lab-c already spent nearly all of its budget in this study (an earlier run).
         with PrivacyLedger(ledger_path(configs[2].institution.state_dir)) as ledger:
-            ledger.append(study="tiny", round=1, nonce="earlier", epsilon=4.99, delta=1e-5, noise_multiplier=1.0,
-                          sample_rate=0.5, steps=100, accountant="rdp", history=[[1.0, 0.5, 100]],
-                          budget_epsilon=5.0)
+            ledger.append(study="tiny", dataset="builtin:digits", round=1, nonce="earlier", epsilon=4.99,
+                          site_epsilon=4.99, delta=1e-5, noise_multiplier=1.0, sample_rate=0.5, steps=100,
+                          accountant="rdp", history=[[1.0, 0.5, 100]], budget_epsilon=5.0, site_budget_epsilon=5.0)
         daemons = [_daemon(c) for c in configs]
         with running(daemons) as outcome:
             assert coordinator.wait(timeout=120), "study did not finish"

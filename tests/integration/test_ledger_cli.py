@@ -31,15 +31,18 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
 
 @pytest.fixture
 def state(tmp_path: Path) -> Path:
-    """An institution's state folder with a ledger: 3 rounds of study "digits-dp", 1 of "other"."""
+    """An institution's state folder with its site ledger: 3 rounds of study "digits-dp",
+    then 1 of "other" on the same data (the site's total grows with both)."""
     state = tmp_path / "hospital-a-state"
     with PrivacyLedger(ledger_path(state)) as ledger:
         for r, eps in enumerate((0.8, 1.55, 2.31), start=1):
-            ledger.append(study="digits-dp", round=r, nonce=f"n{r}", epsilon=eps, delta=1e-5, noise_multiplier=1.1,
-                          sample_rate=0.02, steps=50, accountant="prv", history=[(1.1, 0.02, 50 * r)],
-                          budget_epsilon=3.0, update_sha256=f"{r:x}" * 64)
-        ledger.append(study="other", round=1, nonce="m1", epsilon=0.5, delta=1e-6, noise_multiplier=2.0,
-                      sample_rate=0.01, steps=10, accountant="rdp", history=[(2.0, 0.01, 10)], budget_epsilon=1.0)
+            ledger.append(study="digits-dp", dataset="builtin:digits", round=r, nonce=f"n{r}", epsilon=eps,
+                          site_epsilon=eps, delta=1e-5, noise_multiplier=1.1, sample_rate=0.02, steps=50,
+                          accountant="prv", history=[(1.1, 0.02, 50 * r)], budget_epsilon=3.0,
+                          site_budget_epsilon=3.0, update_sha256=f"{r:x}" * 64)
+        ledger.append(study="other", dataset="builtin:digits", round=1, nonce="m1", epsilon=0.5, site_epsilon=2.6,
+                      delta=1e-6, noise_multiplier=2.0, sample_rate=0.01, steps=10, accountant="rdp",
+                      history=[(2.0, 0.01, 10)], budget_epsilon=1.0, site_budget_epsilon=3.0)
     return state
 
 
@@ -53,22 +56,26 @@ def config(tmp_path: Path, state: Path) -> Path:
 def test_table_lists_the_rows_and_a_summary_per_study(capsys: pytest.CaptureFixture[str], config: Path) -> None:
     code, out = run(capsys, "--config", str(config))
     assert code == 0, out
-    for header in ("seq", "time (UTC)", "study", "round", "epsilon", "budget", "left", "delta", "noise", "rate",
-                   "steps", "acct", "update"):
+    for header in ("seq", "time (UTC)", "study", "round", "epsilon", "limit", "site", "budget", "left", "delta",
+                   "noise", "rate", "steps", "acct", "update"):
         assert header in out
     lines = [line.split() for line in out.splitlines()]
     rows = [line for line in lines if line and line[0].isdigit()]
     assert [r[0] for r in rows] == ["1", "2", "3", "4"]
-    assert rows[2][3:9] == ["digits-dp", "3", "2.310", "3.000", "0.690", "1e-05"]
+    # study, round, the study's epsilon and limit, the site's epsilon and budget, what is left, delta
+    assert rows[2][3:11] == ["digits-dp", "3", "2.310", "3.000", "2.310", "3.000", "0.690", "1e-05"]
+    assert rows[3][3:10] == ["other", "1", "0.500", "1.000", "2.600", "3.000", "0.400"]  # the site's budget binds
     assert rows[2][-1] == "3" * 12  # update hash prefix
-    assert "study digits-dp: epsilon 2.31 of 3.00 spent (delta 1e-05, prv accountant), 3 rounds" in out
-    assert "study other: epsilon 0.50 of 1.00 spent (delta 1e-06, rdp accountant), 1 round" in out
+    assert "study digits-dp: epsilon 2.31 of its limit 3.00 spent (delta 1e-05, prv accountant), 3 rounds" in out
+    assert "study other: epsilon 0.50 of its limit 1.00 spent (delta 1e-06, rdp accountant), 1 round" in out
+    assert "site total on builtin:digits: epsilon 2.60 of its budget 3.00 spent, over 2 studies" in out
 
 
 def test_study_filter(capsys: pytest.CaptureFixture[str], state: Path) -> None:
     code, out = run(capsys, "--ledger", str(ledger_path(state)), "--study", "other")
     assert code == 0
     assert "study other:" in out and "digits-dp" not in out
+    assert "site total on builtin:digits: epsilon 2.60" in out  # the site's total counts every study
     code, out = run(capsys, "--ledger", str(ledger_path(state)), "--study", "nope")
     assert code == 0 and "no entries for study nope" in out
 
@@ -150,3 +157,38 @@ def test_the_installed_command(state: Path) -> None:
                           check=False, env=env, text=True, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("ledger intact: 4 rows, head ")
+
+
+@pytest.mark.filterwarnings("ignore:GDP accounting is experimental")
+def test_an_old_per_study_ledger_is_refused_until_migrated(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from tests.unit.test_site_budget import _v1_ledger
+
+    state = tmp_path / "old-state"
+    _v1_ledger(ledger_path(state), "tiny", 2, start="2026-01-01T00:00")
+    _v1_ledger(ledger_path(state / "studies" / "copy"), "copy", 1, start="2026-01-02T00:00")
+    path = tmp_path / "institution.toml"
+    path.write_text(f'[institution]\nname = "hospital-a"\nstate_dir = "{state.name}"\n[data]\ndataset = "digits"\n'
+                    '[privacy]\ntarget_epsilon = 8.0\n')
+    code, out = run(capsys, "--config", str(path))
+    assert code == 1 and "older fedcollab" in out and "--migrate" in out, out
+    code, out = run(capsys, "--config", str(path), "--migrate")
+    assert code == 0 and "3 rows" in out and "builtin:digits" in out, out
+    code, out = run(capsys, "--config", str(path), "--verify")
+    assert code == 0 and "ledger intact: 3 rows" in out, out
+    code, out = run(capsys, "--config", str(path))
+    assert "over 2 studies" in out, out
+
+
+def test_old_study_ledgers_without_a_site_ledger_ask_for_migration(capsys: pytest.CaptureFixture[str],
+                                                                  tmp_path: Path) -> None:
+    from tests.unit.test_site_budget import _v1_ledger
+
+    state = tmp_path / "old-state"
+    _v1_ledger(ledger_path(state / "studies" / "copy"), "copy", 1, start="2026-01-02T00:00")
+    path = tmp_path / "institution.toml"
+    path.write_text(f'[institution]\nname = "hospital-a"\nstate_dir = "{state.name}"\ntrainer = "synthetic"\n')
+    code, out = run(capsys, "--config", str(path))
+    assert code == 2 and "older fedcollab" in out and "--migrate" in out, out
+    code, out = run(capsys, "--config", str(path), "--migrate")  # no [data] and [privacy] to count them against
+    assert code == 2 and "needs the institution's [data] and [privacy]" in out, out
+    assert not ledger_path(state).exists()

@@ -112,10 +112,16 @@ def ran(consortium: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     c = op.SubmitStudy(opb.SubmitStudyRequest(study_toml=STUDY_C), timeout=10)
     assert (b.status, c.status, c.start_after) == ("running", "queued", "study-b")
     op.ChangeStudy(opb.ChangeStudyRequest(study="study-c", action="cancel", reason="superseded"), timeout=40)
+    # A site names the studies it takes part in (the default policy takes the default study only).
+    named = {"studies": ["tiny", "study-b", "study-c"]}
     agents = {
-        "hospital-a": InstitutionAgent(config=_institution(root, pki, coordinator, "hospital-a"), list_every_s=0.2),
-        "hospital-b": InstitutionAgent(config=_institution(root, pki, coordinator, "hospital-b").model_copy(
-            update={"privacy": PrivacyConfig(target_epsilon=8.0, accountant="rdp")}), list_every_s=0.2),
+        "hospital-a": InstitutionAgent(config=_institution(root, pki, coordinator, "hospital-a", **named),
+                                       list_every_s=0.2),
+        # One site budget for both studies on its data, each within a sub-limit of 8.
+        "hospital-b": InstitutionAgent(config=_institution(
+            root, pki, coordinator, "hospital-b", **named, budgets={"tiny": 8.0, "study-b": 8.0}).model_copy(
+            update={"privacy": PrivacyConfig(target_epsilon=8.0, budget_epsilon=16.0, accountant="rdp")}),
+            list_every_s=0.2),
         "lab-c": InstitutionAgent(config=_institution(root, pki, coordinator, "lab-c", studies=["tiny"]),
                                   list_every_s=0.2),
     }
@@ -345,13 +351,21 @@ def test_submitted_studies_and_their_states_survive_a_restart(tmp_path: Path) ->
                  Code.NOT_FOUND, "STUDY_UNKNOWN")
 
 
-def test_each_study_has_its_own_privacy_ledger_at_the_institution(ran: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_site_keeps_one_privacy_ledger_for_every_study(ran: Any, capsys: pytest.CaptureFixture[str]) -> None:
     root, pki, coordinator, op, agents = ran
     config_file = root / "hospital-b.toml"
     _write_institution_toml(config_file, _institution(root, pki, coordinator, "hospital-b"))
+    code, out = _cli(capsys, "institution", "ledger", "--config", str(config_file), "--json")
+    rows = json.loads(out)
+    assert code == 0 and sorted(r["study"] for r in rows) == ["study-b", "study-b", "tiny", "tiny"], out
+    # Each study's own spend within its sub-limit, the site's composed over both within its budget.
+    assert all(r["epsilon"] <= r["budget_epsilon"] == 8.0 for r in rows), out
+    assert all(r["site_epsilon"] <= r["site_budget_epsilon"] == 16.0 for r in rows), out
+    last = {r["study"]: r["epsilon"] for r in rows}
+    assert rows[-1]["site_epsilon"] > max(last.values())  # both studies count against the site
     for study in ("tiny", "study-b"):
         code, out = _cli(capsys, "institution", "ledger", "--config", str(config_file), "--study", study, "--json")
-        rows = json.loads(out)
-        assert code == 0 and len(rows) == 2 and {r["study"] for r in rows} == {study}, out
-        code, out = _cli(capsys, "institution", "ledger", "--config", str(config_file), "--study", study, "--verify")
-        assert code == 0 and "ledger intact: 2 rows" in out, out
+        assert code == 0 and [r["study"] for r in json.loads(out)] == [study, study], out
+    code, out = _cli(capsys, "institution", "ledger", "--config", str(config_file), "--verify")
+    assert code == 0 and "ledger intact: 4 rows" in out, out
+    assert not list((root / "hospital-b" / "studies").glob("*/privacy-ledger.sqlite"))

@@ -24,13 +24,18 @@ from fedcollab.privacy._ledger import (
 
 
 def spend(round_: int, epsilon: float, **overrides: Any) -> dict[str, Any]:
-    """Arguments for append(): round `round_` of study "s" bringing the spend to `epsilon`."""
+    """Arguments for append(): round `round_` of study "s" bringing the spend to `epsilon`.
+    Each study on a dataset of its own unless told (so the site's figure is the study's)."""
     values: dict[str, Any] = {
         "study": "s", "round": round_, "nonce": f"nonce-{round_}", "epsilon": epsilon, "delta": 1e-5,
         "noise_multiplier": 1.1, "sample_rate": 0.01, "steps": 100, "accountant": "prv",
         "history": [(1.1, 0.01, 100 * round_)], "budget_epsilon": 3.0, "update_sha256": f"{round_:064x}",
     }
-    return {**values, **overrides}
+    values.update(overrides)
+    values.setdefault("dataset", f"data-{values['study']}")
+    values.setdefault("site_epsilon", values["epsilon"])
+    values.setdefault("site_budget_epsilon", values["budget_epsilon"] if "budget_epsilon" in overrides else 3.0)
+    return values
 
 
 @pytest.fixture
