@@ -226,7 +226,12 @@ class InstitutionDaemon:
             self._client.close()
 
     def _heartbeats(self, stop: threading.Event, halt: threading.Event) -> None:
-        while not halt.wait(self._heartbeat_s) and not stop.is_set():
+        while True:
+            # Before the first Join there is no session and no interval yet: look again
+            # soon. Waiting the 2 s default instead put the first beat up to 2 s after the
+            # Join, and a lease of under 2 s then expired while round 1 trained.
+            if halt.wait(self._heartbeat_s if self._session is not None else 0.05) or stop.is_set():
+                return
             session = self._session
             if session is None:
                 continue
