@@ -33,6 +33,7 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 
 import grpc
 
@@ -90,27 +91,28 @@ def water_fill(weights: Mapping[str, int], *, max_share: float) -> dict[str, int
         raise ValueError(f"weights must be positive, got {dict(weights)}")
     if max_share >= 1 or len(weights) < 2:
         return dict(weights)
+    # Exact arithmetic: in floats, 1 - k * share loses digits (share 0.99999 put the cap
+    # 2 examples below the largest one the share allows, at 7e10 examples).
+    share = Fraction(max_share)
     total = sum(weights.values())
-    if max(weights.values()) <= max_share * total:
+    if max(weights.values()) <= share * total:
         return dict(weights)  # nothing binds: the usual case, and no rebuild
     ordered = sorted(weights.values(), reverse=True)
     rest = total
-    cap: float | None = None
+    cap: Fraction | None = None
     for k in range(1, len(ordered)):  # k weights capped at c = share * rest / (1 - k * share)
         rest -= ordered[k - 1]
-        if 1 - k * max_share <= 0:
+        if 1 - k * share <= 0:
             break
-        c = max_share * rest / (1 - k * max_share)
-        if ordered[k] <= c * (1 + 1e-12) and c <= ordered[k - 1]:  # tolerance: c may equal ordered[k]
+        c = share * rest / (1 - k * share)
+        if ordered[k] <= c <= ordered[k - 1]:
             cap = c
             break
     if cap is None:
         return dict.fromkeys(weights, min(weights.values()))
-    whole = max(1, math.floor(cap * (1 + 1e-12)))
+    # The largest whole cap within the share: whole <= c  <=>  whole <= share * (rest + k * whole).
+    whole = max(1, math.floor(cap))
     out = {name: min(w, whole) for name, w in weights.items()}
-    while whole > 1 and whole > max_share * sum(out.values()):  # rounding at the edge: never above the share
-        whole -= 1
-        out = {name: min(w, whole) for name, w in weights.items()}
     return out
 
 

@@ -3,11 +3,13 @@ the round's norm bounds and bounded evaluation reports (fedcollab/coordinator/_b
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fedcollab.aggregation import StreamingFedAvg
@@ -46,6 +48,7 @@ def test_water_filling(weights: dict[str, int], share: float, expected: dict[str
 
 
 @settings(max_examples=300, deadline=None)
+@example(values=[687202, 68_719_512_800], share=0.99999)  # float rounding once put the cap 2 low
 @given(st.lists(st.integers(min_value=1, max_value=10**12), min_size=1, max_size=12),
        st.floats(min_value=0.05, max_value=1.0))
 def test_water_filling_never_exceeds_the_share_and_keeps_the_small_weights(values: list[int], share: float) -> None:
@@ -61,7 +64,8 @@ def test_water_filling_never_exceeds_the_share_and_keeps_the_small_weights(value
         assert all(out[k] == weights[k] or out[k] == cap for k in weights)
         lowered = [k for k in weights if out[k] < weights[k]]
         if lowered:
-            assert cap + 1 > share * (total + len(lowered))
+            # Exactly, as water_fill computes: in floats the product rounds up by whole examples at 7e10.
+            assert cap + 1 > Fraction(share) * (total + len(lowered))
     else:
         assert len(set(out.values())) == 1  # as equal as they can be
 
