@@ -30,6 +30,7 @@ import torch
 from google.protobuf import struct_pb2
 
 from fedcollab import __version__, models
+from fedcollab._names import NAME
 from fedcollab._faults import crash_point
 from fedcollab.compression import compression_to_proto
 from fedcollab.config import FederationConfig, StudyConfig
@@ -78,7 +79,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedcollab.coordinator")
 
 Evaluator = Callable[[Mapping[str, torch.Tensor]], dict[str, float]]
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _REASON = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 _OPEN = ("selected", "uploading")
 
@@ -472,7 +472,7 @@ class RoundEngine:
 
     # ----------------------------------------------------------------- sessions
     def join(self, *, institution: str, num_train_examples: int, serial: int = 0) -> tuple[str, pb.StudyInfo]:
-        if not _NAME.fullmatch(institution):  # fullmatch: '$' would let a trailing newline in
+        if not NAME.fullmatch(institution):  # fullmatch: '$' would let a trailing newline in
             raise Rejected(
                 code=grpc.StatusCode.INVALID_ARGUMENT,
                 reason="INVALID_INSTITUTION_NAME",
