@@ -316,10 +316,7 @@ class PrivacyLedger:
                                 f"{dataset!r}: a spend past a limit is never recorded (nor sent)")
         with self._lock:
             with self._tx(write=True) as db:
-                report = self._inspect_locked(db, repair=True)
-                if not report.ok:
-                    raise LedgerError(f"{self.path}: refusing to append to a ledger that does not verify: "
-                                      f"{report.problem}")
+                report = self._verified_locked(db, doing="append to")
                 if based_on is not None and report.rows != based_on:
                     raise LedgerConflict(f"{self.path}: {report.rows - based_on} row(s) added since the spend was "
                                          "computed; compute it again")
@@ -362,10 +359,7 @@ class PrivacyLedger:
             checked.append({"created_at": str(r["created_at"]), **values})
         with self._lock:
             with self._tx(write=True) as db:
-                report = self._inspect_locked(db, repair=True)
-                if not report.ok:
-                    raise LedgerError(f"{self.path}: refusing to import into a ledger that does not verify: "
-                                      f"{report.problem}")
+                report = self._verified_locked(db, doing="import into")
                 for key, value in meta.items():
                     db.execute("INSERT INTO ledger_meta (key, value) VALUES (?, ?)", (key, value))
                 prev, seq = report.head_hash, report.rows
@@ -488,6 +482,14 @@ class PrivacyLedger:
                     return self._inspect_locked(db, repair=repair)
             except sqlite3.Error as e:
                 return VerifyReport(ok=False, rows=0, head_hash="", problem=f"cannot read the ledger: {e}")
+
+    def _verified_locked(self, db: sqlite3.Connection, *, doing: str) -> VerifyReport:
+        """Caller holds the lock, in a write transaction: the chain's report, or LedgerError
+        if it does not verify (nothing is ever added to a broken chain)."""
+        report = self._inspect_locked(db, repair=True)
+        if not report.ok:
+            raise LedgerError(f"{self.path}: refusing to {doing} a ledger that does not verify: {report.problem}")
+        return report
 
     def _inspect_locked(self, db: sqlite3.Connection, *, repair: bool) -> VerifyReport:
         return self._check(db, self._read_head(), repair=repair)
