@@ -105,8 +105,11 @@ class InstitutionDaemon:
 
     With `privacy`, every round trains with DP-SGD, and its spend is written to the
     institution's ledger, together with the update kept on disk, before the upload
-    starts. A restart that finds that row re-sends the same update instead of training
-    again, so a crash between spending and sending neither loses nor double-counts."""
+    starts. The row names the round and the base model it trained from; when the
+    coordinator asks again for that round on that base (a retried attempt after a failed
+    quorum, a pause, a suspension or a coordinator restart; or this daemon's own restart
+    mid-upload), the same update is re-sent instead of training again: releasing it twice
+    reveals nothing new, so nothing is spent twice. Only a new round or a new base spends."""
 
     def __init__(
         self,
@@ -178,6 +181,7 @@ class InstitutionDaemon:
                         # daemon killed mid-download) would otherwise stay for good.
                         for part in self._cache_dir.glob("*.part"):
                             part.unlink(missing_ok=True)
+                        self._drop_pending()  # no round of this study will be asked for again
                         self._emit("finished")
                         log.info("%s: study finished", self.name)
                         return True
@@ -342,7 +346,8 @@ class InstitutionDaemon:
             try:
                 rp = self.privacy.plan(study=study, total_rounds=int(self._study.total_rounds),
                                        round_number=task.round, nonce=task.nonce,
-                                       epochs=int(task.train.local_epochs), batch_size=int(task.train.batch_size))
+                                       epochs=int(task.train.local_epochs), batch_size=int(task.train.batch_size),
+                                       base_sha256=task.model.sha256)
             except BudgetExhausted as e:
                 self._decline(task, "BUDGET_EXHAUSTED", str(e), spent=e.spent)
                 return
@@ -407,7 +412,8 @@ class InstitutionDaemon:
         else:
             self._client.upload(session_id=self._session or "", task=task, deltas=deltas,
                                 num_examples=num_examples, metrics=metrics, privacy=privacy)
-        self._drop_pending()
+        # The kept update stays (until the next one replaces it): if this attempt fails
+        # at the coordinator, the retry of this round on this base is answered with it.
         self._emit("uploaded", task.round)
 
     # ------------------------------------------------------------ privacy
@@ -423,20 +429,22 @@ class InstitutionDaemon:
                              privacy=privacy)
         self._emit("declined", task.round, f"{reason}: {message}")
 
-    def _pending_path(self, nonce: str) -> Path:
-        return self._pending_dir / f"{''.join(c for c in nonce if c.isalnum())[:64]}.safetensors"
+    def _pending_path(self, task: pb.Task) -> Path:
+        """One file per (round, base model): every attempt of that assignment finds it."""
+        base = "".join(c for c in task.model.sha256 if c in "0123456789abcdef")[:64]
+        return self._pending_dir / f"round-{int(task.round)}-{base}.safetensors"
 
     def _keep_pending(self, task: pb.Task, deltas: list[torch.Tensor], *, num_examples: int,
                       metrics: dict[str, float]) -> None:
         """The update as it will be sent, kept until the coordinator has it."""
         self._drop_pending()
         self._pending_dir.mkdir(parents=True, exist_ok=True)
-        path = self._pending_path(task.nonce)
+        path = self._pending_path(task)
         tmp = path.with_suffix(".tmp")
         names = [s.name for s in task.manifest.tensors]
         save_file(dict(zip(names, deltas, strict=True)), str(tmp),
-                  metadata={"round": str(task.round), "nonce": task.nonce, "num_examples": str(num_examples),
-                            "metrics": json.dumps(metrics)})
+                  metadata={"round": str(task.round), "nonce": task.nonce, "base_sha256": task.model.sha256,
+                            "num_examples": str(num_examples), "metrics": json.dumps(metrics)})
         with tmp.open("rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -447,13 +455,14 @@ class InstitutionDaemon:
                 f.unlink(missing_ok=True)
 
     def _resend_recorded(self, task: pb.Task) -> bool:
-        """True if this assignment's spend is already in the ledger and its update was
-        re-sent; spending again for the same update would double-count."""
+        """True if this assignment (this round, on this base model) is already paid for in
+        the ledger and its update was re-sent; training again would spend again."""
         assert self.privacy is not None and self._study is not None
-        entry = self.privacy.recorded(study=self._study.name, round_number=task.round, nonce=task.nonce)
+        entry = self.privacy.recorded(study=self._study.name, round_number=task.round, nonce=task.nonce,
+                                      base_sha256=task.model.sha256)
         if entry is None:
             return False
-        path = self._pending_path(task.nonce)
+        path = self._pending_path(task)
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
@@ -465,8 +474,9 @@ class InstitutionDaemon:
         if stream_sha256(deltas).hex() != entry.update_sha256:
             log.warning("%s: kept update for round %d does not match the ledger; training again", self.name, task.round)
             return False
-        log.info("%s: round %d already recorded in the ledger (epsilon %.3f); re-sending the same update",
-                 self.name, task.round, entry.epsilon)
+        log.info("%s: round %d on this base model is already paid for (ledger row %d, epsilon %.3f); re-sending "
+                 "the same update, spending nothing", self.name, task.round, entry.seq, entry.epsilon)
+        self._emit("resent", task.round, f"ledger row {entry.seq}")
         c = self.privacy.config
         spend = pb.PrivacySpend(
             epsilon=entry.epsilon, delta=entry.delta, budget_epsilon=entry.budget_epsilon,

@@ -16,6 +16,7 @@ first round, for its planned rounds); what is checked and recorded is both total
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ class RoundPrivacy:
     site_budget: float = 0.0
     based_on: int = 0
     """Rows in the ledger when this was computed: `record` recomputes if any was added since."""
+    base_sha256: str = ""
+    """The model version the round trains from: with the study and round, what makes it this release."""
 
 
 class InstitutionPrivacy:
@@ -94,13 +97,15 @@ class InstitutionPrivacy:
     def site_spent(self) -> float:
         return self.ledger.site_spent(dataset=self.dataset)
 
-    def recorded(self, *, study: str, round_number: int, nonce: str) -> LedgerEntry | None:
-        """The spend already recorded for exactly this assignment (a restart after the
-        ledger row was written, before or during the upload)."""
-        return self.ledger.find(study=study, round=round_number, nonce=nonce, dataset=self.dataset)
+    def recorded(self, *, study: str, round_number: int, nonce: str, base_sha256: str = "") -> LedgerEntry | None:
+        """The spend already recorded for this assignment: this round of this study on
+        the same base model (a retried attempt, or a restart after the row was written,
+        before or during the upload). Sending that update again reveals nothing new."""
+        return self.ledger.find(study=study, round=round_number, nonce=nonce, base_sha256=base_sha256,
+                                dataset=self.dataset)
 
     def plan(self, *, study: str, total_rounds: int, round_number: int, nonce: str, epochs: int,
-             batch_size: int) -> RoundPrivacy:
+             batch_size: int, base_sha256: str = "") -> RoundPrivacy:
         """The noise and cost of this round, or BudgetExhausted. Spends nothing."""
         c = self.config
         rate = sample_rate_for(num_examples=self._n, batch_size=batch_size)
@@ -115,8 +120,9 @@ class InstitutionPrivacy:
             noise = calibrate_noise(target_epsilon=min(c.target_epsilon, self.study_limit(study)),
                                     delta=c.target_delta, sample_rate=rate, steps=steps * max(1, total_rounds),
                                     accountant=c.accountant)
-        return self._price(study=study, round_number=round_number, nonce=nonce, noise=noise, rate=rate, steps=steps,
-                           seq=seq, rows=rows)
+        return dataclasses.replace(
+            self._price(study=study, round_number=round_number, nonce=nonce, noise=noise, rate=rate, steps=steps,
+                        seq=seq, rows=rows), base_sha256=base_sha256)
 
     def _price(self, *, study: str, round_number: int, nonce: str, noise: float, rate: float, steps: int,
                seq: int, rows: Sequence[LedgerEntry]) -> RoundPrivacy:
@@ -171,12 +177,14 @@ class InstitutionPrivacy:
                     site_epsilon=rp.site_epsilon_after, delta=rp.delta, noise_multiplier=rp.noise_multiplier,
                     sample_rate=rp.sample_rate, steps=rp.steps, accountant=rp.accountant,
                     history=[list(h) for h in rp.history_after], budget_epsilon=rp.budget,
-                    site_budget_epsilon=rp.site_budget, update_sha256=update_sha256, based_on=rp.based_on,
+                    site_budget_epsilon=rp.site_budget, update_sha256=update_sha256, base_sha256=rp.base_sha256,
+                    based_on=rp.based_on,
                 )
             except LedgerConflict:
                 seq, rows = self.ledger.snapshot(dataset=self.dataset)
-                rp = self._price(study=rp.study, round_number=rp.round, nonce=rp.nonce, noise=rp.noise_multiplier,
-                                 rate=rp.sample_rate, steps=rp.steps, seq=seq, rows=rows)
+                rp = dataclasses.replace(
+                    self._price(study=rp.study, round_number=rp.round, nonce=rp.nonce, noise=rp.noise_multiplier,
+                                rate=rp.sample_rate, steps=rp.steps, seq=seq, rows=rows), base_sha256=rp.base_sha256)
             except OverLimit as e:  # the ledger's own guard; _price should have refused first
                 raise BudgetExhausted(str(e), spent=rp.epsilon_before, would_be=rp.epsilon_after,
                                       budget=rp.budget) from None

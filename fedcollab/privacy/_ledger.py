@@ -105,6 +105,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     budget_epsilon REAL NOT NULL,
     site_budget_epsilon REAL NOT NULL,
     update_sha256 TEXT NOT NULL,
+    base_sha256 TEXT NOT NULL DEFAULT '',
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL
 );
@@ -151,6 +152,7 @@ class PrivacyLedger:
         self.readonly = readonly
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
+        self._columns = ", ".join(_COLUMNS)  # what SELECTs read (see _select_list)
         if readonly and not self.path.is_file():
             raise LedgerError(f"{self.path}: no privacy ledger here")
         if not readonly:
@@ -211,6 +213,16 @@ class PrivacyLedger:
                         f"(format {meta[0] if meta else 'unknown'!r}, expected {FORMAT!r}); "
                         "check the path, or move the file aside so a new ledger can be created"
                     )
+                self._columns = _select_list(db)
+                if not self.readonly and "''" in self._columns:
+                    # A ledger from before base_sha256: the column is added (its old rows
+                    # keep '' and, with it, the hashes they were chained with).
+                    try:
+                        db.execute("ALTER TABLE ledger ADD COLUMN base_sha256 TEXT NOT NULL DEFAULT ''")
+                    except sqlite3.OperationalError as e:  # another process on this folder added it first
+                        if "duplicate column" not in str(e):
+                            raise
+                    self._columns = _select_list(db)
                 if not self.readonly:
                     # Someone may have dropped them; the chain still catches edits, but put the
                     # guard rails back.
@@ -291,6 +303,7 @@ class PrivacyLedger:
         budget_epsilon: float,
         site_budget_epsilon: float,
         update_sha256: str = "",
+        base_sha256: str = "",
         based_on: int | None = None,
     ) -> LedgerEntry:
         """Record one round's spend durably; returns the committed row.
@@ -308,7 +321,7 @@ class PrivacyLedger:
                            site_epsilon=site_epsilon, delta=delta, noise_multiplier=noise_multiplier,
                            sample_rate=sample_rate, steps=steps, accountant=accountant, history=history,
                            budget_epsilon=budget_epsilon, site_budget_epsilon=site_budget_epsilon,
-                           update_sha256=update_sha256)
+                           update_sha256=update_sha256, base_sha256=base_sha256)
         for figure, limit, what in (("epsilon", "budget_epsilon", f"the limit of study {study!r}"),
                                     ("site_epsilon", "site_budget_epsilon", "the site's budget")):
             if values[figure] > values[limit] * (1 + LIMIT_TOLERANCE):
@@ -355,7 +368,7 @@ class PrivacyLedger:
             raise LedgerError(f"{self.path}: opened read-only")
         checked = []
         for r in rows:
-            values = _validate(**{k: r[k] for k in _ARGS})
+            values = _validate(**{k: r[k] for k in _ARGS if k in r})
             checked.append({"created_at": str(r["created_at"]), **values})
         with self._lock:
             with self._tx(write=True) as db:
@@ -405,7 +418,7 @@ class PrivacyLedger:
         verify: call verify() for that."""
         where, args = _where(study, dataset)
         with self._tx(write=False) as db:
-            rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger{where} ORDER BY seq", args).fetchall()
+            rows = db.execute(f"SELECT {self._columns} FROM ledger{where} ORDER BY seq", args).fetchall()
         return [_read_entry(row) for row in rows]
 
     def snapshot(self, *, dataset: str) -> tuple[int, list[LedgerEntry]]:
@@ -414,7 +427,7 @@ class PrivacyLedger:
         that nothing was added since."""
         with self._tx(write=False) as db:
             count = int(db.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
-            rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger WHERE dataset=? ORDER BY seq",
+            rows = db.execute(f"SELECT {self._columns} FROM ledger WHERE dataset=? ORDER BY seq",
                               (dataset,)).fetchall()
         return count, [_read_entry(row) for row in rows]
 
@@ -423,15 +436,19 @@ class PrivacyLedger:
         with self._tx(write=False) as db:
             return self._latest_locked(db, study, dataset)
 
-    @staticmethod
-    def _latest_locked(db: sqlite3.Connection, study: str | None, dataset: str | None = None) -> LedgerEntry | None:
+    def _latest_locked(self, db: sqlite3.Connection, study: str | None,
+                       dataset: str | None = None) -> LedgerEntry | None:
         where, args = _where(study, dataset)
-        row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger{where} ORDER BY seq DESC LIMIT 1",
+        row = db.execute(f"SELECT {self._columns} FROM ledger{where} ORDER BY seq DESC LIMIT 1",
                          args).fetchone()
         return None if row is None else _read_entry(row)
 
-    def find(self, *, study: str, round: int, nonce: str, dataset: str | None = None) -> LedgerEntry | None:
-        """The spend recorded for exactly this assignment, so a restarted daemon does not count it twice.
+    def find(self, *, study: str, round: int, nonce: str, base_sha256: str = "",
+             dataset: str | None = None) -> LedgerEntry | None:
+        """The spend recorded for this assignment, so that it is not spent twice: the row
+        of this round trained from the same base model (`base_sha256`; a retried attempt
+        has a new nonce but asks for the same release), or of this very nonce (rows from
+        before base_sha256 was recorded).
 
         If the same assignment was recorded more than once (it was trained again, which
         spends again), the newest row is returned.
@@ -439,8 +456,8 @@ class PrivacyLedger:
         where, args = _where(study, dataset)
         with self._tx(write=False) as db:
             row = db.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM ledger{where} AND round=? AND nonce=? "
-                "ORDER BY seq DESC LIMIT 1", (*args, round, nonce)).fetchone()
+                f"SELECT {self._columns} FROM ledger{where} AND round=? AND (nonce=? OR (base_sha256 != '' "
+                "AND base_sha256=?)) ORDER BY seq DESC LIMIT 1", (*args, round, nonce, base_sha256)).fetchone()
         return None if row is None else _read_entry(row)
 
     def spent(self, *, study: str, dataset: str | None = None) -> float:
@@ -512,7 +529,7 @@ class PrivacyLedger:
         return seq, hash_
 
     def _check(self, db: sqlite3.Connection, head: tuple[int, str] | str | None, *, repair: bool) -> VerifyReport:
-        rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM ledger ORDER BY seq").fetchall()
+        rows = db.execute(f"SELECT {self._columns} FROM ledger ORDER BY seq").fetchall()
         n = len(rows)
         hashes = [GENESIS_HASH]  # hashes[k] = hash of row k (row 0: the genesis)
         expected_prev = GENESIS_HASH
@@ -588,6 +605,13 @@ def _where(study: str | None, dataset: str | None) -> tuple[str, tuple[str, ...]
         clauses.append("dataset=?")
         args.append(dataset)
     return " WHERE " + " AND ".join(clauses), tuple(args)
+
+
+def _select_list(db: sqlite3.Connection) -> str:
+    """The SELECT list that reads a row in _COLUMNS' order: a ledger from before
+    base_sha256 (read-only, or just before it is upgraded) reads it as ''."""
+    have = {str(r[1]) for r in db.execute("PRAGMA table_info(ledger)")}
+    return ", ".join(c if c in have else f"'' AS {c}" for c in _COLUMNS)
 
 
 def _split_sql(script: str) -> list[str]:

@@ -21,9 +21,9 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # Columns in table order; the hash covers all of them but prev_hash and hash.
 _COLUMNS = ("seq", "created_at", "study", "dataset", "round", "nonce", "epsilon", "site_epsilon", "delta",
             "noise_multiplier", "sample_rate", "steps", "accountant", "accountant_state", "budget_epsilon",
-            "site_budget_epsilon", "update_sha256", "prev_hash", "hash")
-_TEXT = {"created_at", "study", "dataset", "nonce", "accountant", "accountant_state", "update_sha256", "prev_hash",
-         "hash"}
+            "site_budget_epsilon", "update_sha256", "base_sha256", "prev_hash", "hash")
+_TEXT = {"created_at", "study", "dataset", "nonce", "accountant", "accountant_state", "update_sha256", "base_sha256",
+         "prev_hash", "hash"}
 _INT = {"seq", "round", "steps"}
 _REAL = {"epsilon", "site_epsilon", "delta", "noise_multiplier", "sample_rate", "budget_epsilon",
          "site_budget_epsilon"}
@@ -70,6 +70,10 @@ class LedgerEntry:
     """The study's limit: its sub-limit (policy.budgets) or, without one, the site's budget."""
     site_budget_epsilon: float
     update_sha256: str
+    base_sha256: str
+    """The SHA-256 of the model version the round trained from: a retried attempt of the
+    same round on the same base is this row's assignment again (a new nonce does not make
+    it new). Empty in rows written before fedcollab recorded it."""
     prev_hash: str
     hash: str
 
@@ -97,8 +101,11 @@ def canonical_json(obj: Any) -> str:
 
 
 def row_hash(prev_hash: str, fields: dict[str, Any]) -> str:
-    """sha256(prev_hash + "\\n" + canonical JSON of the row without prev_hash and hash)."""
-    body = {k: v for k, v in fields.items() if k not in ("prev_hash", "hash")}
+    """sha256(prev_hash + "\\n" + canonical JSON of the row without prev_hash and hash).
+    An empty base_sha256 is left out, so rows written before that column existed keep
+    the hashes they were chained with."""
+    body = {k: v for k, v in fields.items()
+            if k not in ("prev_hash", "hash") and not (k == "base_sha256" and v == "")}
     return hashlib.sha256((prev_hash + "\n" + canonical_json(body)).encode()).hexdigest()
 
 
@@ -153,12 +160,13 @@ def _integer(name: str, value: Any) -> int:
 
 
 _ARGS = ("study", "dataset", "round", "nonce", "epsilon", "site_epsilon", "delta", "noise_multiplier", "sample_rate",
-         "steps", "accountant", "history", "budget_epsilon", "site_budget_epsilon", "update_sha256")
+         "steps", "accountant", "history", "budget_epsilon", "site_budget_epsilon", "update_sha256", "base_sha256")
 
 
 def _validate(*, study: Any, dataset: Any, round: Any, nonce: Any, epsilon: Any, site_epsilon: Any, delta: Any,
               noise_multiplier: Any, sample_rate: Any, steps: Any, accountant: Any, history: Any,
-              budget_epsilon: Any, site_budget_epsilon: Any, update_sha256: Any) -> dict[str, Any]:
+              budget_epsilon: Any, site_budget_epsilon: Any, update_sha256: Any,
+              base_sha256: Any = "") -> dict[str, Any]:
     """Typed, checked column values; LedgerError names the first wrong argument and why."""
     if not isinstance(study, str) or not study:
         raise LedgerError(f"study must be a non-empty string, got {study!r}")
@@ -191,6 +199,8 @@ def _validate(*, study: Any, dataset: Any, round: Any, nonce: Any, epsilon: Any,
         raise LedgerError(f"site_budget_epsilon must be > 0, got {site_budget!r}")
     if not isinstance(update_sha256, str) or not (update_sha256 == "" or _SHA256_HEX.fullmatch(update_sha256)):
         raise LedgerError(f"update_sha256 must be 64 lowercase hex digits or empty, got {update_sha256!r}")
+    if not isinstance(base_sha256, str) or not (base_sha256 == "" or _SHA256_HEX.fullmatch(base_sha256)):
+        raise LedgerError(f"base_sha256 must be the base model's 64 lowercase hex digits or empty, got {base_sha256!r}")
     if isinstance(history, (str, bytes)) or not isinstance(history, Iterable):
         raise LedgerError(f"history must be a list of (noise_multiplier, sample_rate, steps), got {history!r}")
     state: list[list[float | int]] = []
@@ -210,4 +220,5 @@ def _validate(*, study: Any, dataset: Any, round: Any, nonce: Any, epsilon: Any,
         "site_epsilon": site_eps, "delta": d, "noise_multiplier": sigma, "sample_rate": q,
         "steps": _integer("steps", steps), "accountant": accountant, "accountant_state": canonical_json(state),
         "budget_epsilon": budget, "site_budget_epsilon": site_budget, "update_sha256": update_sha256,
+        "base_sha256": base_sha256,
     }

@@ -318,6 +318,41 @@ def test_find_the_spend_of_one_assignment(path: Path) -> None:
         assert ledger.find(study="s", round=2, nonce="nonce-2") == again
 
 
+def test_a_retried_attempt_on_the_same_base_is_the_same_assignment(path: Path) -> None:
+    base, other = "b" * 64, "c" * 64
+    with PrivacyLedger(path) as ledger:
+        first = ledger.append(**spend(1, 0.5, base_sha256=base))
+        assert first.base_sha256 == base
+        # Attempt 2 of round 1 comes with a new nonce; the base model says it is the same release.
+        assert ledger.find(study="s", round=1, nonce="attempt-2", base_sha256=base) == first
+        assert ledger.find(study="s", round=1, nonce="attempt-2", base_sha256=other) is None  # a new base spends
+        assert ledger.find(study="s", round=2, nonce="attempt-2", base_sha256=base) is None  # a new round spends
+        assert ledger.find(study="s", round=1, nonce="attempt-2") is None  # no base: only the nonce counts
+
+
+def test_the_base_is_covered_by_the_chain(path: Path) -> None:
+    with PrivacyLedger(path) as ledger:
+        ledger.append(**spend(1, 0.5, base_sha256="b" * 64))
+    with raw(path) as db:
+        db.execute("UPDATE ledger SET base_sha256=? WHERE seq=1", ("c" * 64,))
+    report = verify(path)
+    assert not report.ok and report.first_bad_seq == 1
+
+
+def test_a_ledger_from_before_the_base_column_still_verifies_and_is_upgraded(path: Path) -> None:
+    entries = filled(path, rounds=2)
+    with raw(path) as db:  # the schema fedcollab wrote before it recorded the base model
+        db.execute("ALTER TABLE ledger DROP COLUMN base_sha256")
+    with PrivacyLedger(path, readonly=True) as ledger:  # inspection reads it as it is
+        assert ledger.entries() == entries and ledger.verify().ok
+    with PrivacyLedger(path) as ledger:  # a writable open adds the column; old rows keep their hashes
+        assert ledger.verify().ok and ledger.entries() == entries
+        third = ledger.append(**spend(3, 1.5, base_sha256="d" * 64))
+        assert ledger.find(study="s", round=3, nonce="retry", base_sha256="d" * 64) == third
+        assert ledger.find(study="s", round=2, nonce="nonce-2") == entries[1]
+    assert verify(path).ok
+
+
 def test_studies_keep_separate_spend(path: Path) -> None:
     with PrivacyLedger(path) as ledger:
         ledger.append(**spend(1, 1.0, study="a"))
