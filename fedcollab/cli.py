@@ -132,12 +132,12 @@ def cmd_coordinator_status(args: argparse.Namespace) -> int:
                       str(int(m.get("num_updates", 0)) or ""), fmt("train_loss"), fmt("eval_accuracy"),
                       fmt("central_accuracy"), markup(r["reason"] or ""))  # reasons quote institutions
     console.print(table)
-    _print_privacy_spend(store)
+    _print_privacy_spend(store, total_rounds=config.study.rounds)
     store.close()
     return 0
 
 
-def _print_privacy_spend(store: Any) -> None:
+def _print_privacy_spend(store: Any, *, total_rounds: int) -> None:
     """What each institution declared it spent (its own ledger is authoritative), and
     the federation-level epsilon of DP-FedAvg when the study uses it."""
     latest: dict[str, dict[str, Any]] = {}
@@ -151,6 +151,10 @@ def _print_privacy_spend(store: Any) -> None:
             table.add_row(markup(name), str(p["round"]), f"{p['epsilon']:.3f}", f"{p['budget_epsilon']:g}",
                           f"{p['delta']:g}", markup(p["accountant"]), markup(p["status"]))  # as institutions said
         console.print(table)
+        from fedcollab.privacy._projection import project_budgets
+
+        for short in [p for p in project_budgets(spend=store.privacy_spend(), total_rounds=total_rounds) if p.short]:
+            console.print(f"[yellow]warning: {markup(short.warning())}")
     from fedcollab._dp_metrics import federation_dp
 
     central = [(r["round"], dp) for r in store.rounds() if (dp := federation_dp(r["metrics"])) is not None]

@@ -56,8 +56,9 @@ class CoordinatorClient:
         request = pb.PollTaskRequest(session_id=session_id, wait_seconds=wait_s)
         return self._call(self._stub.PollTask, request, timeout=wait_s + self._timeout).task
 
-    def heartbeat(self, *, session_id: str) -> float:
-        return self._call(self._stub.Heartbeat, pb.HeartbeatRequest(session_id=session_id)).lease_seconds
+    def heartbeat(self, *, session_id: str, timeout_s: float | None = None) -> float:
+        return self._call(self._stub.Heartbeat, pb.HeartbeatRequest(session_id=session_id),
+                          timeout=timeout_s).lease_seconds
 
     def report_evaluation(self, request: pb.ReportEvaluationRequest) -> None:
         self._call(self._stub.ReportEvaluation, request)

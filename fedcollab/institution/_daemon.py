@@ -240,7 +240,9 @@ class InstitutionDaemon:
             if session is None:
                 continue
             try:
-                self._client.heartbeat(session_id=session)
+                # A beat the coordinator is slow to answer must not hold up the next ones:
+                # it gives up after a few intervals (the lease is several of them).
+                self._client.heartbeat(session_id=session, timeout_s=max(1.0, 3 * self._heartbeat_s))
             except RemoteError as e:
                 log.debug("%s: heartbeat failed: %s", self.name, e)
 
