@@ -446,7 +446,8 @@ class InstitutionDaemon:
         names = [s.name for s in task.manifest.tensors]
         save_file(dict(zip(names, deltas, strict=True)), str(tmp),
                   metadata={"round": str(task.round), "nonce": task.nonce, "base_sha256": task.model.sha256,
-                            "num_examples": str(num_examples), "metrics": json.dumps(metrics)})
+                            "num_examples": str(num_examples), "metrics": json.dumps(metrics),
+                            "manifest": _manifest_key(task)})
         with tmp.open("rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -468,6 +469,13 @@ class InstitutionDaemon:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
+                if meta.get("manifest", _manifest_key(task)) != _manifest_key(task):
+                    # The same round on the same base, asked for in another shape: the update
+                    # already released is the answer, and training again would spend again.
+                    self._decline(task, "TASK_CHANGED", f"round {task.round} on this base model was already trained "
+                                  f"and paid for (ledger row {entry.seq}); this attempt asks for other tensors, "
+                                  "so the update already released cannot answer it and none is trained again")
+                    return True
                 deltas = [f.get_tensor(s.name) for s in task.manifest.tensors]
         except (OSError, safetensors.SafetensorError, KeyError) as e:
             log.warning("%s: round %d was already paid for (ledger row %d) but its update is gone (%s); "
@@ -561,6 +569,11 @@ def daemon_from_config(
     return InstitutionDaemon(config=config, trainer=trainer, num_train_examples=num_train,
                              credentials=credentials, on_event=on_event, privacy=privacy, study=study,
                              expect_name=expect_name)
+
+
+def _manifest_key(task: pb.Task) -> str:
+    """The tensors an update for this task must hold, in order (names, dtypes, shapes)."""
+    return json.dumps([[t.name, int(t.dtype), list(t.shape)] for t in task.manifest.tensors], separators=(",", ":"))
 
 
 def _spend_message(rp: RoundPrivacy, epsilon: float) -> pb.PrivacySpend:

@@ -5,7 +5,9 @@ When the coordinator asks again for that round on that base (a new attempt after
 failed quorum, a suspension, a pause, or the coordinator's own SIGINT or kill -9), the
 institution re-sends the update it already paid for. Every test ends with each
 ledger holding exactly one row per round and the final epsilon at exactly what the
-noise was calibrated for: the study's planned rounds, no more.
+noise was calibrated for: the study's planned rounds, no more. A coordinator that
+asks for a paid-for round in another shape (other tensors) gets a decline
+(TASK_CHANGED), not a second spend.
 
 Heartbeats flow while a site trains: a slow, GIL-bound training step outlasting the
 lease does not make the coordinator take the institution for gone.
@@ -128,6 +130,22 @@ def test_a_failed_quorum_is_retried_with_the_updates_already_paid_for(tmp_path: 
         resent: list[tuple[str, int]] = []
         daemons = _daemons(configs, slow=slow,
                            on_event=lambda n, e: resent.append((n, e.round)) if e.kind == "resent" else None)
+        # The coordinator lies once: hospital-b's task for attempt 2 of round 2 names the
+        # model's tensors in another order, which the update it paid for cannot answer.
+        engine, honest_poll, lied = coordinator.engine, coordinator.engine.poll, []
+
+        def poll(**kw: Any) -> Any:
+            task = honest_poll(**kw)
+            if (task.round == 2 and task.train.local_epochs and not lied and _failed(engine._store.rounds(), 2)
+                    and engine._sessions[kw["session_id"]].institution == "hospital-b"):
+                lied.append(task.nonce)
+                task = type(task).FromString(task.SerializeToString())
+                specs = list(task.manifest.tensors)[::-1]
+                del task.manifest.tensors[:]
+                task.manifest.tensors.extend(specs)
+            return task
+
+        engine.poll = poll  # type: ignore[method-assign]
         with running(daemons) as outcome:
             assert slow["lab-c"].started.wait(90), "lab-c should reach round 2"
             wait_until(lambda: _failed(coordinator.store.rounds(), 2), timeout=60, what="round 2's quorum to fail")
@@ -140,6 +158,9 @@ def test_a_failed_quorum_is_retried_with_the_updates_already_paid_for(tmp_path: 
     assert _attempts(rounds)[2] >= 2, rounds  # the quorum did fail
     assert [r["round"] for r in rounds if r["status"] == "committed"] == [1, 2, 3]
     assert {("hospital-a", 2), ("hospital-b", 2), ("lab-c", 2)} <= set(resent)
+    # Asked for a paid-for round in another shape, hospital-b declined rather than train and spend again.
+    assert lied and any(p["institution"] == "hospital-b" and (p["reason"] or "").startswith("TASK_CHANGED")
+                        for p in parts), parts
     # The same update went to every attempt it reached.
     for name in NAMES:
         sent = {p["update_sha256"] for p in parts if p["institution"] == name and p["update_sha256"]}
