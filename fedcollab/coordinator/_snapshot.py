@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from fedcollab.coordinator._server import Coordinator
     from fedcollab.coordinator._store import Store
 
-StudyStatus = Literal["running", "paused", "queued", "cancelled", "finished"]
+StudyStatus = Literal["running", "paused", "queued", "cancelled", "finished", "failed"]
 MembershipStatus = Literal["approved", "pending", "suspended"]
 
 
@@ -32,9 +32,9 @@ class StudySnapshot:
     privacy: list[dict[str, Any]]  # Store.privacy_spend(): per institution and round, epsilon, budget_epsilon, ...
     lineage: list[dict[str, Any]]  # version, round, model_sha256, parent_sha256, contributors, aggregator, created_at
     online: list[str]  # institutions holding a live session
-    bytes_in: int  # since the coordinator process started
+    bytes_in: int  # since the study began, across restarts (_counters)
     bytes_out: int
-    failures: dict[str, int]  # failed participations by reason, since the process started
+    failures: dict[str, int]  # failed participations by reason, since the study began
     failure: str | None = None  # why the study stopped before its last round, if it did
 
 

@@ -21,7 +21,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -82,10 +82,19 @@ CREATE TABLE IF NOT EXISTS evaluations (
     accuracy REAL NOT NULL,
     PRIMARY KEY (round, institution)
 );
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 """
 
 
 class Store:
+    # The study's running totals (bytes in and out, failed participations by reason),
+    # kept in memory by its engine and written here with each round's close and at
+    # shutdown (`save_counters`): set by _counters.attach. None: none are written.
+    counters_source: Callable[[], Mapping[str, int]] | None = None
+
     def __init__(self, path: Path, *, read_only: bool = False) -> None:
         """`read_only`: for a look at the state of a coordinator that may be serving
         (`fedcollab coordinator status`): nothing is written, so its open round stays
@@ -291,6 +300,7 @@ class Store:
                 "WHERE round=? AND attempt=?",
                 (time.time(), model.version, json.dumps(metrics), round_number, attempt),
             )
+            self._write_counters(db)
 
     def fail_round(self, *, round_number: int, attempt: int, reason: str, counted: bool = True) -> None:
         """`counted` False: the attempt does not count towards the study's max_round_attempts."""
@@ -299,6 +309,25 @@ class Store:
                 "UPDATE rounds SET status='failed', closed_at=?, reason=?, counted=? WHERE round=? AND attempt=?",
                 (time.time(), reason, int(counted), round_number, attempt),
             )
+            self._write_counters(db)
+
+    def _write_counters(self, db: sqlite3.Connection) -> None:
+        """In the caller's transaction: the round's close carries the totals at no
+        extra fsync."""
+        if self.counters_source is not None:
+            db.executemany("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                           sorted(self.counters_source().items()))
+
+    def save_counters(self) -> None:
+        """The running totals now (at shutdown: nothing since the last round is lost)."""
+        with self._tx() as db:
+            self._write_counters(db)
+
+    def counters(self) -> dict[str, int]:
+        try:
+            return {r["name"]: int(r["value"]) for r in self._query("SELECT name, value FROM counters")}
+        except sqlite3.OperationalError:  # read-only look at state from before counters were kept
+            return {}
 
     def update_round_metrics(self, *, round_number: int, metrics: dict[str, Any]) -> None:
         with self._tx() as db:

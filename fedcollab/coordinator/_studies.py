@@ -25,6 +25,7 @@ import grpc
 # STUDY_NAME: one definition for both sides (institutions check offered names with it).
 from fedcollab._names import STUDY_NAME
 from fedcollab.config import FederationConfig, StudyFile, parse_config
+from fedcollab.coordinator import _counters
 from fedcollab.coordinator._consortium import Consortium
 from fedcollab.coordinator._engine import Evaluator, RoundEngine, RoundResult
 from fedcollab.coordinator._store import Store
@@ -77,6 +78,7 @@ class Studies:
         default = config.study.name
         if consortium.study(default) is None:
             consortium.add_study(name=default, config_toml="", status="running", is_default=True)
+        _counters.attach(engine=default_engine, store=default_store)
         self.default = StudyRun(name=default, is_default=True, store=default_store, engine=default_engine)
         self._runs: dict[str, StudyRun] = {default: self.default}
         for row in consortium.studies():
@@ -103,6 +105,7 @@ class Studies:
             engine = RoundEngine(config=config, store=store, models_dir=folder / "models", spool_dir=folder / "spool",
                                  evaluator=self._make_evaluator(config), on_round=self._on_round,
                                  session_prefix=f"{name}.", signing_key=self._signing_key)
+            _counters.attach(engine=engine, store=store)
         except BaseException:
             store.close()
             if new:  # a study refused at submission leaves nothing behind
@@ -154,6 +157,7 @@ class Studies:
             if run.driver is not None:
                 run.driver.join(timeout=30)
         for run in self.runs():
+            run.store.save_counters()  # what came since the last round's close
             if not run.is_default:
                 run.store.close()
 

@@ -3,6 +3,7 @@ escaping, the HTTP routes, and JSON log lines."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import io
 import json
@@ -155,6 +156,19 @@ def test_the_exposition_parses_and_carries_the_snapshot_figures() -> None:
         (("status", "approved"),): 1, (("status", "pending"),): 1, (("status", "suspended"),): 1}
     status = _values(samples, "fedcollab_study_status")
     assert status[(("status", "running"), *study)] == 1 and sum(status.values()) == 1
+
+
+@pytest.mark.parametrize("status", ["queued", "running", "paused", "cancelled", "finished", "failed"])
+def test_every_study_status_has_its_sample(status: str) -> None:
+    """An alert such as fedcollab_study_status{status="failed"} == 1 needs the sample:
+    every status is exposed for every study, the current one at 1."""
+    snapshot = _snapshot(study="s")
+    snapshot.studies[0] = dataclasses.replace(snapshot.studies[0], status=status)  # type: ignore[arg-type]
+    families, samples = parse_exposition(render_metrics(snapshot))
+    values = {labels["status"]: v for n, labels, v in samples if n == "fedcollab_study_status"}
+    assert values == {s: float(s == status) for s in ("queued", "running", "paused", "cancelled", "finished",
+                                                       "failed")}
+    assert "failed" in families["fedcollab_study_status"][1]  # the HELP line names the statuses
 
 
 def test_the_round_duration_histogram_is_cumulative() -> None:
