@@ -120,7 +120,8 @@ class Studies:
             if status in ("finished", "failed"):
                 # Its engine decides again from its rounds (at once, unless the config now
                 # asks for more rounds) and tells institutions that poll it FINISHED.
-                self._consortium.set_study_status(run.name, status="running")
+                self._consortium.set_study_status(run.name, status="running",
+                                                  note="the coordinator started again: its rounds decide")
             if status not in ("queued", "cancelled"):
                 self._start_driver(run)
         self._scheduler = threading.Thread(target=self._schedule, name="studies", daemon=True)
@@ -138,7 +139,8 @@ class Studies:
                 for run in self.runs():
                     status = self._record_end(run)
                     if status == "queued" and self._turn_came(run):
-                        self._consortium.set_study_status(run.name, status="running", reason="")
+                        self._consortium.set_study_status(run.name, status="running", reason="",
+                                                          note=f"{run.start_after} ended" if run.start_after else "")
                         self._start_driver(run)
 
     def _turn_came(self, run: StudyRun) -> bool:
@@ -271,7 +273,7 @@ class Studies:
                     raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="STUDY_NOT_PAUSED",
                                    message=f"study {run.name!r} is {status}, not paused", metadata={"study": run.name})
                 run.engine.resume()
-                self._consortium.set_study_status(run.name, status="running", reason="")
+                self._consortium.set_study_status(run.name, status="running", reason="", note=why)
             elif action == "cancel":
                 self._consortium.set_study_status(run.name, status="cancelled", reason=why)
                 run.stop.set()
