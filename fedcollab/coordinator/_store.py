@@ -18,6 +18,7 @@ figures about a model already committed.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from fedcollab.coordinator._checkpoints import ModelVersion
+
+log = logging.getLogger("fedcollab.coordinator")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS institutions (
@@ -314,9 +317,15 @@ class Store:
     def _write_counters(self, db: sqlite3.Connection) -> None:
         """In the caller's transaction: the round's close carries the totals at no
         extra fsync."""
-        if self.counters_source is not None:
-            db.executemany("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
-                           sorted(self.counters_source().items()))
+        if self.counters_source is None:
+            return
+        try:
+            totals = sorted(self.counters_source().items())
+        except Exception:  # figures for /metrics must never cost a round its commit
+            log.exception("the study's traffic counters could not be read; kept as last written")
+            return
+        db.executemany("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                       totals)
 
     def save_counters(self) -> None:
         """The running totals now (at shutdown: nothing since the last round is lost)."""

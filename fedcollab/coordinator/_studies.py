@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sqlite3
 import threading
 import tomllib
 from collections.abc import Callable
@@ -159,7 +160,10 @@ class Studies:
             if run.driver is not None:
                 run.driver.join(timeout=30)
         for run in self.runs():
-            run.store.save_counters()  # what came since the last round's close
+            try:
+                run.store.save_counters()  # what came since the last round's close
+            except sqlite3.Error as e:  # a full disk, say: the stop goes on, the totals of the last close stay
+                log.warning("study %s: traffic counters not saved at shutdown: %s", run.name, e)
             if not run.is_default:
                 run.store.close()
 
