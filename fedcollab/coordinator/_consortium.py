@@ -1,6 +1,8 @@
 """What the coordinator keeps about its consortium, above any one study: the studies
 it runs (submitted ones with their TOML), institutions' membership, the studies each
-institution declined and why, and the model versions the operator published.
+institution declined and why, the model versions the operator published, and the
+history of status changes (a study paused, resumed, cancelled, failed; an institution
+suspended, approved) with when and by whom, for the operators' page.
 
 One SQLite file, `consortium.sqlite`, beside the default study's state. Each study's
 rounds, models and lineage stay in its own store (see _studies.py for where).
@@ -19,6 +21,7 @@ from typing import Any
 STUDY_STATUSES = ("queued", "running", "paused", "cancelled", "finished", "failed")
 MEMBERSHIP_STATUSES = ("approved", "pending", "suspended")
 MAX_DECLINE_MESSAGE = 1024  # characters of a decline message kept
+MAX_HISTORY_ROWS = 500  # rows one history() call returns at most (the newest)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -55,6 +58,15 @@ CREATE TABLE IF NOT EXISTS publications (
     published_by TEXT NOT NULL DEFAULT '',
     published_at REAL NOT NULL,
     PRIMARY KEY (study, version)
+);
+CREATE TABLE IF NOT EXISTS history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('study', 'membership')),
+    subject TEXT NOT NULL,
+    status TEXT NOT NULL,
+    note TEXT NOT NULL DEFAULT '',
+    changed_by TEXT NOT NULL DEFAULT ''
 );
 """
 
@@ -105,13 +117,21 @@ class Consortium:
             db.execute("INSERT INTO studies (name, position, is_default, config_toml, status, reason, start_after, "
                        "submitted_by, submitted_at, changed_at) VALUES (:name, :position, :is_default, :config_toml, "
                        ":status, :reason, :start_after, :submitted_by, :submitted_at, :changed_at)", row)
+            _record(db, at=now, kind="study", subject=name, status=status, changed_by=submitted_by,
+                    note="the federation's default study" if is_default
+                    else "submitted" + (f", starts after {start_after}" if start_after else ""))
             self._studies[name] = row
 
-    def set_study_status(self, name: str, *, status: str, reason: str = "") -> None:
+    def set_study_status(self, name: str, *, status: str, reason: str = "", note: str | None = None) -> None:
+        """`note`: what the history says (default: `reason`), e.g. who resumed it, where
+        the study's own reason is cleared."""
         assert status in STUDY_STATUSES, status
         now = time.time()
         with self._tx() as db:
             db.execute("UPDATE studies SET status=?, reason=?, changed_at=? WHERE name=?", (status, reason, now, name))
+            previous = self._studies.get(name, {})
+            if (previous.get("status"), previous.get("reason")) != (status, reason):  # a change, not a repeat
+                _record(db, at=now, kind="study", subject=name, status=status, note=reason if note is None else note)
             if name in self._studies:
                 self._studies[name] = {**self._studies[name], "status": status, "reason": reason, "changed_at": now}
 
@@ -137,8 +157,23 @@ class Consortium:
             db.execute("INSERT INTO membership VALUES (:institution, :status, :reason, :changed_by, :changed_at) "
                        "ON CONFLICT(institution) DO UPDATE SET status=excluded.status, reason=excluded.reason, "
                        "changed_by=excluded.changed_by, changed_at=excluded.changed_at", row)
+            _record(db, at=row["changed_at"], kind="membership", subject=institution, status=status, note=reason,
+                    changed_by=changed_by)
             self._membership[institution] = row
         return row
+
+    # history
+    def history(self, *, kind: str = "", subject: str = "", limit: int = MAX_HISTORY_ROWS) -> list[dict[str, Any]]:
+        """Status changes, newest first: of one kind ('study', 'membership') and one
+        subject (a study's or an institution's name) when given."""
+        where, args = [], []
+        for column, value in (("kind", kind), ("subject", subject)):
+            if value:
+                where.append(f"{column}=?")
+                args.append(value)
+        sql = ("SELECT at, kind, subject, status, note, changed_by FROM history"
+               + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY id DESC LIMIT ?")
+        return self._rows(sql, (*args, max(0, min(limit, MAX_HISTORY_ROWS))))
 
     # declines
     def record_decline(self, *, study: str, institution: str, reason: str, message: str) -> None:
@@ -165,3 +200,10 @@ class Consortium:
     def publication(self, *, study: str, version: int) -> dict[str, Any] | None:
         rows = self._rows("SELECT * FROM publications WHERE study=? AND version=?", (study, version))
         return rows[0] if rows else None
+
+
+def _record(db: sqlite3.Connection, *, at: float, kind: str, subject: str, status: str, note: str = "",
+            changed_by: str = "") -> None:
+    """One history row, in the caller's transaction (with the change it records)."""
+    db.execute("INSERT INTO history (at, kind, subject, status, note, changed_by) VALUES (?, ?, ?, ?, ?, ?)",
+               (at, kind, subject[:128], status, note[:MAX_DECLINE_MESSAGE], changed_by[:128]))

@@ -1,24 +1,41 @@
-"""The operators' read-only web page: one self-contained HTML document rendered from a
-ConsortiumSnapshot. No script, no font, no stylesheet from elsewhere: plots are inline
-SVG drawn here, and the page reloads itself every few seconds.
+"""The operators' read-only web pages, each one self-contained HTML document rendered
+from a ConsortiumSnapshot:
+
+    /                  the studies, one line each with a link to its page; the
+                       institutions; the history of status changes (studies paused,
+                       resumed, cancelled, failed; institutions suspended, approved)
+    /studies/<name>    one study: its figures, the institutions, its plots, privacy
+                       spend and history near the top; then its rounds and its lineage,
+                       newest first, PAGE_ROWS to a page (?rounds_page=N, ?lineage_page=N)
+
+No script, no font, no stylesheet from elsewhere: plots are inline SVG drawn here
+(_dashboard_chart), and a page reloads itself every few seconds. A page lists at most
+PAGE_ROWS rounds and lineage rows, whatever the study's length; the JSON API has them all.
 
 Every string that comes from the snapshot (study, institution and reason texts, all
 chosen outside this process) goes through `_e` (html.escape) before it is written.
+Links name studies only by names of the shared patterns (fedcollab/_names.py), which
+need no escaping in a path; the HTTP side checks them with the same `linkable`.
 """
 
 from __future__ import annotations
 
 import html
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+from fedcollab._names import NAME, STUDY_NAME
+from fedcollab.coordinator._dashboard_chart import line_chart, nice_ticks, series_of
 from fedcollab.coordinator._snapshot import ConsortiumSnapshot, StudySnapshot
 
+__all__ = ["NoSuchStudy", "line_chart", "linkable", "nice_ticks", "render_dashboard", "render_study", "study_path"]
+
 REFRESH_S = 5
-MAX_ROUND_ROWS = 100  # latest first; the JSON API has them all
-MAX_LINEAGE_ROWS = 30
+PAGE_ROWS = 50  # rounds (attempts) and lineage rows per page, newest first
+HISTORY_ROWS = 50  # status changes shown, newest first
+STUDIES_PATH = "/studies/"
 # Series colours (also what the browser test looks for in the screenshot).
 BLUE, ORANGE, GREEN = "#2563eb", "#ea580c", "#16a34a"
 ACCURACY_SERIES = (("eval_accuracy", "evaluation accuracy (institutions)", BLUE),
@@ -64,34 +81,136 @@ code { font-size: 12px; }
 .fill { height: 100%; background: #16a34a; }
 .fill.warn { background: #f59e0b; }
 .fill.over { background: #dc2626; }
+nav.crumbs, header a { font-size: 13px; }
+.pager { margin: 6px 0 18px; }
+td.note { max-width: 640px; }
 """
 
+class NoSuchStudy(LookupError):
+    """The page names a study the coordinator does not have (the HTTP side answers 404)."""
 
+
+def linkable(name: str) -> bool:
+    """A study name a page links to: a submitted study's (STUDY_NAME), or a default
+    study's of the common form (NAME). Both are URL-safe as they stand."""
+    return bool(STUDY_NAME.fullmatch(name) or NAME.fullmatch(name))
+
+
+def study_path(name: str) -> str | None:
+    return STUDIES_PATH + name if linkable(name) else None
+
+
+# ---------------------------------------------------------------- pages
 def render_dashboard(snapshot: ConsortiumSnapshot) -> str:
-    """The whole page, as text."""
+    """The landing page: every study in one line, then the institutions and the history."""
     studies = snapshot.studies
-    nav = " ".join(f'<a href="#study-{i}">{_e(s.name)}</a> {_badge(s.status)}' for i, s in enumerate(studies))
+    history = sorted([*snapshot.membership_history, *(h for s in studies for h in s.history)],
+                     key=lambda h: -float(h.get("at") or 0))
+    body = [
+        _studies_table(studies),
+        _institutions(snapshot),
+        _history(history, title="History (studies paused, resumed, ended; institutions suspended, approved)"),
+    ]
+    return _page(snapshot, title=snapshot.federation, crumbs="", body=body,
+                 summary=f"{len(studies)} {'study' if len(studies) == 1 else 'studies'}")
+
+
+def render_study(snapshot: ConsortiumSnapshot, *, name: str, rounds_page: int = 1, lineage_page: int = 1) -> str:
+    """One study's page; NoSuchStudy when the snapshot has none of that name. Pages past
+    the last show the last."""
+    study = next((s for s in snapshot.studies if s.name == name), None)
+    if study is None:
+        raise NoSuchStudy(name)
+    history = sorted([*study.history, *snapshot.membership_history], key=lambda h: -float(h.get("at") or 0))
+    rounds, rounds_page, rounds_pages = _paged(sorted(study.rounds, key=lambda r: (r["round"], r["attempt"]),
+                                                      reverse=True), rounds_page)
+    lineage, lineage_page, lineage_pages = _paged(sorted(study.lineage, key=lambda e: e["version"], reverse=True),
+                                                  lineage_page)
+    committed = [r for r in study.rounds if r["status"] == "committed"]
+    body = [
+        f'<h2><span class="study-name">{_e(study.name)}</span> {_badge(study.status)}</h2>',
+        f'<p class="failure">{_e(study.failure)}</p>' if study.failure else "",
+        _cards(study),
+        _institutions(snapshot),
+        "<h3>Model quality</h3>",
+        '<div class="plots">',
+        line_chart("Accuracy", series_of(committed, ACCURACY_SERIES), y_min=0.0, y_max=1.0),
+        line_chart("Loss", series_of(committed, LOSS_SERIES), y_min=0.0),
+        "</div>",
+        _privacy(study),
+        _history(history, title="History (this study's status; institutions suspended, approved)"),
+        _failures(study.failures),
+        _rounds_table(rounds, total=len(study.rounds)),
+        _pager(name, "rounds_page", rounds_page, rounds_pages, other=("lineage_page", lineage_page)),
+        _lineage(lineage, total=len(study.lineage)),
+        _pager(name, "lineage_page", lineage_page, lineage_pages, other=("rounds_page", rounds_page)),
+    ]
+    return _page(snapshot, title=f"{study.name} ({snapshot.federation})", body=body, summary="study",
+                 crumbs='<a href="/">&larr; all studies</a>')
+
+
+def _page(snapshot: ConsortiumSnapshot, *, title: str, crumbs: str, body: Sequence[str], summary: str) -> str:
     parts = [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f'<meta http-equiv="refresh" content="{REFRESH_S}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>fedcollab: {_e(snapshot.federation)}</title>",
+        f"<title>fedcollab: {_e(title)}</title>",
         f"<style>{_CSS}</style></head><body>",
-        f'<header><h1>{_e(snapshot.federation)}</h1><span class="muted">{len(studies)} '
-        f"{'study' if len(studies) == 1 else 'studies'} &middot; snapshot {_e(_utc(snapshot.taken_at))} "
-        f"&middot; refreshes every {REFRESH_S} s</span></header>",
+        f'<header><h1>{_e(snapshot.federation)}</h1>{crumbs}<span class="muted">{_e(summary)} &middot; snapshot '
+        f"{_e(_utc(snapshot.taken_at))} &middot; refreshes every {REFRESH_S} s</span></header>",
         "<main>",
-        f"<nav>{nav}</nav>" if len(studies) > 1 else "",
-        *(_study(i, s, snapshot.taken_at) for i, s in enumerate(studies)),
-        _institutions(snapshot),
+        *body,
         "</main></body></html>",
     ]
     return "\n".join(p for p in parts if p)
 
 
+def _paged(rows: Sequence[dict[str, Any]], page: int) -> tuple[list[dict[str, Any]], int, int]:
+    """The rows of page `page` (1 = the first PAGE_ROWS), the page shown and the page count."""
+    pages = max(1, math.ceil(len(rows) / PAGE_ROWS))
+    page = min(max(1, page), pages)
+    return list(rows[(page - 1) * PAGE_ROWS:page * PAGE_ROWS]), page, pages
+
+
+def _pager(name: str, key: str, page: int, pages: int, *, other: tuple[str, int]) -> str:
+    if pages <= 1:
+        return ""
+    path = study_path(name) or ""
+
+    def link(to: int, text: str) -> str:
+        query = "&amp;".join(f"{k}={v}" for k, v in sorted({key: to, other[0]: other[1]}.items()) if v > 1)
+        return f'<a href="{_e(path)}{"?" + query if query else ""}">{text}</a>'
+
+    newer = link(page - 1, "&larr; newer") if page > 1 else '<span class="muted">&larr; newer</span>'
+    older = link(page + 1, "older &rarr;") if page < pages else '<span class="muted">older &rarr;</span>'
+    return f'<p class="pager" data-key="{key}">{newer} &middot; page {page} of {pages} &middot; {older}</p>'
+
+
 # ---------------------------------------------------------------- sections
-def _study(index: int, s: StudySnapshot, now: float) -> str:
+def _studies_table(studies: Sequence[StudySnapshot]) -> str:
+    if not studies:
+        return '<section><h2>Studies</h2><p class="muted">no study yet</p></section>'
+    rows = []
+    for s in studies:
+        committed = sum(r["status"] == "committed" for r in s.rounds)
+        version = max((e["version"] for e in s.lineage), default=None)
+        path = study_path(s.name)
+        shown = f'<a class="study-link" href="{_e(path)}">{_e(s.name)}</a>' if path else _e(s.name)
+        change = s.history[0] if s.history else None
+        since = f"{_utc(float(change['at']))}: {change.get('note') or change['status']}" if change else ""
+        rows.append(f"<tr><td>{shown}</td><td>{_badge(s.status)}</td>"
+                    f'<td class="n">{committed} / {s.total_rounds}</td>'
+                    f'<td class="n">{max((r["round"] for r in s.rounds), default=0)}</td>'
+                    f'<td class="n">{"v" + str(version) if version is not None else ""}</td>'
+                    f'<td class="n">{len(s.online)}</td><td>{_e(since)}</td>'
+                    f'<td class="failure">{_e(s.failure or "")}</td></tr>')
+    return ('<section><h2>Studies</h2><table class="studies"><thead><tr><th>study</th><th>status</th>'
+            "<th>rounds committed</th><th>current round</th><th>model</th><th>online</th><th>last change</th>"
+            "<th></th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></section>")
+
+
+def _cards(s: StudySnapshot) -> str:
     committed = [r for r in s.rounds if r["status"] == "committed"]
     latest_version = max((e["version"] for e in s.lineage), default=None)
     cards = [
@@ -102,30 +221,13 @@ def _study(index: int, s: StudySnapshot, now: float) -> str:
         ("received / sent", f"{_bytes(s.bytes_in)} / {_bytes(s.bytes_out)}"),
         ("failed participations", str(sum(s.failures.values()))),
     ]
-    out = [
-        f'<section class="study" id="study-{index}">',
-        f'<h2><span class="study-name">{_e(s.name)}</span> {_badge(s.status)}</h2>',
-        f'<p class="failure">{_e(s.failure)}</p>' if s.failure else "",
-        '<div class="cards">' + "".join(f'<div class="card"><div class="v">{_e(v)}</div><div class="k">{_e(k)}</div>'
-                                        "</div>" for k, v in cards) + "</div>",
-        "<h3>Model quality</h3>",
-        '<div class="plots">',
-        line_chart("Accuracy", _series(committed, ACCURACY_SERIES), y_min=0.0, y_max=1.0),
-        line_chart("Loss", _series(committed, LOSS_SERIES), y_min=0.0),
-        "</div>",
-        _rounds_table(s.rounds),
-        _privacy(s),
-        _failures(s.failures),
-        _lineage(s.lineage),
-        "</section>",
-    ]
-    return "\n".join(p for p in out if p)
+    return ('<div class="cards">' + "".join(f'<div class="card"><div class="v">{_e(v)}</div><div class="k">{_e(k)}'
+                                            "</div></div>" for k, v in cards) + "</div>")
 
 
-def _rounds_table(rounds: Sequence[dict[str, Any]]) -> str:
-    if not rounds:
+def _rounds_table(shown: Sequence[dict[str, Any]], *, total: int) -> str:
+    if not shown:
         return '<h3>Rounds</h3><p class="muted">no round has opened yet</p>'
-    shown = list(reversed(rounds))[:MAX_ROUND_ROWS]
     head = ("round", "attempt", "status", "model", "updates", "examples", "train loss", "eval loss", "eval acc",
             "central acc", "duration", "reason")
     rows = []
@@ -141,9 +243,8 @@ def _rounds_table(rounds: Sequence[dict[str, Any]]) -> str:
             f"<td>{_e(r.get('reason') or '')}</td>",
         ]
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    more = f'<p class="muted">latest {MAX_ROUND_ROWS} of {len(rounds)} attempts</p>' if len(rounds) > len(shown) else ""
-    return ("<h3>Rounds</h3><table class=\"rounds\"><thead><tr>" + "".join(f"<th>{h}</th>" for h in head)
-            + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>" + more)
+    return (f"<h3>Rounds ({total} attempts, newest first)</h3><table class=\"rounds\"><thead><tr>"
+            + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
 
 
 def _privacy(s: StudySnapshot) -> str:
@@ -176,14 +277,13 @@ def _failures(failures: dict[str, int]) -> str:
         return ""
     rows = "".join(f"<tr><td><code>{_e(reason)}</code></td><td class=\"n\">{n}</td></tr>"
                    for reason, n in sorted(failures.items(), key=lambda kv: (-kv[1], kv[0])))
-    return ("<h3>Failed participations since the coordinator started</h3><table class=\"failures\"><thead><tr>"
+    return ("<h3>Failed participations (since the study began)</h3><table class=\"failures\"><thead><tr>"
             f"<th>reason</th><th>count</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
-def _lineage(lineage: Sequence[dict[str, Any]]) -> str:
-    if not lineage:
+def _lineage(shown: Sequence[dict[str, Any]], *, total: int) -> str:
+    if not shown:
         return ""
-    shown = sorted(lineage, key=lambda e: e["version"], reverse=True)[:MAX_LINEAGE_ROWS]
     rows = []
     for e in shown:
         problem = e.get("problem")
@@ -195,14 +295,14 @@ def _lineage(lineage: Sequence[dict[str, Any]]) -> str:
             f"<td>{_e(e.get('aggregator') or '')}</td><td>{_e(contributors)}</td>"
             f"<td>{_e(e.get('created_at') or '')}</td>"
             + (f"<td class=\"failure\">{_e(problem)}</td>" if problem else "<td></td>") + "</tr>")
-    return ("<h3>Lineage (signed model versions, latest first)</h3><table class=\"lineage\"><thead><tr>"
+    return (f"<h3>Lineage ({total} signed model versions, newest first)</h3><table class=\"lineage\"><thead><tr>"
             "<th>version</th><th>round</th><th>sha256</th><th>parent</th><th>aggregator</th><th>contributors</th>"
             "<th>created</th><th></th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
 
 
 def _institutions(snapshot: ConsortiumSnapshot) -> str:
     if not snapshot.institutions:
-        return '<section><h2>Institutions</h2><p class="muted">no institution has joined yet</p></section>'
+        return '<section><h3>Institutions</h3><p class="muted">no institution has joined yet</p></section>'
     rows = []
     for i in sorted(snapshot.institutions, key=lambda i: str(i["name"])):
         online = bool(i.get("online"))
@@ -211,95 +311,25 @@ def _institutions(snapshot: ConsortiumSnapshot) -> str:
         rows.append(f"<tr><td class=\"inst\">{_e(i['name'])}</td><td>{_badge(i.get('status') or 'approved')}</td>"
                     f"<td>{_badge('online' if online else 'offline')}</td>"
                     f"<td class=\"n\">{_e(_int(i.get('num_train_examples')))}</td><td>{_e(seen)}</td></tr>")
-    return ("<section><h2>Institutions</h2><table class=\"institutions\"><thead><tr><th>institution</th>"
+    return ("<section><h3>Institutions</h3><table class=\"institutions\"><thead><tr><th>institution</th>"
             "<th>membership</th><th>connection</th><th>training examples</th><th>last joined</th></tr></thead><tbody>"
             + "".join(rows) + "</tbody></table></section>")
 
 
-# ---------------------------------------------------------------- plots
-def _series(rounds: Iterable[dict[str, Any]], wanted: Sequence[tuple[str, str, str]]
-            ) -> list[tuple[str, str, list[tuple[float, float]]]]:
-    out = []
-    for key, label, colour in wanted:
-        points = [(float(r["round"]), float(r["metrics"][key])) for r in rounds
-                  if isinstance((r.get("metrics") or {}).get(key), (int, float)) and math.isfinite(r["metrics"][key])]
-        if points:
-            out.append((label, colour, sorted(points)))
-    return out
-
-
-def line_chart(title: str, series: Sequence[tuple[str, str, Sequence[tuple[float, float]]]], *,
-               y_min: float | None = None, y_max: float | None = None, width: int = 560, height: int = 280) -> str:
-    """An inline SVG line chart: `series` are (label, colour, [(x, y), ...]); x is the
-    round. The y axis spans [y_min, y_max] when given, else the data (padded)."""
-    left, right, top, bottom = 52, 16, 44, 36
-    pw, ph = width - left - right, height - top - bottom
-    out = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">',
-           f'<text x="{left}" y="18" font-size="14" font-weight="600" fill="#111827">{_e(title)}</text>']
-    xs = [x for _, _, pts in series for x, _ in pts]
-    ys = [y for _, _, pts in series for _, y in pts]
-    if not xs:
-        out.append(f'<text x="{width / 2:.0f}" y="{height / 2:.0f}" text-anchor="middle" font-size="13" '
-                   'fill="#6b7280">no data yet</text></svg>')
-        return "".join(out)
-    lo = min(ys) if y_min is None else min(y_min, min(ys))
-    hi = max(ys) if y_max is None else max(y_max, max(ys))
-    if y_max is None:  # headroom above the data
-        hi += (hi - lo) * 0.1 if hi > lo else 1.0
-    ticks = nice_ticks(lo, hi)
-    lo, hi = min(lo, ticks[0]), max(hi, ticks[-1])
-    x0, x1 = min(xs), max(xs)
-    if x0 == x1:
-        x0, x1 = x0 - 1, x1 + 1
-
-    def px(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * pw
-
-    def py(y: float) -> float:
-        return top + ph - (y - lo) / (hi - lo) * ph
-
-    for t in ticks:  # horizontal grid and y labels
-        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#e5e7eb"/>'
-                   f'<text x="{left - 6}" y="{py(t) + 4:.1f}" text-anchor="end" font-size="11" '
-                   f'fill="#6b7280">{_tick(t)}</text>')
-    rounds = sorted(set(xs))
-    step = max(1, math.ceil(len(rounds) / 10))
-    for x in rounds[::step]:
-        out.append(f'<text x="{px(x):.1f}" y="{top + ph + 16}" text-anchor="middle" font-size="11" '
-                   f'fill="#6b7280">{_tick(x)}</text>')
-    out.append(f'<text x="{left + pw / 2:.0f}" y="{height - 4}" text-anchor="middle" font-size="11" '
-               'fill="#6b7280">round</text>')
-    out.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" stroke="#9ca3af"/>'
-               f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + ph}" stroke="#9ca3af"/>')
-    lx = left
-    for label, colour, pts in series:
-        c = _e(colour)
-        out.append(f'<rect x="{lx}" y="26" width="10" height="10" fill="{c}"/>'
-                   f'<text x="{lx + 14}" y="35" font-size="11" fill="#374151">{_e(label)}</text>')
-        lx += 22 + 6 * len(label)
-        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
-        out.append(f'<polyline class="series" points="{path}" fill="none" stroke="{c}" stroke-width="2.5" '
-                   'stroke-linejoin="round"/>')
-        out.extend(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="4" fill="{c}"><title>{_e(label)}, round '
-                   f"{_tick(x)}: {y:.4g}</title></circle>" for x, y in pts)
-    out.append("</svg>")
-    return "".join(out)
-
-
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """About `count` round-numbered ticks covering [lo, hi]."""
-    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
-        hi = lo + 1 if math.isfinite(lo) else 1.0
-        lo = lo if math.isfinite(lo) else 0.0
-    raw = (hi - lo) / max(count - 1, 1)
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    first = math.floor(lo / step + 1e-9)
-    ticks = [round((first + i) * step, 12) for i in range(2)]
-    while ticks[-1] < hi - step * 1e-9 and len(ticks) < 50:  # up to the first tick at or above hi
-        ticks.append(round((first + len(ticks)) * step, 12))
-    return ticks
+def _history(rows: Sequence[dict[str, Any]], *, title: str) -> str:
+    if not rows:
+        return ""
+    shown = rows[:HISTORY_ROWS]
+    lines = []
+    for h in shown:
+        what = "study" if h.get("kind") == "study" else "institution"
+        lines.append(f"<tr><td>{_e(_utc(float(h.get('at') or 0)))}</td><td class=\"muted\">{what}</td>"
+                     f"<td>{_e(h.get('subject') or '')}</td><td>{_badge(h.get('status') or '')}</td>"
+                     f"<td class=\"note\">{_e(h.get('note') or '')}</td><td>{_e(h.get('changed_by') or '')}</td></tr>")
+    more = (f'<p class="muted">the latest {len(shown)} of {len(rows)} changes; /api/snapshot.json has them</p>'
+            if len(rows) > len(shown) else "")
+    return (f"<h3>{_e(title)}</h3><table class=\"history\"><thead><tr><th>when</th><th></th><th>name</th>"
+            "<th>status</th><th>why</th><th>by</th></tr></thead><tbody>" + "".join(lines) + "</tbody></table>" + more)
 
 
 # ---------------------------------------------------------------- formatting
@@ -332,10 +362,6 @@ def _int(value: Any) -> str:
 def _fmt(value: Any, digits: int = 4) -> str:
     v = _float(value)
     return f"{v:.{digits}f}" if v is not None else ""
-
-
-def _tick(v: float) -> str:
-    return f"{v:g}"
 
 
 def _bytes(n: float) -> str:

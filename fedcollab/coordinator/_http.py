@@ -1,14 +1,16 @@
 """The operators' HTTP endpoint: the dashboard, Prometheus metrics and the snapshot as
 JSON, read-only and plain HTTP (keep it on loopback or behind the operator's proxy).
 
-    GET /                    the dashboard (HTML)
+    GET /                    the dashboard (HTML): the studies, the institutions, the history
+    GET /studies/<name>      one study's page (HTML); ?rounds_page=N, ?lineage_page=N page its
+                             rounds and lineage (newest first); an unknown study is a 404
     GET /metrics             Prometheus text format 0.0.4
     GET /api/snapshot.json   the ConsortiumSnapshot as JSON
     GET /healthz             "ok": the endpoint is up
 
 HEAD is answered like GET without the body; any other method gets 405, any other
-path 404. Each request takes one fresh snapshot; one that fails is a 503, never a
-crash of the server.
+path 404, a page number that is no whole number from 1 a 400. Each request takes one
+fresh snapshot; one that fails is a 503, never a crash of the server.
 
 With a `token` (the coordinator gives its operator token when the page is served off
 loopback), every route but /healthz needs it: `Authorization: Bearer <token>` (what
@@ -35,7 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from fedcollab.coordinator._dashboard import render_dashboard
+from fedcollab.coordinator._dashboard import STUDIES_PATH, NoSuchStudy, linkable, render_dashboard, render_study
 from fedcollab.coordinator._http_access import DEFAULT_SESSION_TTL_S, SESSION_COOKIE, HostCheck, Sessions, redact
 from fedcollab.coordinator._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fedcollab.coordinator._metrics import render_metrics
@@ -214,7 +216,8 @@ class _Handler(BaseHTTPRequestHandler):
             if given and _same(given, token):  # once, from a link: a session in a cookie, the URL without it
                 self._send(HTTPStatus.SEE_OTHER, b"", "text/plain; charset=utf-8", send_body=send_body,
                            # Only to a route of ours: "//elsewhere" would be a redirect off the site.
-                           extra={"Location": path if path in _ROUTES else "/", "Set-Cookie": self._session_cookie()})
+                           extra={"Location": path if _route(path, "") is not None else "/",
+                                  "Set-Cookie": self._session_cookie()})
                 return
             if not self._authorized(token):
                 self._send(HTTPStatus.UNAUTHORIZED, b"operator token required: send 'Authorization: Bearer <token>' "
@@ -222,14 +225,22 @@ class _Handler(BaseHTTPRequestHandler):
                            b"<state_dir>/operator.token)\n", "text/plain; charset=utf-8", send_body=send_body,
                            extra={"WWW-Authenticate": 'Bearer realm="fedcollab operators"'})
                 return
-        render = _ROUTES.get(path)
+        try:
+            render = _route(path, url.query)
+        except ValueError as e:
+            self._send(HTTPStatus.BAD_REQUEST, f"{e}\n".encode(), "text/plain; charset=utf-8", send_body=send_body)
+            return
         if render is None:
-            self._send(HTTPStatus.NOT_FOUND, b"not found: try /, /metrics, /api/snapshot.json or /healthz\n",
-                       "text/plain; charset=utf-8", send_body=send_body)
+            self._send(HTTPStatus.NOT_FOUND, b"not found: try /, /studies/<name>, /metrics, /api/snapshot.json or "
+                       b"/healthz\n", "text/plain; charset=utf-8", send_body=send_body)
             return
         content_type, to_text = render
         try:
             body = to_text(type(self).take_snapshot()).encode("utf-8")
+        except NoSuchStudy as e:  # a name of the right form, of no study here (linkable: safe to echo)
+            self._send(HTTPStatus.NOT_FOUND, f"no study {e.args[0]} at this coordinator: / lists them\n".encode(),
+                       "text/plain; charset=utf-8", send_body=send_body)
+            return
         except Exception as e:  # the store closed at shutdown, a bug in a renderer: one bad answer, not a dead server
             log.warning("operator page: cannot answer %s: %s: %s", path, type(e).__name__, e)
             log.debug("operator page: %s failed", path, exc_info=True)
@@ -280,9 +291,33 @@ def _same(a: str, b: str) -> bool:
     return secrets.compare_digest(a.encode(), b.encode())
 
 
+_HTML = "text/html; charset=utf-8"
 _ROUTES: dict[str, tuple[str, Callable[[ConsortiumSnapshot], str]]] = {
-    "/": ("text/html; charset=utf-8", render_dashboard),
-    "/index.html": ("text/html; charset=utf-8", render_dashboard),
+    "/": (_HTML, render_dashboard),
+    "/index.html": (_HTML, render_dashboard),
     "/metrics": (METRICS_CONTENT_TYPE, render_metrics),
     "/api/snapshot.json": ("application/json", lambda s: s.to_json()),
 }
+_PAGE_KEYS = ("rounds_page", "lineage_page")
+_MAX_PAGE_DIGITS = 7
+
+
+def _route(path: str, query: str) -> tuple[str, Callable[[ConsortiumSnapshot], str]] | None:
+    """What answers `path`: a fixed route, or a study's page (its name of a shared
+    pattern, checked before any snapshot is taken); None: no such path. ValueError:
+    a page number that is none."""
+    fixed = _ROUTES.get(path)
+    if fixed is not None or not path.startswith(STUDIES_PATH):
+        return fixed
+    name = path[len(STUDIES_PATH):]
+    if not linkable(name):  # '/', '..', '%', a space: no study is named so
+        return None
+    pages: dict[str, int] = {}
+    for key, values in parse_qs(query, keep_blank_values=True).items():
+        if key not in _PAGE_KEYS:
+            continue  # ?token= and whatever else a link carried
+        text = values[-1]
+        if not (text.isascii() and text.isdigit() and 0 < len(text) <= _MAX_PAGE_DIGITS and int(text) >= 1):
+            raise ValueError(f"400 bad request: {key} must be a whole number from 1 (page 1 holds the newest rows)")
+        pages[key] = int(text)
+    return _HTML, lambda snapshot: render_study(snapshot, name=name, **pages)

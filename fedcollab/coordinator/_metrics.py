@@ -14,12 +14,14 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+# Every status a study can have, "failed" included: an alert on
+# fedcollab_study_status{status="failed"} == 1 needs the sample to exist.
+from fedcollab.coordinator._consortium import STUDY_STATUSES
 from fedcollab.coordinator._snapshot import ConsortiumSnapshot, StudySnapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds; a round of a small model takes a few, one of a large model over a WAN hours.
 DEFAULT_DURATION_BUCKETS: tuple[float, ...] = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
-STUDY_STATUSES = ("running", "paused", "queued", "cancelled", "finished")
 MEMBERSHIP_STATUSES = ("approved", "pending", "suspended")
 
 
@@ -50,7 +52,8 @@ def render_metrics(snapshot: ConsortiumSnapshot, *,
     if not buckets or any(not math.isfinite(b) or b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
         raise ValueError(f"round_duration_buckets must be positive, finite and increasing; got {list(buckets)}")
     families = [
-        _Family("fedcollab_study_status", "gauge", "1 for the study's current status, 0 for the others."),
+        _Family("fedcollab_study_status", "gauge",
+                f"1 for the study's current status, 0 for the others ({', '.join(STUDY_STATUSES)})."),
         _Family("fedcollab_study_rounds", "gauge", "Rounds the study is configured to run."),
         _Family("fedcollab_current_round", "gauge", "Number of the latest round opened (0 before the first)."),
         _Family("fedcollab_model_version", "gauge", "Latest committed (signed) model version."),
@@ -59,11 +62,13 @@ def render_metrics(snapshot: ConsortiumSnapshot, *,
         _Family("fedcollab_rounds_abandoned_total", "counter", "Round attempts left open by a coordinator stop."),
         _Family("fedcollab_round_duration_seconds", "histogram",
                 "Time from opening to commit of committed rounds (evaluation not included)."),
-        _Family("fedcollab_received_bytes_total", "counter", "Bytes received from institutions since the start."),
-        _Family("fedcollab_sent_bytes_total", "counter", "Bytes sent to institutions since the start."),
+        _Family("fedcollab_received_bytes_total", "counter",
+                "Bytes received from institutions (kept across restarts)."),
+        _Family("fedcollab_sent_bytes_total", "counter", "Bytes sent to institutions (kept across restarts)."),
         _Family("fedcollab_institutions_connected", "gauge", "Institutions holding a live session."),
         _Family("fedcollab_participations_failed_total", "counter",
-                "Participations that failed (uploads rejected, deadlines missed, ...) since the start, by reason."),
+                "Participations that failed (uploads rejected, deadlines missed, ...), by reason "
+                "(kept across restarts)."),
         _Family("fedcollab_epsilon_spent", "gauge", "Latest DP epsilon an institution reported having spent."),
         _Family("fedcollab_epsilon_budget", "gauge", "DP epsilon budget an institution reported."),
     ]
@@ -81,7 +86,8 @@ def render_metrics(snapshot: ConsortiumSnapshot, *,
 
 def _study_samples(study: StudySnapshot, families: Mapping[str, _Family], buckets: list[float]) -> None:
     s = study.name
-    for status in STUDY_STATUSES:
+    known = [*STUDY_STATUSES, *([study.status] if study.status not in STUDY_STATUSES else [])]
+    for status in known:
         families["fedcollab_study_status"].add(1 if study.status == status else 0, study=s, status=status)
     families["fedcollab_study_rounds"].add(study.total_rounds, study=s)
     families["fedcollab_current_round"].add(max((r["round"] for r in study.rounds), default=0), study=s)

@@ -8,7 +8,7 @@ import functools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from fedcollab.lineage import LineageError, parse_record
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from fedcollab.coordinator._server import Coordinator
     from fedcollab.coordinator._store import Store
 
-StudyStatus = Literal["running", "paused", "queued", "cancelled", "finished"]
+StudyStatus = Literal["running", "paused", "queued", "cancelled", "finished", "failed"]
 MembershipStatus = Literal["approved", "pending", "suspended"]
 
 
@@ -32,10 +32,12 @@ class StudySnapshot:
     privacy: list[dict[str, Any]]  # Store.privacy_spend(): per institution and round, epsilon, budget_epsilon, ...
     lineage: list[dict[str, Any]]  # version, round, model_sha256, parent_sha256, contributors, aggregator, created_at
     online: list[str]  # institutions holding a live session
-    bytes_in: int  # since the coordinator process started
+    bytes_in: int  # since the study began, across restarts (_counters)
     bytes_out: int
-    failures: dict[str, int]  # failed participations by reason, since the process started
+    failures: dict[str, int]  # failed participations by reason, since the study began
     failure: str | None = None  # why the study stopped before its last round, if it did
+    # Its status changes, newest first: at, status, note (paused by whom and why, ...).
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -44,13 +46,16 @@ class ConsortiumSnapshot:
     taken_at: float  # Unix time
     studies: list[StudySnapshot]
     institutions: list[dict[str, Any]]  # name, status (membership), online, num_train_examples, last_seen
+    # Membership changes (suspended, approved, ...), newest first: at, subject, status, note, changed_by.
+    membership_history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         """The snapshot as JSON; non-finite numbers become null (JSON has none)."""
         return json.dumps(_finite(asdict(self)), sort_keys=True, allow_nan=False)
 
 
-def study_snapshot(*, name: str, status: StudyStatus, engine: RoundEngine, store: Store) -> StudySnapshot:
+def study_snapshot(*, name: str, status: StudyStatus, engine: RoundEngine, store: Store,
+                   history: list[dict[str, Any]] | None = None) -> StudySnapshot:
     return StudySnapshot(
         name=name,
         status=status,
@@ -64,13 +69,16 @@ def study_snapshot(*, name: str, status: StudyStatus, engine: RoundEngine, store
         bytes_out=engine.bytes_out,
         failures=dict(engine.failures),  # one C-level copy under the GIL: safe against the engine's updates
         failure=engine.failure,
+        history=history or [],
     )
 
 
 def snapshot_of(coordinator: Coordinator) -> ConsortiumSnapshot:
     """Every study of the coordinator, and every institution with its membership."""
+    consortium = coordinator.consortium
     studies = [study_snapshot(name=run.name, status=coordinator.studies.status(run.name), engine=run.engine,
-                              store=run.store) for run in coordinator.studies.runs()]
+                              store=run.store, history=consortium.history(kind="study", subject=run.name, limit=100))
+               for run in coordinator.studies.runs()]
     online = {name for study in studies for name in study.online}
     seen: dict[str, dict[str, Any]] = {}
     for run in coordinator.studies.runs():
@@ -85,7 +93,8 @@ def snapshot_of(coordinator: Coordinator) -> ConsortiumSnapshot:
         for name in sorted(set(seen) | set(membership))
     ]
     return ConsortiumSnapshot(federation=coordinator.config.federation.name, taken_at=time.time(), studies=studies,
-                              institutions=institutions)
+                              institutions=institutions,
+                              membership_history=consortium.history(kind="membership", limit=100))
 
 
 def _lineage_entry(version: int, record: bytes) -> dict[str, Any]:

@@ -18,15 +18,18 @@ figures about a model already committed.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from fedcollab.coordinator._checkpoints import ModelVersion
+
+log = logging.getLogger("fedcollab.coordinator")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS institutions (
@@ -82,10 +85,19 @@ CREATE TABLE IF NOT EXISTS evaluations (
     accuracy REAL NOT NULL,
     PRIMARY KEY (round, institution)
 );
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 """
 
 
 class Store:
+    # The study's running totals (bytes in and out, failed participations by reason),
+    # kept in memory by its engine and written here with each round's close and at
+    # shutdown (`save_counters`): set by _counters.attach. None: none are written.
+    counters_source: Callable[[], Mapping[str, int]] | None = None
+
     def __init__(self, path: Path, *, read_only: bool = False) -> None:
         """`read_only`: for a look at the state of a coordinator that may be serving
         (`fedcollab coordinator status`): nothing is written, so its open round stays
@@ -291,6 +303,7 @@ class Store:
                 "WHERE round=? AND attempt=?",
                 (time.time(), model.version, json.dumps(metrics), round_number, attempt),
             )
+            self._write_counters(db)
 
     def fail_round(self, *, round_number: int, attempt: int, reason: str, counted: bool = True) -> None:
         """`counted` False: the attempt does not count towards the study's max_round_attempts."""
@@ -299,6 +312,31 @@ class Store:
                 "UPDATE rounds SET status='failed', closed_at=?, reason=?, counted=? WHERE round=? AND attempt=?",
                 (time.time(), reason, int(counted), round_number, attempt),
             )
+            self._write_counters(db)
+
+    def _write_counters(self, db: sqlite3.Connection) -> None:
+        """In the caller's transaction: the round's close carries the totals at no
+        extra fsync."""
+        if self.counters_source is None:
+            return
+        try:
+            totals = sorted(self.counters_source().items())
+        except Exception:  # figures for /metrics must never cost a round its commit
+            log.exception("the study's traffic counters could not be read; kept as last written")
+            return
+        db.executemany("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                       totals)
+
+    def save_counters(self) -> None:
+        """The running totals now (at shutdown: nothing since the last round is lost)."""
+        with self._tx() as db:
+            self._write_counters(db)
+
+    def counters(self) -> dict[str, int]:
+        try:
+            return {r["name"]: int(r["value"]) for r in self._query("SELECT name, value FROM counters")}
+        except sqlite3.OperationalError:  # read-only look at state from before counters were kept
+            return {}
 
     def update_round_metrics(self, *, round_number: int, metrics: dict[str, Any]) -> None:
         with self._tx() as db:

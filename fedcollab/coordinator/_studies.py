@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sqlite3
 import threading
 import tomllib
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import grpc
 # STUDY_NAME: one definition for both sides (institutions check offered names with it).
 from fedcollab._names import STUDY_NAME
 from fedcollab.config import FederationConfig, StudyFile, parse_config
+from fedcollab.coordinator import _counters
 from fedcollab.coordinator._consortium import Consortium
 from fedcollab.coordinator._engine import Evaluator, RoundEngine, RoundResult
 from fedcollab.coordinator._store import Store
@@ -77,6 +79,7 @@ class Studies:
         default = config.study.name
         if consortium.study(default) is None:
             consortium.add_study(name=default, config_toml="", status="running", is_default=True)
+        _counters.attach(engine=default_engine, store=default_store)
         self.default = StudyRun(name=default, is_default=True, store=default_store, engine=default_engine)
         self._runs: dict[str, StudyRun] = {default: self.default}
         for row in consortium.studies():
@@ -103,6 +106,7 @@ class Studies:
             engine = RoundEngine(config=config, store=store, models_dir=folder / "models", spool_dir=folder / "spool",
                                  evaluator=self._make_evaluator(config), on_round=self._on_round,
                                  session_prefix=f"{name}.", signing_key=self._signing_key)
+            _counters.attach(engine=engine, store=store)
         except BaseException:
             store.close()
             if new:  # a study refused at submission leaves nothing behind
@@ -117,7 +121,8 @@ class Studies:
             if status in ("finished", "failed"):
                 # Its engine decides again from its rounds (at once, unless the config now
                 # asks for more rounds) and tells institutions that poll it FINISHED.
-                self._consortium.set_study_status(run.name, status="running")
+                self._consortium.set_study_status(run.name, status="running",
+                                                  note="the coordinator started again: its rounds decide")
             if status not in ("queued", "cancelled"):
                 self._start_driver(run)
         self._scheduler = threading.Thread(target=self._schedule, name="studies", daemon=True)
@@ -135,7 +140,8 @@ class Studies:
                 for run in self.runs():
                     status = self._record_end(run)
                     if status == "queued" and self._turn_came(run):
-                        self._consortium.set_study_status(run.name, status="running", reason="")
+                        self._consortium.set_study_status(run.name, status="running", reason="",
+                                                          note=f"{run.start_after} ended" if run.start_after else "")
                         self._start_driver(run)
 
     def _turn_came(self, run: StudyRun) -> bool:
@@ -154,6 +160,10 @@ class Studies:
             if run.driver is not None:
                 run.driver.join(timeout=30)
         for run in self.runs():
+            try:
+                run.store.save_counters()  # what came since the last round's close
+            except sqlite3.Error as e:  # a full disk, say: the stop goes on, the totals of the last close stay
+                log.warning("study %s: traffic counters not saved at shutdown: %s", run.name, e)
             if not run.is_default:
                 run.store.close()
 
@@ -267,7 +277,7 @@ class Studies:
                     raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="STUDY_NOT_PAUSED",
                                    message=f"study {run.name!r} is {status}, not paused", metadata={"study": run.name})
                 run.engine.resume()
-                self._consortium.set_study_status(run.name, status="running", reason="")
+                self._consortium.set_study_status(run.name, status="running", reason="", note=why)
             elif action == "cancel":
                 self._consortium.set_study_status(run.name, status="cancelled", reason=why)
                 run.stop.set()

@@ -36,6 +36,7 @@ from fedcollab.institution._client import CoordinatorClient
 from fedcollab.institution._data import load_local_data
 from fedcollab.institution._error_feedback import with_error_feedback
 from fedcollab.institution._policy import check_task
+from fedcollab.institution._protection import protection_note
 from fedcollab.institution._secure import send_secure
 from fedcollab.institution._trainer import (
     SyntheticTrainer,
@@ -145,6 +146,7 @@ class InstitutionDaemon:
         self._on_event = on_event
         self._session: str | None = None
         self._study: pb.StudyInfo | None = None
+        self._protection_said: str | None = None  # the study whose first update had its protection said
         self._heartbeat_s = 2.0
         self._model: torch.nn.Module | None = None
         self._lineage_key: bytes | None = None  # the coordinator's, from Join
@@ -399,6 +401,7 @@ class InstitutionDaemon:
 
     def _send(self, task: pb.Task, deltas: list[torch.Tensor], *, num_examples: int, metrics: dict[str, float],
               privacy: pb.PrivacySpend | None) -> None:
+        self._say_protection(task)
         if task.HasField("secure_aggregation"):
             try:
                 send_secure(client=self._client, session_id=self._session or "", name=self.name, task=task,
@@ -417,6 +420,15 @@ class InstitutionDaemon:
         # The kept update stays (until the next one replaces it): if this attempt fails
         # at the coordinator, the retry of this round on this base is answered with it.
         self._emit("uploaded", task.round)
+
+    def _say_protection(self, task: pb.Task) -> None:
+        """Without DP-SGD here: once per study, before its first update leaves, what
+        protects it (distributed DP) or that nothing does."""
+        study = self._study.name if self._study is not None else ""
+        if self.privacy is None and self._protection_said != study:
+            self._protection_said = study
+            level, message = protection_note(task)
+            log.log(level, "%s: study %r: %s", self.name, study, message)
 
     # ------------------------------------------------------------ privacy
     def _decline(self, task: pb.Task, reason: str, message: str, *, spent: float | None = None) -> None:
@@ -562,8 +574,8 @@ def daemon_from_config(
                 ledger = open_site_ledger(state_dir, dataset=key, site_budget=config.privacy.budget)
             privacy = InstitutionPrivacy(config=config.privacy, ledger=ledger, num_examples=num_train, dataset=key,
                                          study_budgets=config.policy.budgets)
-        else:
-            log.warning("%s: no [privacy] table: training WITHOUT differential privacy", config.institution.name)
+        # Without [privacy], the daemon says what protects the updates (distributed DP,
+        # or nothing: a warning) at each study's first upload, when the study's task tells.
     if wrap_trainer is not None:
         trainer = wrap_trainer(trainer)
     return InstitutionDaemon(config=config, trainer=trainer, num_train_examples=num_train,

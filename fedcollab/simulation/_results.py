@@ -12,6 +12,7 @@ from fedcollab._dp_metrics import federation_dp
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
@@ -47,20 +48,37 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path, *, title: str) -> None
 
 
 def plot_privacy(results: dict[str, Any], path: Path, *, title: str) -> None:
-    """Left: global test accuracy against the epsilon spent so far (per institution,
-    and federation-level under DP-FedAvg). Right: each institution's spend per round
-    against its budget."""
+    fig = privacy_figure(results, title=title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def privacy_figure(results: dict[str, Any], *, title: str) -> Figure:
+    """Left: the global model's test accuracy, once, against the epsilon spent so far:
+    the most any institution spent (institutions' spends differ with their data), with
+    the range across institutions shaded where they differ, and federation-level under
+    DP-FedAvg. Right: each institution's spend per round against its budget;
+    institutions with the same spend round by round share one line (with IID
+    partitions of equal size they all do: drawn one per institution, they hid each
+    other)."""
     committed = {r["round"]: r["metrics"] for r in results["rounds"] if r["status"] == "committed"}
     spend: dict[str, dict[int, float]] = {}
     for p in results["privacy"]["per_round"]:
         if p["round"] in committed:
             spend.setdefault(p["institution"], {})[p["round"]] = p["epsilon"]
     fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, by_round in sorted(spend.items()):
-        rounds = sorted(by_round)
-        ax_acc.plot([by_round[r] for r in rounds], [committed[r].get("central_accuracy", float("nan")) for r in rounds],
-                    marker="o", ms=3, label=name)
-        ax_eps.plot(rounds, [by_round[r] for r in rounds], marker="o", ms=3, label=name)
+    rounds = sorted({r for by_round in spend.values() for r in by_round})
+    if rounds:
+        most = [max(s[r] for s in spend.values() if r in s) for r in rounds]
+        least = [min(s[r] for s in spend.values() if r in s) for r in rounds]
+        accuracy = [committed[r].get("central_accuracy", float("nan")) for r in rounds]
+        ax_acc.plot(most, accuracy, marker="o", ms=3, color="tab:blue",
+                    label="global model (largest institution epsilon)" if len(spend) > 1 else "global model")
+        if any(lo != hi for lo, hi in zip(least, most, strict=True)):
+            ax_acc.fill_betweenx(accuracy, least, most, color="tab:blue", alpha=0.15,
+                                 label="epsilon range across institutions")
+    for label, curve in _shared_curves(spend):
+        ax_eps.plot([r for r, _ in curve], [e for _, e in curve], marker="o", ms=3, label=label)
     central = [(r, dp) for r, m in sorted(committed.items()) if (dp := federation_dp(m)) is not None]
     if central:
         label = f"federation ({central[-1][1][2]})"
@@ -82,5 +100,17 @@ def plot_privacy(results: dict[str, Any], path: Path, *, title: str) -> None:
             ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def _shared_curves(spend: dict[str, dict[int, float]]) -> list[tuple[str, list[tuple[int, float]]]]:
+    """One (label, [(round, epsilon), ...]) per distinct spend curve, naming the
+    institutions on it (the first few, and how many)."""
+    groups: dict[tuple[tuple[int, float], ...], list[str]] = {}
+    for name, by_round in sorted(spend.items()):
+        groups.setdefault(tuple(sorted(by_round.items())), []).append(name)
+    out = []
+    for curve, names in groups.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        out.append((shown + (f" ({len(names)}, same spend)" if len(names) > 1 else ""), list(curve)))
+    return out

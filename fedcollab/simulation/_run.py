@@ -242,7 +242,10 @@ def _collect(coordinator: Coordinator, daemons: list[InstitutionDaemon], *, scen
     local = {e["institution"]: e for e in coordinator.store.evaluations() if e["round"] == last}
     return {
         "fedcollab_version": __version__,
-        "scenario": scenario.model_dump(mode="json"),
+        "scenario": _as_run(scenario, coordinator),
+        "transport": _transport(coordinator, daemons),
+        "state": {"coordinator": str(Path(coordinator.config.server.state_dir)),
+                  "institutions": {d.name: str(Path(d.config.institution.state_dir)) for d in daemons}},
         "wall_seconds": round(seconds, 3),
         "institutions": [
             {"name": n, "train_examples": examples[n],
@@ -254,6 +257,28 @@ def _collect(coordinator: Coordinator, daemons: list[InstitutionDaemon], *, scen
         "privacy": _privacy_summary(coordinator, daemons),
         "final": {"round": committed[-1]["round"] if committed else 0, **final},
     }
+
+
+def _as_run(scenario: Scenario, coordinator: Coordinator) -> dict[str, Any]:
+    """The scenario as it ran: the simulation puts the coordinator on a free loopback
+    port, its state in the run folder and (unless insecure) mutual TLS from the run's
+    own CA, whatever [server] said; the record says what was used, not what was
+    overridden (a `tls = null` for a mutual-TLS run misleads whoever reads it)."""
+    recorded = scenario.model_dump(mode="json")
+    used = coordinator.config.server
+    recorded["server"] = {**recorded["server"], "address": coordinator.address, "state_dir": str(used.state_dir),
+                          "tls": used.tls.model_dump(mode="json") if used.tls is not None else None}
+    return recorded
+
+
+def _transport(coordinator: Coordinator, daemons: list[InstitutionDaemon]) -> dict[str, Any]:
+    tls = coordinator.config.server.tls
+    if tls is None:
+        return {"mode": "insecure", "detail": "plaintext gRPC on loopback (--insecure): no TLS, identities unchecked"}
+    return {"mode": "mutual-tls" if tls.require_client_auth else "tls", "ca_cert": str(tls.ca_cert), "crl": str(tls.crl) if tls.crl else None,
+            "coordinator_cert": str(tls.cert),
+            "institution_certs": {d.name: str(d.config.tls.cert) if d.config.tls is not None else None
+                                  for d in daemons}}
 
 
 def _print_summary(console: Console, results: dict[str, Any], run_dir: Path) -> None:

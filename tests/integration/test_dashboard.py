@@ -8,6 +8,7 @@ import json
 import shutil
 import struct
 import subprocess
+import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from fedcollab.coordinator import Coordinator
-from fedcollab.coordinator._dashboard import BLUE, GREEN, ORANGE
+from fedcollab.coordinator._dashboard import BLUE, GREEN, ORANGE, render_study
 from fedcollab.coordinator._http import OperatorHttpServer
 from fedcollab.coordinator._snapshot import snapshot_of
 from tests.conftest import institution_config, recording_daemon, running, tiny_federation, wait_until
@@ -99,6 +100,45 @@ def test_the_endpoints_tell_what_the_store_holds(federation: tuple[Coordinator, 
     assert by[("fedcollab_round_duration_seconds_sum", s)] == pytest.approx(sum(durations))
     assert by[("fedcollab_round_duration_seconds_bucket", (("le", "+Inf"), *s))] == 2
     assert by[("fedcollab_institutions_connected", s)] == len(engine.online_institutions())
+    assert by[("fedcollab_study_status", (("status", "failed"), *s))] == 0  # there, for an alert to watch
+
+    # The landing page lists the study and links to its page, which has the rounds.
+    kind, body = _fetch(http.port, "/")
+    assert kind.startswith("text/html")
+    page = body.decode()
+    assert f'<a class="study-link" href="/studies/{STUDY}">{STUDY}</a>' in page and '<table class="rounds">' not in page
+    history = page.split('<table class="history">', 1)[1].split("</table>", 1)[0]
+    assert ">finished<" in history and all(f"<td>{name}</td>" in history for name in NAMES)  # their first joins
+    _, body = _fetch(http.port, f"/studies/{STUDY}")
+    assert body.decode().count('<table class="rounds">') == 1
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _fetch(http.port, "/studies/no-such-study")
+    assert e.value.code == 404
+
+
+def test_pauses_and_suspensions_are_in_the_history(tmp_path: Path) -> None:
+    """What the operator did, with when and by whom, as the page shows it: a pause and
+    a resume of the study, an institution suspended and approved again."""
+    config = tiny_federation(tmp_path / "coordinator", name=STUDY, rounds=2, min_institutions=2,
+                             central_evaluation=None)
+    with Coordinator(config=config) as coordinator:
+        coordinator.studies.change(name=STUDY, action="pause", reason="site maintenance", by="alice")
+        coordinator.consortium.set_membership("lab-b", status="suspended", reason="audit", changed_by="bob")
+        coordinator.studies.change(name=STUDY, action="resume", reason="", by="alice")
+        coordinator.consortium.set_membership("lab-b", status="approved", changed_by="bob")
+        snapshot = snapshot_of(coordinator)
+    [study] = snapshot.studies
+    assert [(h["status"], h["note"]) for h in study.history] == [
+        ("running", "resumed by alice"), ("paused", "paused by alice: site maintenance"),
+        ("running", "the federation's default study")]
+    assert [(h["subject"], h["status"], h["note"], h["changed_by"]) for h in snapshot.membership_history] == [
+        ("lab-b", "approved", "", "bob"), ("lab-b", "suspended", "audit", "bob")]
+    times = [h["at"] for h in sorted([*study.history, *snapshot.membership_history], key=lambda h: h["at"])]
+    assert times == sorted(times) and snapshot.taken_at - 60 < times[0] <= times[-1] <= snapshot.taken_at
+    page = render_study(snapshot, name=STUDY)
+    rows = page.split('<table class="history">', 1)[1].split("</table>", 1)[0].split("<tr>")[2:]
+    assert ["resumed by alice" in rows[1], ">approved<" in rows[0], "audit" in rows[2],
+            "site maintenance" in rows[3]] == [True] * 4
 
 
 def _chromium() -> str:
@@ -113,7 +153,7 @@ def test_a_headless_browser_renders_the_dashboard(federation: tuple[Coordinator,
                                                   tmp_path: Path) -> None:
     browser = _chromium()
     coordinator, http = federation
-    url = f"http://127.0.0.1:{http.port}/"
+    url = f"http://127.0.0.1:{http.port}/studies/{STUDY}"  # the study's own page (/ lists the studies)
     png = tmp_path / "dash.png"
 
     def command(profile: str, *args: str) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -95,9 +96,26 @@ def test_the_committed_model_is_the_mean_of_masked_updates(tmp_path: Path, test_
     assert sorted(p["update_sha256"] for p in done) == sorted(v for (n, r), v in uploads.items() if r == 1)
 
 
-def test_a_round_survives_an_institution_that_drops_after_sharing_keys(tmp_path: Path, test_ca) -> None:
+def _protection_lines(caplog: pytest.LogCaptureFixture) -> dict[str, list[tuple[int, str]]]:
+    """What each institution (no [privacy] table) said protects its updates."""
+    said: dict[str, list[tuple[int, str]]] = {}
+    for r in caplog.records:
+        text = r.getMessage()
+        if r.name == "fedcollab.institution" and ("DP-SGD" in text or "WITHOUT differential privacy" in text):
+            said.setdefault(text.split(":", 1)[0], []).append((r.levelno, text))
+    return said
+
+
+def test_a_round_survives_an_institution_that_drops_after_sharing_keys(tmp_path: Path, test_ca,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="fedcollab.institution")
     models, rounds, store, pairs, uploads, state_dir = _run(
         tmp_path, test_ca, rounds=2, min_institutions=3, fail={("lab-c", 1): "after_shares"})
+    # Masked but not noised: the warning stays, once per institution and study.
+    said = _protection_lines(caplog)
+    assert sorted(said) == NAMES and all(len(lines) == 1 for lines in said.values()), said
+    assert all(level == logging.WARNING and "WITHOUT differential privacy" in text
+               for lines in said.values() for level, text in lines)
     assert [r["round"] for r in rounds] == [1, 2]
     first = {p["institution"]: p for p in store[1]}
     assert first["lab-c"]["status"] == "failed" and "SECAGG_STAGE_TIMEOUT" in first["lab-c"]["reason"]
@@ -115,17 +133,25 @@ def test_a_round_survives_an_institution_that_drops_after_sharing_keys(tmp_path:
     assert record["aggregator"]["masked_updates"] == 3 and record["aggregator"]["dropped_after_sharing"] == 1
 
 
-def test_distributed_dp_noises_the_sum_and_accounts_it(tmp_path: Path, test_ca) -> None:
+def test_distributed_dp_noises_the_sum_and_accounts_it(tmp_path: Path, test_ca,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
     """With distributed DP every institution clips and adds its share of Skellam noise:
     the committed model is the mean of the clipped updates plus noise of the planned
     std, and each round records the federation's epsilon, growing round by round."""
     from fedcollab.config import DistributedDPConfig
 
+    caplog.set_level(logging.INFO, logger="fedcollab.institution")
     clip, z = 0.5, 0.5
     models, rounds, _, pairs, _, _ = _run(
         tmp_path, test_ca, rounds=2, min_institutions=4, fail={},
         secure_aggregation=SecureAggregationConfig(
             stage_timeout_s=10, distributed_dp=DistributedDPConfig(clip_norm=clip, noise_multiplier=z)))
+    # No institution claims to train without DP: each says once what protects its updates.
+    said = _protection_lines(caplog)
+    assert sorted(said) == NAMES and all(len(lines) == 1 for lines in said.values()), said
+    for [(level, text)] in said.values():
+        assert level == logging.INFO and "WITHOUT" not in text
+        assert "distributed DP under secure aggregation" in text and f"L2 norm {clip:g}" in text
     assert [r["round"] for r in rounds] == [1, 2]
     eps = [r["metrics"]["federation_dp_epsilon"] for r in rounds]
     assert 0 < eps[0] < eps[1] < float("inf")

@@ -3,6 +3,7 @@ escaping, the HTTP routes, and JSON log lines."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import io
 import json
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 
 from fedcollab._logging import JsonFormatter, configure_logging
-from fedcollab.coordinator._dashboard import line_chart, nice_ticks, render_dashboard
+from fedcollab.coordinator._dashboard import PAGE_ROWS, line_chart, nice_ticks, render_dashboard, render_study
 from fedcollab.coordinator._http import OperatorHttpServer
 from fedcollab.coordinator._metrics import escape_label_value, render_metrics
 from fedcollab.coordinator._snapshot import ConsortiumSnapshot, StudySnapshot
@@ -61,15 +62,24 @@ def _snapshot(*, study: str = HOSTILE_STUDY, institution: str = HOSTILE_INSTITUT
         {"version": 1, "round": 1, "model_sha256": "b" * 64, "parent_sha256": "a" * 64,
          "contributors": [institution, "lab-b"], "aggregator": "fedavg", "created_at": "2025-01-01T00:01:00.000000Z"},
     ]
+    history = [
+        {"at": 230.0, "kind": "study", "subject": study, "status": "running", "note": "resumed by op",
+         "changed_by": ""},
+        {"at": 220.0, "kind": "study", "subject": study, "status": "paused", "note": f"paused by op: {HOSTILE_REASON}",
+         "changed_by": ""},
+    ]
     s = StudySnapshot(name=study, status="running", total_rounds=5, rounds=rounds, evaluations=[], privacy=privacy,
                       lineage=lineage, online=[institution], bytes_in=123456, bytes_out=654321,
-                      failures={"ROUND_DEADLINE": 2, HOSTILE_REASON: 1})
+                      failures={"ROUND_DEADLINE": 2, HOSTILE_REASON: 1}, history=history)
     institutions = [
         {"name": institution, "status": "approved", "online": True, "num_train_examples": 450, "last_seen": 240.0},
         {"name": "lab-b", "status": "suspended", "online": False, "num_train_examples": 450, "last_seen": 200.0},
         {"name": "lab-c", "status": "pending", "online": False, "num_train_examples": 0, "last_seen": 100.0},
     ]
-    return ConsortiumSnapshot(federation="consortium <x>", taken_at=260.0, studies=[s], institutions=institutions)
+    membership = [{"at": 225.0, "kind": "membership", "subject": "lab-b", "status": "suspended",
+                   "note": "audit <pending>", "changed_by": "operator"}]
+    return ConsortiumSnapshot(federation="consortium <x>", taken_at=260.0, studies=[s], institutions=institutions,
+                              membership_history=membership)
 
 
 # ---------------------------------------------------------------- exposition format
@@ -157,6 +167,19 @@ def test_the_exposition_parses_and_carries_the_snapshot_figures() -> None:
     assert status[(("status", "running"), *study)] == 1 and sum(status.values()) == 1
 
 
+@pytest.mark.parametrize("status", ["queued", "running", "paused", "cancelled", "finished", "failed"])
+def test_every_study_status_has_its_sample(status: str) -> None:
+    """An alert such as fedcollab_study_status{status="failed"} == 1 needs the sample:
+    every status is exposed for every study, the current one at 1."""
+    snapshot = _snapshot(study="s")
+    snapshot.studies[0] = dataclasses.replace(snapshot.studies[0], status=status)  # type: ignore[arg-type]
+    families, samples = parse_exposition(render_metrics(snapshot))
+    values = {labels["status"]: v for n, labels, v in samples if n == "fedcollab_study_status"}
+    assert values == {s: float(s == status) for s in ("queued", "running", "paused", "cancelled", "finished",
+                                                       "failed")}
+    assert "failed" in families["fedcollab_study_status"][1]  # the HELP line names the statuses
+
+
 def test_the_round_duration_histogram_is_cumulative() -> None:
     _, samples = parse_exposition(render_metrics(_snapshot(study="s"), round_duration_buckets=(5, 60, 120)))
     buckets = {labels["le"]: v for n, labels, v in samples if n == "fedcollab_round_duration_seconds_bucket"}
@@ -190,36 +213,97 @@ def test_an_empty_consortium_still_exposes_every_family() -> None:
 
 # ---------------------------------------------------------------- dashboard
 def test_the_dashboard_escapes_every_name_from_outside() -> None:
-    page = render_dashboard(_snapshot())
-    assert "<script" not in page and "<img" not in page and "onerror=alert(1)>" not in page
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "&lt;img src=x onerror=alert(1)&gt;&amp;co" in page
-    assert "consortium &lt;x&gt;" in page
-    assert "BAD&quot;REASON" in page
+    snapshot = _snapshot()
+    for page in (render_dashboard(snapshot), render_study(snapshot, name=HOSTILE_STUDY)):
+        assert "<script" not in page and "<img" not in page and "onerror=alert(1)>" not in page
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+        assert "&lt;img src=x onerror=alert(1)&gt;&amp;co" in page
+        assert "consortium &lt;x&gt;" in page
+        assert "BAD&quot;REASON" in page  # a failure reason (study page), a pause's reason (both)
+        assert "audit &lt;pending&gt;" in page
+    # A name outside the shared patterns is shown, not linked: no path is built from it.
+    assert 'href="/studies/' not in render_dashboard(snapshot)
+
+
+def test_the_landing_page_lists_the_studies_then_institutions_then_history() -> None:
+    snapshot = _snapshot(study="trial-a", institution="hospital-a")
+    page = render_dashboard(snapshot)
+    assert '<a class="study-link" href="/studies/trial-a">trial-a</a>' in page
+    assert '<table class="rounds">' not in page and "<svg" not in page  # the study's details are on its page
+    studies, institutions, history = (page.index(f'<table class="{t}">') for t in ("studies", "institutions",
+                                                                                  "history"))
+    assert studies < institutions < history
+    rows = page.split('<table class="history">', 1)[1].split("</table>", 1)[0].split("<tr>")[2:]
+    # Newest first, studies' and institutions' changes together.
+    assert ["resumed by op" in rows[0], "suspended" in rows[1], "paused by op" in rows[2]] == [True] * 3
+    assert "1970-01-01 00:03:45 UTC" in rows[1] and ">operator<" in rows[1]  # when, and by whom
 
 
 def test_the_dashboard_is_self_contained_and_shows_the_study() -> None:
-    page = render_dashboard(_snapshot(study="trial-a", institution="hospital-a"))
-    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
-    assert '<meta http-equiv="refresh" content="5">' in page
-    # Nothing that a browser would fetch: no scripts, stylesheets, images or fonts from elsewhere.
-    for needle in ("<script", "<link", "<img", "src=", "@import", "url("):
-        assert needle not in page, needle
+    snapshot = _snapshot(study="trial-a", institution="hospital-a")
+    for page in (render_dashboard(snapshot), render_study(snapshot, name="trial-a")):
+        assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+        assert '<meta http-equiv="refresh" content="5">' in page
+        # Nothing that a browser would fetch: no scripts, stylesheets, images or fonts from elsewhere.
+        for needle in ("<script", "<link", "<img", "src=", "@import", "url("):
+            assert needle not in page, needle
+        assert "trial-a" in page and "hospital-a" in page and "lab-c" in page
+        assert "suspended" in page and "pending" in page and "approved" in page
+    page = render_study(snapshot, name="trial-a")
     assert re.findall(r"https?://[^\s\"']+", page) == ["http://www.w3.org/2000/svg"] * 2  # the SVG namespace only
     assert page.count("<svg") == 2 and "<polyline" in page  # accuracy and loss plots, drawn
-    assert "trial-a" in page and "hospital-a" in page and "lab-c" in page
-    assert "suspended" in page and "pending" in page and "approved" in page
     assert "width:87.5%" in page  # 1.75 of a budget of 2.0
     assert "width:100.0%" in page and "fill over" in page  # lab-b overspent: a full, red bar
     assert "<code>aaaaaaaaaaaa</code>" in page  # v1's parent hash prefix
     assert "quorum not met" in page
+    assert '<a href="/">' in page  # back to the list
+    # The institutions and the history come before the long tables.
+    order = [page.index(f'<table class="{t}">') for t in ("institutions", "history", "rounds", "lineage")]
+    assert order == sorted(order)
 
 
 def test_an_empty_consortium_renders() -> None:
-    page = render_dashboard(ConsortiumSnapshot("f", 0.0, [StudySnapshot(
+    snapshot = ConsortiumSnapshot("f", 0.0, [StudySnapshot(
         name="s", status="queued", total_rounds=3, rounds=[], evaluations=[], privacy=[], lineage=[], online=[],
-        bytes_in=0, bytes_out=0, failures={})], []))
+        bytes_in=0, bytes_out=0, failures={})], [])
+    page = render_study(snapshot, name="s")
     assert "no data yet" in page and "no round has opened yet" in page and "no institution has joined yet" in page
+    assert "no institution has joined yet" in render_dashboard(snapshot)
+    assert "no study yet" in render_dashboard(ConsortiumSnapshot("f", 0.0, [], []))
+
+
+def _long_study(rounds: int) -> ConsortiumSnapshot:
+    rows = [_round(n, 1, "committed", 10.0 * n, 10.0 * n + 5, train_loss=1.0 / n) for n in range(1, rounds + 1)]
+    lineage = [{"version": v, "round": v, "model_sha256": f"{v:064x}", "parent_sha256": None, "contributors": [],
+                "aggregator": "fedavg", "created_at": ""} for v in range(rounds + 1)]
+    study = StudySnapshot(name="long", status="running", total_rounds=rounds, rounds=rows, evaluations=[],
+                          privacy=[], lineage=lineage, online=[], bytes_in=0, bytes_out=0, failures={})
+    return ConsortiumSnapshot("f", 0.0, [study], [])
+
+
+def _table_rounds(page: str, table: str) -> list[int]:
+    body = page.split(f'<table class="{table}">', 1)[1].split("</table>", 1)[0]
+    cell = r'<tr><td class="n">(\d+)</td>' if table == "rounds" else r'<tr><td class="n">v(\d+)</td>'
+    return [int(n) for n in re.findall(cell, body)]
+
+
+def test_rounds_and_lineage_are_paged_newest_first() -> None:
+    snapshot = _long_study(120)  # 120 attempts, 121 lineage versions: 3 pages each
+    first = render_study(snapshot, name="long")
+    assert _table_rounds(first, "rounds") == list(range(120, 120 - PAGE_ROWS, -1))
+    assert _table_rounds(first, "lineage") == list(range(120, 120 - PAGE_ROWS, -1))
+    assert "page 1 of 3" in first and 'href="/studies/long?rounds_page=2"' in first
+    assert 'href="/studies/long?lineage_page=2"' in first
+    third = render_study(snapshot, name="long", rounds_page=3, lineage_page=2)
+    assert _table_rounds(third, "rounds") == list(range(20, 0, -1))
+    assert _table_rounds(third, "lineage") == list(range(70, 20, -1))
+    # Links keep the other table's page.
+    assert 'href="/studies/long?lineage_page=2&amp;rounds_page=2"' in third  # rounds: newer
+    assert 'href="/studies/long?lineage_page=3&amp;rounds_page=3"' in third  # lineage: older
+    assert _table_rounds(render_study(snapshot, name="long", rounds_page=99), "rounds") == list(range(20, 0, -1))
+    assert len(render_study(_long_study(2000), name="long")) < 2 * len(first)  # the page does not grow with the study
+    with pytest.raises(LookupError):
+        render_study(snapshot, name="other")
 
 
 def test_charts_and_ticks() -> None:
@@ -273,17 +357,40 @@ def test_routes(server: OperatorHttpServer) -> None:
     parse_exposition(body.decode())
     status, headers, body = _get(server.port, "/")
     assert status == 200 and headers["content-type"].startswith("text/html")
-    assert "default-src 'none'" in headers["content-security-policy"] and b"<svg" in body
+    assert "default-src 'none'" in headers["content-security-policy"] and b'<table class="studies">' in body
     status, headers, body = _get(server.port, "/api/snapshot.json?pretty=0")
     assert status == 200 and json.loads(body)["federation"] == "consortium <x>"
     assert _get(server.port, "/healthz")[:3:2] == (200, b"ok\n")
     status, headers, body = _get(server.port, "/", method="HEAD")
     assert status == 200 and body == b"" and int(headers["content-length"]) > 1000
     assert _get(server.port, "/nowhere")[0] == 404
+    status, _, body = _get(server.port, "/studies/" + HOSTILE_STUDY.replace("\n", "%0A").replace(" ", "%20"))
+    assert status == 404 and b"<script" not in body  # a name of no shared pattern: not even looked up
+    for path in ("/studies/", "/studies/../metrics", "/studies/a/b", "/studies/%2e%2e"):
+        assert _get(server.port, path)[0] == 404, path
     assert _get(server.port, "/../etc/passwd")[0] == 404
     for method in ("POST", "PUT", "DELETE", "BREW"):
         status, headers, _ = _get(server.port, "/", method=method)
         assert status == 405 and headers["allow"] == "GET, HEAD", method
+
+
+def test_study_pages_are_routed_by_name_and_paged() -> None:
+    snapshot = _long_study(120)
+    with OperatorHttpServer(address="127.0.0.1:0", snapshot=lambda: snapshot) as s:
+        assert s.port
+        status, headers, body = _get(s.port, "/")
+        assert status == 200 and b'href="/studies/long"' in body
+        status, headers, body = _get(s.port, "/studies/long")
+        assert status == 200 and headers["content-type"].startswith("text/html")
+        assert _table_rounds(body.decode(), "rounds")[0] == 120
+        status, _, body = _get(s.port, "/studies/long?rounds_page=3&token=x")
+        assert status == 200 and _table_rounds(body.decode(), "rounds")[0] == 20
+        status, _, body = _get(s.port, "/studies/missing")
+        assert status == 404 and b"no study missing" in body
+        for query in ("rounds_page=0", "rounds_page=-1", "lineage_page=abc", "rounds_page=", "rounds_page=1e3",
+                      "rounds_page=99999999", "lineage_page=%D9%A3"):
+            status, _, body = _get(s.port, f"/studies/long?{query}")
+            assert status == 400 and b"whole number" in body, query
 
 
 def test_garbage_does_not_stop_the_server(server: OperatorHttpServer) -> None:
