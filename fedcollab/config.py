@@ -10,8 +10,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from fedcollab._dataset_names import DATA_SOURCES, KNOWN_DATASETS, NPZ
 from fedcollab.errors import ConfigError
 
 MiB = 1024 * 1024
@@ -114,6 +115,26 @@ class ServerConfig(_Strict):
 class ModelConfig(_Strict):
     kind: str
     params: dict[str, Any] = Field(default_factory=dict)
+
+    # Checked here, at load time, so that the error names this table: built first by
+    # central evaluation, a bad model was blamed on study.central_evaluation.
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        from fedcollab.models import MODEL_KINDS  # torch: only for files that name a model
+
+        if v not in MODEL_KINDS:
+            raise ValueError(f"unknown model kind {v!r}; known kinds: {', '.join(MODEL_KINDS)}")
+        return v
+
+    @field_validator("params")
+    @classmethod
+    def _params_fit_kind(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from fedcollab.models import model_config
+
+        if "kind" in info.data:  # else the kind's own error says what is wrong
+            model_config(kind=info.data["kind"], params=v)  # a ValueError names the param and what is accepted
+        return v
 
 
 class TrainConfig(_Strict):
@@ -244,6 +265,11 @@ class CentralEvaluationConfig(_Strict):
     seed: int = 0
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
     data_dir: Path | None = None
+
+    @field_validator("dataset")
+    @classmethod
+    def _builtin_dataset(cls, v: str) -> str:
+        return _known_dataset(v, KNOWN_DATASETS)
 
 
 CompressionMethod = Literal["none", "fp16", "bf16", "int8", "topk"]
@@ -500,11 +526,50 @@ class DataConfig(_Strict):
     # the budget when the file moves, or to tell two truly disjoint datasets apart.
     id: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 
+    @field_validator("dataset")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        return _known_dataset(v, DATA_SOURCES)
+
     @model_validator(mode="after")
     def _npz_needs_path(self) -> DataConfig:
         if self.dataset == "npz" and self.path is None:
             raise ValueError('dataset "npz" needs `path` to a .npz file holding arrays x and y')
+        if self.dataset == "fashion_mnist" and self.data_dir is None:
+            raise ValueError('dataset "fashion_mnist" needs `data_dir`, the folder with its IDX files')
         return self
+
+    @model_validator(mode="after")
+    def _keys_apply_to_dataset(self) -> DataConfig:
+        """A key the chosen dataset does not read would be ignored without a word."""
+        reads = _DATASET_KEYS.get(self.dataset, set())
+        stray = [k for k in sorted(self.model_fields_set - _DATA_KEYS_ALWAYS - reads) if getattr(self, k) is not None]
+        if stray:
+            why = (" (npz data is used whole: split or partition the arrays before writing the file)"
+                   if self.dataset == NPZ else "")
+            raise ValueError(f"{', '.join(f'data.{k}' for k in stray)} {'does' if len(stray) == 1 else 'do'} not "
+                             f"apply to dataset {self.dataset!r}, "
+                             f"which reads {', '.join(sorted(_DATA_KEYS_ALWAYS | reads))}{why}: remove them")
+        return self
+
+
+# Which [data] keys each dataset reads besides these (the rest it would ignore).
+_DATA_KEYS_ALWAYS = {"dataset", "seed", "val_fraction", "id"}
+_DATASET_KEYS: dict[str, set[str]] = {
+    NPZ: {"path"},
+    "digits": {"test_fraction", "partition"},
+    "breast_cancer": {"test_fraction", "partition"},
+    # test_fraction too: fashion_mnist's official split ignores it, but simulations pass
+    # the study's central_evaluation.test_fraction to every dataset alike.
+    "fashion_mnist": {"data_dir", "test_fraction", "partition"},
+}
+
+
+def _known_dataset(name: str, known: tuple[str, ...]) -> str:
+    if name not in known:
+        hint = "; npz is your own arrays x and y in the file at `path`" if NPZ in known else ""
+        raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(known)}{hint}")
+    return name
 
 
 class PrivacyConfig(_Strict):
@@ -640,6 +705,11 @@ class SimulationConfig(_Strict):
     val_fraction: float = Field(default=0.2, ge=0, lt=1)
     output_dir: Path = Path("runs")
     attack: AttackConfig | None = None
+
+    @field_validator("dataset")
+    @classmethod
+    def _builtin_dataset(cls, v: str) -> str:
+        return _known_dataset(v, KNOWN_DATASETS)
 
     @model_validator(mode="after")
     def _some_institutions_are_honest(self) -> SimulationConfig:

@@ -18,10 +18,13 @@ def central_evaluator(*, config: CentralEvaluationConfig, model: ModelConfig) ->
     # which a coordinator without central evaluation never needs.
     from fedcollab.data import load_dataset
 
+    try:  # the model first: its errors are study.model's, not central evaluation's
+        net = models.build_model(kind=model.kind, params=model.params)
+    except ValueError as e:
+        raise ConfigError(f"study.model.params: {e}") from None
     try:
         _, test = load_dataset(config.dataset, seed=config.seed, test_fraction=config.test_fraction,
                                data_dir=config.data_dir)
-        net = models.build_model(kind=model.kind, params=model.params)
     except ValueError as e:
         raise ConfigError(f"study.central_evaluation: {e}") from None
     x, y = torch.from_numpy(test.x), torch.from_numpy(test.y)

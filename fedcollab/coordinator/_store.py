@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcollab.coordinator._checkpoints import ModelVersion
+from fedcollab.coordinator._declines import with_declines
 
 log = logging.getLogger("fedcollab.coordinator")
 
@@ -299,9 +300,10 @@ class Store:
             if lineage is not None:
                 self._insert_lineage(db, model.version, lineage)
             db.execute(
-                "UPDATE rounds SET status='committed', closed_at=?, model_version=?, metrics=? "
+                "UPDATE rounds SET status='committed', closed_at=?, model_version=?, metrics=?, reason=? "
                 "WHERE round=? AND attempt=?",
-                (time.time(), model.version, json.dumps(metrics), round_number, attempt),
+                (time.time(), model.version, json.dumps(metrics),
+                 _with_declines(db, round_number, attempt, None), round_number, attempt),
             )
             self._write_counters(db)
 
@@ -310,7 +312,7 @@ class Store:
         with self._tx() as db:
             db.execute(
                 "UPDATE rounds SET status='failed', closed_at=?, reason=?, counted=? WHERE round=? AND attempt=?",
-                (time.time(), reason, int(counted), round_number, attempt),
+                (time.time(), _with_declines(db, round_number, attempt, reason), int(counted), round_number, attempt),
             )
             self._write_counters(db)
 
@@ -410,3 +412,10 @@ class Store:
     def _model(self, row: sqlite3.Row) -> ModelVersion:
         return ModelVersion(version=row["version"], sha256=row["sha256"],
                             path=self._models_dir / Path(row["path"]).name, size_bytes=row["size_bytes"])
+
+
+def _with_declines(db: sqlite3.Connection, round_number: int, attempt: int, reason: str | None) -> str | None:
+    """A closing round's reason, naming the institutions that declined it and why."""
+    rows = db.execute("SELECT institution, reason FROM participations WHERE round=? AND attempt=? "
+                      "AND status='declined'", (round_number, attempt)).fetchall()
+    return with_declines(reason, [(r["institution"], r["reason"] or "") for r in rows])

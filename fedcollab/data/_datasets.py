@@ -15,7 +15,8 @@ import numpy as np
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.model_selection import train_test_split
 
-KNOWN_DATASETS: tuple[str, ...] = ("digits", "breast_cancer", "fashion_mnist")
+from fedcollab._dataset_names import KNOWN_DATASETS
+
 
 _FASHION_HINT = (
     "Get the raw IDX files without network access at run time, e.g. "

@@ -34,11 +34,13 @@ from fedcollab.errors import ConfigError, FedcollabError, RemoteError
 from fedcollab.institution._backoff import Backoff
 from fedcollab.institution._client import CoordinatorClient
 from fedcollab.institution._data import load_local_data
+from fedcollab.institution._data_check import DECLINE_REASON, DataSummary, data_problems, decline_message, summarize
 from fedcollab.institution._error_feedback import with_error_feedback
 from fedcollab.institution._policy import check_task
 from fedcollab.institution._protection import protection_note
 from fedcollab.institution._secure import send_secure
 from fedcollab.institution._trainer import (
+    EvalResult,
     SyntheticTrainer,
     TorchTrainer,
     Trainer,
@@ -124,9 +126,12 @@ class InstitutionDaemon:
         privacy: InstitutionPrivacy | None = None,
         study: str = "",
         expect_name: str = "",
+        data: DataSummary | None = None,
     ) -> None:
         """`study`: the study to join (empty: the coordinator's default study).
-        `expect_name`: for the default study, the name it must answer with (empty: any)."""
+        `expect_name`: for the default study, the name it must answer with (empty: any).
+        `data`: the trainer's data, checked against each study's model before a task
+        trains (None: not checked, e.g. the synthetic trainer's)."""
         self.config = config
         self._join_study = study
         self._expect_name = expect_name
@@ -135,6 +140,7 @@ class InstitutionDaemon:
         self.name = config.institution.name
         self._trainer = trainer
         self._num_train = num_train_examples
+        self._data = data
         if credentials is None and config.tls is not None:
             credentials = channel_credentials_from(config.tls)
         self._client = CoordinatorClient(address=config.institution.coordinator, credentials=credentials,
@@ -338,6 +344,9 @@ class InstitutionDaemon:
         if not allowed.accept:  # the site's limits hold whatever the coordinator asks
             self._decline(task, allowed.reason, allowed.message)
             return
+        if problem := self._data_problem():  # before spending: data the model cannot take is declined
+            self._decline(task, DECLINE_REASON, problem)
+            return
         try:  # before training or spending: an encoding this daemon cannot produce is declined
             compression_from_proto(task.compression)
         except EncodingError as e:
@@ -509,9 +518,24 @@ class InstitutionDaemon:
                    metrics=json.loads(meta.get("metrics", "{}")), privacy=spend)
         return True
 
+    def _data_problem(self) -> str:
+        """Why this site's data cannot train the study's model ('' if it can)."""
+        if self._data is None or self._study is None:
+            return ""
+        spec = self._study.model
+        problems = data_problems(data=self._data, kind=spec.kind,
+                                 params=integral(json_format.MessageToDict(spec.params)))
+        return decline_message(problems)
+
     def _evaluate(self, task: pb.Task) -> None:
-        model, _ = self._load_model(task.model)
-        result = self._trainer.evaluate(model=model)
+        if problem := self._data_problem():
+            # Reported as evaluating nothing (like a site without held-out data) rather
+            # than failing in the model's forward pass at every round.
+            log.warning("%s: round %d: not evaluating: %s", self.name, task.round, problem)
+            result = EvalResult(0, 0.0, 0.0)
+        else:
+            model, _ = self._load_model(task.model)
+            result = self._trainer.evaluate(model=model)
         self._client.report_evaluation(pb.ReportEvaluationRequest(
             session_id=self._session or "", round=task.round, nonce=task.nonce, model_sha256=task.model.sha256,
             num_examples=result.num_examples, loss=result.loss, accuracy=result.accuracy,
@@ -551,6 +575,7 @@ def daemon_from_config(
     (InstitutionAgent); without it, the one at the top of config's state_dir."""
     trainer: Trainer
     privacy: InstitutionPrivacy | None = None
+    data: DataSummary | None = None
     if config.institution.threads:
         torch.set_num_threads(config.institution.threads)
     cap = config.policy.max_gpu_memory_gb
@@ -568,6 +593,7 @@ def daemon_from_config(
         trainer = TorchTrainer(train=train, val=val, device=pick_device(config.institution.device),
                                seed=config.data.seed, grad_sample_mode=mode, cache_dir=state_dir)
         num_train = len(train)
+        data = summarize(train, val)
         if config.privacy is not None:
             key = dataset_key(config.data)
             if ledger is None:
@@ -580,7 +606,7 @@ def daemon_from_config(
         trainer = wrap_trainer(trainer)
     return InstitutionDaemon(config=config, trainer=trainer, num_train_examples=num_train,
                              credentials=credentials, on_event=on_event, privacy=privacy, study=study,
-                             expect_name=expect_name)
+                             expect_name=expect_name, data=data)
 
 
 def _manifest_key(task: pb.Task) -> str:

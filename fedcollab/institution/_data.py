@@ -31,7 +31,14 @@ def load_local_data(config: DataConfig) -> tuple[ArrayDataset, ArrayDataset]:
 def _load_npz(config: DataConfig) -> ArrayDataset:
     try:
         with np.load(config.path, allow_pickle=False) as f:  # NEVER allow pickle: it runs code
-            x, y = f["x"].astype(np.float32), f["y"].astype(np.int64)
+            x, y = f["x"], f["y"]
     except (OSError, KeyError, ValueError) as e:
         raise ValueError(f"{config.path}: cannot read arrays x and y from the .npz file: {e}") from None
-    return ArrayDataset(x=x, y=y, num_classes=int(y.max()) + 1 if len(y) else 1)
+    # Checked before the casts: a cast would turn "3" into 3.0 and label 1.7 into 1 silently.
+    if x.dtype.kind not in "biuf":
+        raise ValueError(f"{config.path}: x holds {x.dtype} values; features must be numbers (float or int)")
+    if y.dtype.kind not in "biuf" or (y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y)))):
+        raise ValueError(f"{config.path}: y must hold integer class labels 0, 1, ...; it holds {y.dtype} values"
+                         + (" that are not all whole numbers" if y.dtype.kind == "f" else ""))
+    x, y = x.astype(np.float32), y.astype(np.int64)
+    return ArrayDataset(x=x, y=y, num_classes=max(int(y.max()) + 1, 1) if len(y) else 1)

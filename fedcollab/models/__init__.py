@@ -6,7 +6,7 @@ from fedcollab.models._blob import Blob, BlobConfig
 from fedcollab.models._cnn import CNNConfig, SmallCNN
 from fedcollab.models._lora import LoraTransformer, LoraTransformerConfig, lora_base_sha256
 from fedcollab.models._mlp import MLP, MLPConfig
-from fedcollab.models._registry import MODEL_KINDS, build_model, build_model_to_load
+from fedcollab.models._registry import MODEL_KINDS, build_model, build_model_to_load, model_config
 from fedcollab.models._transformer import TinyTransformer, TransformerConfig
 
 __all__ = [
@@ -24,4 +24,5 @@ __all__ = [
     "build_model",
     "build_model_to_load",
     "lora_base_sha256",
+    "model_config",
 ]

@@ -32,6 +32,11 @@ class CNNConfig:
         if self.hidden < 1:
             raise ValueError(f"CNNConfig.hidden must be >= 1, got {self.hidden}")
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One example: (channels, height, width)."""
+        return (self.in_channels, _IMAGE_SIZE, _IMAGE_SIZE)
+
 
 class SmallCNN(nn.Module):
     def __init__(self, config: CNNConfig) -> None:
@@ -47,7 +52,7 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(config.hidden, config.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expected = (self.config.in_channels, _IMAGE_SIZE, _IMAGE_SIZE)
+        expected = self.config.input_shape
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"SmallCNN expects input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         for conv in self.convs:

@@ -30,14 +30,20 @@ def build_model(
     *, kind: str, params: Mapping[str, object] | None = None, seed: int = 0
 ) -> nn.Module:
     """Same (kind, params, seed) always gives bit-identical initial weights."""
-    if kind not in _BUILDERS:
-        raise ValueError(f"unknown model kind {kind!r}; known kinds: {', '.join(MODEL_KINDS)}")
-    config_cls, model_cls = _BUILDERS[kind]
-    config = config_cls(**_coerce_params(kind, config_cls, dict(params or {})))
+    config = model_config(kind=kind, params=params)
     # fork_rng keeps the caller's global RNG state untouched; devices=[] skips CUDA.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return model_cls(config)
+        return _BUILDERS[kind][1](config)
+
+
+def model_config(*, kind: str, params: Mapping[str, object] | None = None) -> object:
+    """The checked config dataclass of (kind, params) (e.g. MLPConfig), without building
+    the model: its fields say what the model takes (in_features, num_classes, ...)."""
+    if kind not in _BUILDERS:
+        raise ValueError(f"unknown model kind {kind!r}; known kinds: {', '.join(MODEL_KINDS)}")
+    config_cls = _BUILDERS[kind][0]
+    return config_cls(**_coerce_params(kind, config_cls, dict(params or {})))
 
 
 def build_model_to_load(

@@ -99,3 +99,93 @@ def test_the_shipped_study_file_parses_and_its_model_builds() -> None:
     spec = parse_config(StudyFile, tomllib.loads(path.read_text()), source=str(path))
     assert spec.start_after == "digits-mlp"
     build_model(kind=spec.study.model.kind, params=spec.study.model.params)
+
+
+def _shipped() -> list[tuple[str, type]]:
+    from fedcollab.config import StudyFile
+
+    def cls_of(path: Path) -> type:
+        text = path.read_text()
+        if path.parent.name == "institutions":
+            return InstitutionConfig
+        return Scenario if "[simulation" in text else StudyFile if "start_after" in text else FederationConfig
+
+    files = sorted([*REPO.glob("institutions/*.toml"), *REPO.glob("simulations/*.toml")])
+    return [(str(p.relative_to(REPO)), cls_of(p)) for p in files]
+
+
+@pytest.mark.parametrize("path, cls", _shipped())
+def test_every_shipped_file_loads(path: str, cls: type) -> None:
+    # The checks below (datasets, keys that apply, model params) must not refuse a file we ship.
+    assert isinstance(load_config(cls, REPO / path), cls)
+
+
+def test_every_shipped_file_is_covered() -> None:
+    assert len(_shipped()) >= 17  # 2 institutions, 15 simulation and federation files
+
+
+_INST = '[institution]\nname = "a"\n'
+_MLP = '[study.model]\nkind = "mlp"\n'
+DATA_AND_MODEL = [
+    pytest.param(InstitutionConfig, _INST + '[data]\ndataset = "csv"\n',
+                 ["data.dataset", "unknown dataset 'csv'", "digits, breast_cancer, fashion_mnist, npz"],
+                 id="unknown dataset lists every source"),
+    pytest.param(InstitutionConfig, _INST + '[data]\ndataset = "npz"\npath = "x.npz"\ntest_fraction = 0.3\n',
+                 ["data.test_fraction does not apply to dataset 'npz'", "used whole"], id="npz test_fraction"),
+    pytest.param(InstitutionConfig, _INST + '[data]\ndataset = "npz"\npath = "x.npz"\n'
+                 '[data.partition]\nnum_partitions = 2\nindex = 0\n',
+                 ["data.partition does not apply to dataset 'npz'"], id="npz partition"),
+    pytest.param(InstitutionConfig, _INST + '[data]\ndataset = "npz"\npath = "x.npz"\ndata_dir = "d"\n'
+                 'test_fraction = 0.3\n', ["data.data_dir, data.test_fraction do not apply"], id="npz both"),
+    pytest.param(InstitutionConfig, _INST + '[data]\ndataset = "digits"\npath = "x.npz"\n',
+                 ["data.path does not apply to dataset 'digits'"], id="digits with a path"),
+    pytest.param(InstitutionConfig, _INST + '[data]\ndataset = "fashion_mnist"\n',
+                 ['"fashion_mnist" needs `data_dir`'], id="fashion_mnist without data_dir"),
+    pytest.param(InstitutionConfig, _INST + '[data]\ndataset = "npz"\npath = "x.npz"\npartiton = 3\n',
+                 ["data.partiton", "unknown key"], id="npz typo"),
+    pytest.param(FederationConfig, _MLP + '[study.central_evaluation]\ndataset = "npz"\n',
+                 ["study.central_evaluation.dataset", "unknown dataset 'npz'", "fashion_mnist"],
+                 id="central evaluation on npz"),
+    pytest.param(Scenario, '[simulation]\ndataset = "csv"\n' + _MLP, ["simulation.dataset", "unknown dataset 'csv'"],
+                 id="simulation of an unknown dataset"),
+    pytest.param(FederationConfig, '[study.model]\nkind = "mlp"\nparams = { hiden = [8] }\n'
+                 '[study.central_evaluation]\ndataset = "digits"\n',
+                 ["study.model.params", "unknown param 'hiden'", "hidden: list[int]"], id="model param typo"),
+    pytest.param(FederationConfig, '[study.model]\nkind = "mlp"\nparams = { in_features = "64" }\n',
+                 ["study.model.params", "'in_features'", "must be int"], id="model param type"),
+    pytest.param(FederationConfig, '[study.model]\nkind = "mlp"\nparams = { dropout = 1.5 }\n',
+                 ["study.model.params", "dropout must be in [0, 1)"], id="model param range"),
+    pytest.param(FederationConfig, '[study.model]\nkind = "mpl"\n',
+                 ["study.model.kind", "unknown model kind 'mpl'", "lora_transformer"], id="model kind typo"),
+]
+
+
+@pytest.mark.parametrize("cls, text, expected", DATA_AND_MODEL)
+def test_datasets_keys_and_model_params_are_checked_at_load(tmp_path: Path, cls: type, text: str,
+                                                            expected: list[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(cls, path)
+    message = str(err.value)
+    for part in expected:
+        assert part in message, f"{part!r} not in:\n{message}"
+    assert "central_evaluation" not in message or "central_evaluation.dataset" in message
+
+
+def test_keys_a_dataset_reads_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text(_INST + '[data]\ndataset = "npz"\npath = "x.npz"\nseed = 3\nval_fraction = 0.1\nid = "ward-7"\n')
+    assert load_config(InstitutionConfig, path).data.path == tmp_path / "x.npz"  # type: ignore[union-attr]
+    path.write_text(_INST + '[data]\ndataset = "fashion_mnist"\ndata_dir = "fm"\ntest_fraction = 0.2\n')
+    assert load_config(InstitutionConfig, path).data.data_dir == tmp_path / "fm"  # type: ignore[union-attr]
+
+
+def test_a_model_built_past_validation_is_blamed_on_the_model_table() -> None:
+    # model_copy skips validation: the coordinator's own build still names study.model.
+    from fedcollab.config import CentralEvaluationConfig, ModelConfig
+    from fedcollab.coordinator._central_eval import central_evaluator
+
+    bad = ModelConfig(kind="mlp").model_copy(update={"params": {"hiden": [8]}})
+    with pytest.raises(ConfigError, match=r"^study\.model\.params: unknown param 'hiden'"):
+        central_evaluator(config=CentralEvaluationConfig(dataset="digits"), model=bad)
