@@ -11,8 +11,11 @@ like \\x1b or \\u202e, and the text is cut at `limit` characters.
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 
+from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 DEFAULT_LIMIT = 1024
 _UNSAFE = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}  # control, format, line/paragraph separators, unassigned
@@ -39,3 +42,14 @@ def _escaped(ch: str) -> str:
     if code <= 0xFF:
         return f"\\x{code:02x}"
     return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def print_facts(console: Console, rows: Sequence[tuple[str, str]], *, title: str) -> None:
+    """Label-value lines, each printed whole: a fingerprint, serial or SHA-256 is read out
+    by phone or pasted elsewhere, so it is never cut with an ellipsis nor broken at the
+    console's width (soft_wrap: the terminal wraps it, a copy gets it in one piece).
+    Values are plain text (a fingerprint's ":AB:" is not an emoji code, "[x]" not markup)."""
+    width = max((len(label) for label, _ in rows), default=0)
+    console.print(Text(title, style="bold"), soft_wrap=True)
+    for label, value in rows:
+        console.print(Text.assemble((label.ljust(width), "bold"), "  ", str(value)), soft_wrap=True)

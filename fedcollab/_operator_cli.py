@@ -19,10 +19,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedcollab._display import markup
+from fedcollab._plaintext import require_tls_or_insecure
 from fedcollab._struct import integral
 from fedcollab.config import FederationConfig, InstitutionConfig, TlsConfig, load_config
 from fedcollab.errors import ConfigError, FedcollabError
-from fedcollab.transport import channel_credentials_from, create_channel, is_loopback
+from fedcollab.transport import channel_credentials_from, create_channel
 from fedcollab.wire import from_rpc_error
 
 # Wide enough for the tables when the output goes to a file or a pipe (scripts, logs).
@@ -49,19 +50,25 @@ def _operator_channel(args: argparse.Namespace) -> tuple[grpc.Channel, list[tupl
             token_file = state / "operator.token"
     if address is None:
         raise ConfigError("say where the coordinator is: --config federation.toml, or --coordinator HOST:PORT")
+    if args.cert or args.key or args.ca:
+        tls, what = "--cert/--key/--ca", "this command"
+    else:
+        tls, what = ("its [server.tls] table" if ca is not None else None), args.config or "this command"
+    require_tls_or_insecure(tls=tls, insecure=args.insecure, force_insecure=args.force_insecure, address=address,
+                            what=what, console=console,
+                            no_tls_hint="pass the operator's --cert and --key, with --ca or a --config whose "
+                                        "[server.tls] names the CA")
     if args.cert or args.key:
         if not (args.cert and args.key and ca):
             raise ConfigError("mutual TLS needs --cert and --key (the operator's, from `fedcollab pki`) and the CA "
                               "(--ca, or the [server.tls] ca_cert of --config)")
-        tls = TlsConfig(ca_cert=ca, cert=Path(args.cert), key=Path(args.key))
-        return create_channel(address, credentials=channel_credentials_from(tls), chunk_bytes=1 << 20), []
+        tls_files = TlsConfig(ca_cert=ca, cert=Path(args.cert), key=Path(args.key))
+        return create_channel(address, credentials=channel_credentials_from(tls_files), chunk_bytes=1 << 20), []
     if ca is not None:
         raise ConfigError(f"the coordinator at {address} speaks mutual TLS: pass the operator's --cert and --key")
     if token_file is None:
         raise ConfigError("over plaintext, operator calls need the coordinator's operator token: --token-file "
                           "<state_dir>/operator.token (or --config federation.toml on the coordinator's machine)")
-    if not is_loopback(address):
-        console.print(f"[bold red]PLAINTEXT to {address}: the operator token crosses the network unencrypted[/]")
     try:
         token = token_file.read_text(encoding="utf-8").strip()
     except OSError as e:
@@ -116,9 +123,10 @@ def _partner_client(args: argparse.Namespace) -> tuple[Any, InstitutionConfig]:
     from fedcollab.institution import CoordinatorClient
 
     config = load_config(InstitutionConfig, args.config)
-    if config.tls is None and not args.insecure:
-        raise ConfigError(f"{args.config} has no [tls] table: configure mutual TLS, or pass --insecure for a "
-                          "plaintext rehearsal on loopback")
+    require_tls_or_insecure(tls="its [tls] table" if config.tls is not None else None, insecure=args.insecure,
+                            force_insecure=args.force_insecure, address=config.institution.coordinator,
+                            what=args.config, no_tls_hint="add a [tls] table with ca_cert, cert and key",
+                            console=console)
     credentials = channel_credentials_from(config.tls) if config.tls is not None else None
     return CoordinatorClient(address=config.institution.coordinator, credentials=credentials), config
 
@@ -407,6 +415,12 @@ def _operator_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", help="the operator's private key")
     p.add_argument("--ca", help="the federation CA's certificate")
     p.add_argument("--token-file", help="over plaintext: the coordinator's <state_dir>/operator.token")
+    _insecure_options(p, what="with the operator token, when no mutual TLS is configured")
+
+
+def _insecure_options(p: argparse.ArgumentParser, *, what: str) -> None:
+    p.add_argument("--insecure", action="store_true", help=f"plaintext gRPC {what} (refused next to TLS)")
+    p.add_argument("--force-insecure", action="store_true", help="allow --insecure to a non-loopback address")
 
 
 def add_commands(sub: Any) -> None:
@@ -458,7 +472,7 @@ def add_commands(sub: Any) -> None:
     p = model.add_parser("list", help="published versions (partner: --config institution.toml)")
     p.add_argument("--config", required=True, help="institution.toml")
     p.add_argument("--study", help="only this study")
-    p.add_argument("--insecure", action="store_true", help="plaintext when institution.toml has no [tls]")
+    _insecure_options(p, what="when institution.toml has no [tls] table")
     p.set_defaults(func=cmd_model_list)
     p = model.add_parser("pull", help="download a published version, verify hash and signature, save it with "
                                       "its model card (partner)")
@@ -466,5 +480,5 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--study", required=True)
     p.add_argument("--config", required=True, help="institution.toml")
     p.add_argument("--out", default="models", help="folder to save into (default: models)")
-    p.add_argument("--insecure", action="store_true", help="plaintext when institution.toml has no [tls]")
+    _insecure_options(p, what="when institution.toml has no [tls] table")
     p.set_defaults(func=cmd_model_pull)

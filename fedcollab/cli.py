@@ -19,7 +19,6 @@ from fedcollab._display import markup
 from fedcollab._memory import tune_malloc
 from fedcollab.config import FederationConfig, InstitutionConfig, Scenario, load_config
 from fedcollab.errors import ConfigError, FedcollabError
-from fedcollab.transport import is_loopback
 
 DEFAULT_SCENARIO = "simulations/digits_fedavg.toml"
 console = Console()
@@ -39,28 +38,20 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _require_tls_or_insecure(*, has_tls: bool, args: argparse.Namespace, address: str, what: str) -> None:
-    """Mutual TLS is the default. Plaintext needs --insecure, is announced loudly at
-    every start, and off loopback also needs --force-insecure."""
-    if has_tls:
-        if args.insecure:
-            raise ConfigError(f"{what} has a [tls] table and --insecure was given: drop one of the two")
-        return
-    if not args.insecure:
-        raise ConfigError(f"{what} has no [tls] table: configure mutual TLS (see `fedcollab pki`), "
-                          "or pass --insecure for a plaintext rehearsal on loopback")
-    if not is_loopback(address) and not args.force_insecure:
-        raise ConfigError(f"--insecure refused on {address}, which is not a loopback address: plaintext there "
-                          "exposes updates and lets anyone join. Configure [tls], or add --force-insecure")
-    console.print(f"[bold red]PLAINTEXT: {address} without TLS. Traffic is unencrypted and identities are not "
-                  "verified; for a local rehearsal only.[/]")
+def _require_tls_or_insecure(*, table: str, has_tls: bool, args: argparse.Namespace, address: str, what: str) -> None:
+    from fedcollab._plaintext import require_tls_or_insecure
+
+    require_tls_or_insecure(tls=f"its {table} table" if has_tls else None, insecure=args.insecure,
+                            force_insecure=args.force_insecure, address=address, what=what,
+                            no_tls_hint=f"add a {table} table with ca_cert, cert and key", console=console)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     tune_malloc()
     from fedcollab.simulation import plot_comparison, run_simulation
 
-    paths = [Path(p) for p in args.scenario] if args.scenario else [_default_scenario()]
+    named = [*args.files, *(args.scenario or [])]  # `simulate FILE ...` as `flwr run .` users type, or --scenario
+    paths = [Path(p) for p in named] if named else [_default_scenario()]
     scenarios = [(path, load_config(Scenario, path)) for path in paths]  # all valid before any runs
     results = []
     for path, scenario in scenarios:
@@ -85,8 +76,8 @@ def cmd_coordinator_serve(args: argparse.Namespace) -> int:
     from fedcollab.coordinator import Coordinator
 
     config = load_config(FederationConfig, args.config)
-    _require_tls_or_insecure(has_tls=config.server.tls is not None, args=args, address=config.server.address,
-                             what=args.config)
+    _require_tls_or_insecure(table="[server.tls]", has_tls=config.server.tls is not None, args=args,
+                             address=config.server.address, what=args.config)
     stop = _stop_on_signals()
     coordinator = Coordinator(config=config)
     # The start-up heap (torch, gRPC, the model: ~200,000 objects) stays alive for good,
@@ -168,8 +159,8 @@ def cmd_institution_run(args: argparse.Namespace) -> int:
     from fedcollab.institution._agent import InstitutionAgent
 
     config = load_config(InstitutionConfig, args.config)
-    _require_tls_or_insecure(has_tls=config.tls is not None, args=args, address=config.institution.coordinator,
-                             what=args.config)
+    _require_tls_or_insecure(table="[tls]", has_tls=config.tls is not None, args=args,
+                             address=config.institution.coordinator, what=args.config)
     stop = _stop_on_signals()
     agent = InstitutionAgent(config=config, keep_running=args.keep_running)
     console.print(f"institution {agent.name} connecting to {config.institution.coordinator}; "
@@ -280,14 +271,9 @@ def _serial(text: str) -> int:
 
 
 def _pki_facts(rows: Sequence[tuple[str, str]], title: str) -> None:
-    from rich.text import Text
+    from fedcollab._display import print_facts
 
-    table = Table(title=title, show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    for label, value in rows:
-        table.add_row(label, Text(value))  # Text: a fingerprint's ":AB:" is not an emoji code
-    console.print(table)
+    print_facts(console, rows, title=title)  # fingerprints whole at any width: they are compared by phone
 
 
 def cmd_pki_init(args: argparse.Namespace) -> int:
@@ -379,17 +365,21 @@ def cmd_pki_list(args: argparse.Namespace) -> int:
     records = issued_certificates(ca_dir=Path(args.ca_dir))
     table = Table(title=f"certificates issued by {args.ca_dir}")
     table.add_column("serial", overflow="fold")  # whole: it is what `pki revoke --serial` takes
-    for col in ("role", "name", "hosts", "not after (UTC)", "status", "fingerprint"):
-        table.add_column(col, overflow="fold" if col == "hosts" else "ellipsis")
+    for col in ("role", "name", "hosts", "not after (UTC)", "status"):
+        table.add_column(col, overflow="fold")
     colour = {"valid": "green", "expired": "yellow", "revoked": "red"}
     for r in records:
         status = r.status + (f" {r.revoked_at[:10]} ({r.reason})" if r.revoked else "")
         table.add_row(serial_hex(r.serial), r.role, r.name, Text(", ".join([*r.dns_names, *r.ip_addresses])),
-                      r.not_after[:16].replace("T", " "), Text(status, style=colour[r.status]),
-                      Text(r.fingerprint[:22] + "…"))
+                      r.not_after[:16].replace("T", " "), Text(status, style=colour[r.status]))
     console.print(table)
     if not records:
         console.print("nothing issued yet", markup=False)
+    else:  # below the table, one line each, whole: a table cell would cut or break them
+        from fedcollab._display import print_facts
+
+        print_facts(console, [(serial_hex(r.serial), r.fingerprint) for r in records],
+                    title="certificate fingerprints (by serial)")
     return 0
 
 
@@ -405,10 +395,10 @@ def cmd_lineage_verify(args: argparse.Namespace) -> int:
         return 0 if report.ok else 1
     for warning in report.warnings:
         console.print("[yellow]warning:[/] ", end="")
-        console.print(warning, markup=False, highlight=False)
+        console.print(warning, markup=False, highlight=False, soft_wrap=True)  # may name fingerprints
     if report.ok:
         console.print(f"lineage intact: v0..v{report.latest_version}, signed by {report.key_fingerprint}",
-                      markup=False, highlight=False)
+                      markup=False, highlight=False, soft_wrap=True)  # the fingerprint whole, never cut
         return 0
     console.print(f"lineage broken at v{report.first_broken_version}: {report.problem}", style="red", markup=False,
                   highlight=False)
@@ -425,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="rehearse a whole federation on this machine")
+    sim.add_argument("files", nargs="*", metavar="FILE",
+                     help=f"scenario files, as --scenario takes them (default: {DEFAULT_SCENARIO})")
     sim.add_argument("--scenario", action="append",
                      help=f"scenario file (default: {DEFAULT_SCENARIO}); repeat it to compare scenarios "
                           "(e.g. privacy levels) in one plot")

@@ -13,8 +13,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
+from fedcollab._display import print_facts
 from fedcollab.serving._addresses import DEFAULT_GRPC_ADDRESS, DEFAULT_HTTP_ADDRESS
 
 console = Console()
@@ -74,10 +74,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _print_serving(server: Any) -> None:
     info = server.model.info(max_batch=server.max_batch)
     card = server.model.card
-    table = Table(title=escape(f"serving {info['study']} v{info['version']} ({info['federation']})"),
-                  show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
     rows = [
         ("model", f"{server.model_file} ({info['kind']}, {info['num_classes']} classes)"),
         ("sha256", info["sha256"]),
@@ -91,9 +87,8 @@ def _print_serving(server: Any) -> None:
         ("HTTP", server.http_url or "off (--no-http)"),
         ("published", f"{card.published_at}, pulled {card.pulled_at}"),
     ]
-    for label, value in rows:
-        table.add_row(label, escape(str(value)))
-    console.print(table)
+    # Whole lines: the SHA-256 and the key's fingerprint are compared, never cut at the width.
+    print_facts(console, rows, title=f"serving {info['study']} v{info['version']} ({info['federation']})")
     if not info["lineage_key_pinned"]:
         console.print("[yellow]warning:[/] no --public-key: the lineage signature proves this file is intact, not "
                       "that your federation's coordinator signed it. Pin the key its operator gives you "

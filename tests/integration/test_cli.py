@@ -104,6 +104,7 @@ def test_coordinator_and_institutions_as_separate_processes_over_mutual_tls(tmp_
     tls = _enroll(tmp_path)
     federation = tomllib.loads((REPO / "simulations" / "federation.toml").read_text())
     federation["server"].update(address="127.0.0.1:0", state_dir=str(tmp_path / "coordinator"),
+                                http_address="127.0.0.1:0",  # the shipped 8080 is taken by any other run
                                 heartbeat_interval_s=0.5, tls=tls["coordinator"])
     federation["study"]["rounds"] = 2
     (tmp_path / "federation.toml").write_text(_toml(federation))

@@ -62,6 +62,17 @@ def test_an_intact_chain_exits_0_and_names_the_key(capsys: pytest.CaptureFixture
     assert code == 0, out
 
 
+def test_the_key_fingerprint_is_printed_whole_in_a_narrow_terminal(
+        capsys: pytest.CaptureFixture[str], run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator compares it with the one the coordinator's operator read out: one
+    line, never cut at 60 or 80 columns (the terminal wraps it, a copy has it whole)."""
+    fingerprint = key_fingerprint(load_public_key(run_dir / "coordinator" / PUBLIC_KEY_FILE))
+    monkeypatch.setattr(cli.console, "_width", 60)
+    code, out = verify(capsys, str(run_dir))
+    assert code == 0 and out == f"lineage intact: v0..v2, signed by {fingerprint}\n", out
+
+
+
 def test_a_changed_model_exits_1_naming_the_version(capsys: pytest.CaptureFixture[str], copy: Path) -> None:
     path = sorted((copy / "models").glob("v000001-*.safetensors"))[0]
     path.write_bytes(path.read_bytes() + b"\0")

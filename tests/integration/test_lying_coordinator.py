@@ -337,7 +337,7 @@ def test_a_pull_answered_with_another_version_study_or_bytes_is_refused(
     servicer, port = hostile
     out = tmp_path / "pulled"
     args = argparse.Namespace(study="study-b", version=3, config=str(_partner(pki, port, tmp_path)), out=str(out),
-                              insecure=False)
+                              insecure=False, force_insecure=False)
     servicer.lie = lie
     with pytest.raises(FedcollabError, match=message) as refused:
         cmd_model_pull(args)

@@ -100,6 +100,35 @@ def test_init_request_sign_revoke_list(capsys: pytest.CaptureFixture[str], tmp_p
     assert revocations.revoked_serials == {r.serial for r in issued_certificates(ca_dir=ca)}
 
 
+def test_fingerprints_and_serials_are_printed_whole_in_a_narrow_terminal(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both sides read them out by phone: at 60 columns each one is on one line, all of
+    it, with no ellipsis (the terminal wraps it; a copy has it in one piece)."""
+    monkeypatch.setattr(cli.console, "_width", 60)
+    ca, home = tmp_path / "pki", tmp_path / "keys"
+
+    def whole_lines(out: str) -> list[str]:
+        assert "…" not in out, out
+        return [m for line in out.splitlines() for m in FINGERPRINT.findall(line)]
+
+    code, out = pki(capsys, "init", "--dir", str(ca), "--federation", "a-federation-with-a-long-name")
+    assert code == 0 and re.search(rf"^fingerprint\s+{FINGERPRINT.pattern}$", out, flags=re.M), out
+    (ca_fp,) = whole_lines(out)
+    code, out = pki(capsys, "request", "--coordinator", "coordinator", "--dns", "localhost", "--dir", str(home))
+    assert code == 0, out
+    (requested,) = whole_lines(out)
+    code, out = pki(capsys, "sign", "--ca-dir", str(ca), "--csr", str(home / "coordinator.csr"))
+    assert code == 0, out
+    public_key_fp, cert_fp = whole_lines(out)
+    (record,) = issued_certificates(ca_dir=ca)
+    assert public_key_fp == requested and cert_fp == record.fingerprint and ca_fp not in (requested, cert_fp)
+    assert re.search(rf"^serial\s+{record.serial:x}$", out, flags=re.M), out
+    code, out = pki(capsys, "list", "--ca-dir", str(ca))
+    assert code == 0, out
+    assert whole_lines(out) == [record.fingerprint]
+    assert re.search(rf"^{record.serial:x}\s+{re.escape(record.fingerprint)}$", out, flags=re.M), out
+
+
 def test_bad_arguments(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, out = pki(capsys, "sign", "--ca-dir", str(tmp_path / "none"), "--csr", str(tmp_path / "x.csr"))
     assert code == 2 and "cannot read it" in out

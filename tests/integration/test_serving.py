@@ -4,6 +4,7 @@ against a direct forward pass; bad inputs, status by status; refusals at load.""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -374,7 +375,7 @@ def test_cli_serves_until_sigterm(mlp: Served, tmp_path: Path) -> None:
 
     pem.write_bytes(mlp.key.public_key().public_bytes(serialization.Encoding.PEM,
                                                       serialization.PublicFormat.SubjectPublicKeyInfo))
-    env = {**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "COLUMNS": "80", "PYTHONUNBUFFERED": "1"}  # a narrow terminal: hashes still whole
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedcollab", "serve", "--model", str(mlp.file), "--public-key", str(pem),
          "--grpc-address", "127.0.0.1:0", "--http-address", "127.0.0.1:0"],
@@ -394,6 +395,10 @@ def test_cli_serves_until_sigterm(mlp: Served, tmp_path: Path) -> None:
         url = re.search(r"HTTP\s+(http://127\.0\.0\.1:\d+)", output)
         assert url, output
         assert "(pinned)" in output and "curl" in output and "/v1/predict" in output
+        sha256 = hashlib.sha256(mlp.file.read_bytes()).hexdigest()
+        assert re.search(rf"^sha256\s+{sha256}$", output, flags=re.M), output
+        assert re.search(r"^lineage\s+signature verified with ed25519:[0-9a-f]{16} \(pinned\)$", output,
+                         flags=re.M), output
         port = int(url.group(1).rsplit(":", 1)[1])
         assert request(port, "GET", "/healthz")[0] == 200
         proc.send_signal(signal.SIGTERM)
