@@ -35,6 +35,7 @@ from fedcollab.institution._backoff import Backoff
 from fedcollab.institution._client import CoordinatorClient
 from fedcollab.institution._data import load_local_data
 from fedcollab.institution._error_feedback import with_error_feedback
+from fedcollab.institution._notices import Notices
 from fedcollab.institution._policy import check_task
 from fedcollab.institution._secure import send_secure
 from fedcollab.institution._trainer import (
@@ -97,6 +98,8 @@ class DaemonEvent:
     kind: str
     round: int = 0
     detail: str = ""
+    study: str = ""  # once joined: the study's name and its planned rounds (a progress bar's total)
+    total_rounds: int = 0
 
 
 class InstitutionDaemon:
@@ -107,6 +110,9 @@ class InstitutionDaemon:
     institution's ledger, together with the update kept on disk, before the upload
     starts. A restart that finds that row re-sends the same update instead of training
     again, so a crash between spending and sending neither loses nor double-counts."""
+
+    # How failures that repeat are told; InstitutionAgent shares its own with its daemons.
+    notices: Notices | None = None
 
     def __init__(
         self,
@@ -162,6 +168,7 @@ class InstitutionDaemon:
         stop = stop or threading.Event()
         rc = self.config.reconnect
         backoff = Backoff(initial_s=rc.initial_backoff_s, max_s=rc.max_backoff_s)
+        notices = self.notices or Notices(logger=log, name=self.name)
         halt = threading.Event()  # ends the heartbeat thread with this call
         beat = threading.Thread(target=self._heartbeats, args=(stop, halt), name=f"heartbeat-{self.name}",
                                 daemon=True)
@@ -173,6 +180,7 @@ class InstitutionDaemon:
                         self._join()
                     task = self._client.poll(session_id=self._session or "", wait_s=self._poll_wait)
                     backoff.reset()
+                    notices.cleared()
                     if task.kind == pb.TASK_KIND_FINISHED:
                         # No version will be asked for again: a partial download (a
                         # daemon killed mid-download) would otherwise stay for good.
@@ -207,7 +215,15 @@ class InstitutionDaemon:
                     elif e.code in _TRANSIENT:
                         delay = backoff.next_delay()
                         self._emit("disconnected", detail=f"{e.code.name}: {e.message}")
-                        log.info("%s: coordinator unreachable (%s); retrying in %.1fs", self.name, e.code.name, delay)
+                        notices.failed(e.code.name, f"coordinator unreachable ({e.code.name}: {e.message})",
+                                       retry_s=delay)
+                        stop.wait(delay)
+                    elif self._session is None or e.code == grpc.StatusCode.PERMISSION_DENIED:
+                        # Who this institution is was refused (INSTITUTION_SUSPENDED, _NOT_APPROVED):
+                        # the operator may change that, so wait with backoff, and say it once.
+                        delay = backoff.next_delay()
+                        self._emit("rejected", detail=f"{e.reason}: {e.message}")
+                        notices.failed(e.reason or e.code.name, str(e), retry_s=delay)
                         stop.wait(delay)
                     else:
                         # The coordinator refused this step (e.g. ROUND_CLOSED): poll on.
@@ -392,9 +408,10 @@ class InstitutionDaemon:
 
     def _send(self, task: pb.Task, deltas: list[torch.Tensor], *, num_examples: int, metrics: dict[str, float],
               privacy: pb.PrivacySpend | None) -> None:
+        started = time.monotonic()
         if task.HasField("secure_aggregation"):
             try:
-                send_secure(client=self._client, session_id=self._session or "", name=self.name, task=task,
+                sent = send_secure(client=self._client, session_id=self._session or "", name=self.name, task=task,
                             deltas=deltas, num_examples=num_examples, metrics=metrics, privacy=privacy,
                             wait_s=self._poll_wait, tls=self.config.tls)
             except SecAggError as e:
@@ -405,10 +422,16 @@ class InstitutionDaemon:
                     self._decline(task, e.reason, e.message)
                 return
         else:
-            self._client.upload(session_id=self._session or "", task=task, deltas=deltas,
-                                num_examples=num_examples, metrics=metrics, privacy=privacy)
+            sent = self._client.upload(session_id=self._session or "", task=task, deltas=deltas,
+                                       num_examples=num_examples, metrics=metrics, privacy=privacy).bytes_received
         self._drop_pending()
-        self._emit("uploaded", task.round)
+        # One line per round: what an operator watching the site's log wants to see move.
+        spent = (f"epsilon {privacy.epsilon:.3f} of {privacy.budget_epsilon:.3f} spent in this study"
+                 if privacy is not None and privacy.epsilon > 0 else "no DP-SGD")
+        how = "masked update sent (secure aggregation)" if task.HasField("secure_aggregation") else "uploaded"
+        detail = f"{num_examples} examples, {spent}, {how} {_size(sent)} in {time.monotonic() - started:.2f}s"
+        log.info("%s: round %d: trained on %s", self.name, task.round, detail)
+        self._emit("uploaded", task.round, detail)
 
     # ------------------------------------------------------------ privacy
     def _decline(self, task: pb.Task, reason: str, message: str, *, spent: float | None = None) -> None:
@@ -488,7 +511,19 @@ class InstitutionDaemon:
 
     def _emit(self, kind: str, round_number: int = 0, detail: str = "") -> None:
         if self._on_event is not None:
-            self._on_event(DaemonEvent(kind, round_number, detail))
+            study = self._study
+            self._on_event(DaemonEvent(kind, round_number, detail, study=study.name if study else "",
+                                       total_rounds=int(study.total_rounds) if study else 0))
+
+
+def _size(n: int) -> str:
+    """Bytes for a log line: 812 B, 4.7 KiB, 19.1 MiB."""
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            break
+        size /= 1024
+    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
 def evict_cache(cache_dir: Path, *, keep: Path) -> None:
