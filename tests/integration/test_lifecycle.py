@@ -7,11 +7,17 @@ that repeat are said once; each round is one line at the institution."""
 from __future__ import annotations
 
 import logging
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from fedcollab.cli import main
@@ -20,10 +26,16 @@ from fedcollab.coordinator import Coordinator
 from fedcollab.institution._agent import InstitutionAgent
 from fedcollab.institution._daemon import DaemonEvent
 from fedcollab.pki import issue_ephemeral
+from fedcollab.v1 import coordinator_service_pb2 as pb
+from fedcollab.v1 import coordinator_service_pb2_grpc as pb_grpc
+from fedcollab.v1 import operator_service_pb2 as opb
+from fedcollab.v1 import operator_service_pb2_grpc as opb_grpc
 from tests.conftest import institution_config, tiny_federation, wait_until
 
 pytestmark = pytest.mark.integration
 LOGGER = "fedcollab.institution"
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture
@@ -154,3 +166,61 @@ def test_a_suspended_institution_says_so_once_then_backs_off_quietly(
             stop.set()
             thread.join(timeout=30)
             agent.close()
+
+
+# ------------------------------------------------------------------ the command line
+def _serve(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[str], int, str]:
+    """`fedcollab coordinator serve` in its own process (plaintext on loopback: the study
+    is ended through the operator token, no institution needed)."""
+    config = tmp_path / "federation.toml"
+    config.write_text(f'[server]\naddress = "127.0.0.1:0"\nstate_dir = "{tmp_path / "state"}"\n'
+                      '[study]\nname = "tiny"\n[study.model]\nkind = "mlp"\n'
+                      'params = { in_features = 64, hidden = [16], num_classes = 10 }\n', encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", "fedcollab", "coordinator", "serve", "--config", str(config),
+                             "--insecure", *flags], cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    head = []
+    for line in proc.stdout:
+        head.append(line)
+        if m := re.search(r"serving study .* on 127\.0\.0\.1:(\d+)", line):
+            return proc, int(m.group(1)), "".join(head)
+    raise AssertionError(f"the coordinator did not say where it listens (exit {proc.wait()})")
+
+
+def _cancel_every_study(tmp_path: Path, port: int) -> grpc.Channel:
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    token = (tmp_path / "state" / "operator.token").read_text().strip()
+    opb_grpc.OperatorServiceStub(channel).ChangeStudy(
+        opb.ChangeStudyRequest(study="tiny", action="cancel", reason="lifecycle test"),
+        metadata=[("authorization", f"Bearer {token}")], timeout=20)
+    return channel
+
+
+def test_serve_keeps_serving_once_its_studies_ended_until_stopped(tmp_path: Path) -> None:
+    proc, port, _ = _serve(tmp_path)
+    try:
+        channel = _cancel_every_study(tmp_path, port)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "every study has ended; serving on" in line:
+                break
+        time.sleep(1.0)
+        assert proc.poll() is None, "a service exited once its study ended"
+        pb_grpc.CoordinatorServiceStub(channel).ListStudies(pb.ListOpenStudiesRequest(), timeout=10)  # still up
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out  # stopped on request: a service's normal end
+    finally:
+        proc.kill()
+
+
+def test_serve_exit_when_done_exits_once_its_studies_ended(tmp_path: Path) -> None:
+    proc, port, head = _serve(tmp_path, "--exit-when-done", "--linger", "0.5", "--keep-serving")  # old flag: a no-op
+    try:
+        _cancel_every_study(tmp_path, port)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert "--keep-serving is deprecated and does nothing" in head, head
+    finally:
+        proc.kill()
