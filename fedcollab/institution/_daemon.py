@@ -412,8 +412,8 @@ class InstitutionDaemon:
         if task.HasField("secure_aggregation"):
             try:
                 sent = send_secure(client=self._client, session_id=self._session or "", name=self.name, task=task,
-                            deltas=deltas, num_examples=num_examples, metrics=metrics, privacy=privacy,
-                            wait_s=self._poll_wait, tls=self.config.tls)
+                                   deltas=deltas, num_examples=num_examples, metrics=metrics, privacy=privacy,
+                                   wait_s=self._poll_wait, tls=self.config.tls)
             except SecAggError as e:
                 # The coordinator asked for a step this institution must not take: leave the round.
                 self._emit("refused", task.round, f"{e.reason}: {e.message}")
