@@ -547,7 +547,7 @@ def run_load(*, opts: Options, folder: Path) -> dict[str, Any]:
     try:
         coordinator = ro.spawn(name="coordinator", cwd=folder, env=env, log_path=folder / "coordinator.log",
                                args=["coordinator", "serve", "--config", str(federation), "--insecure",
-                                     "--linger", "0.5"])
+                                     "--exit-when-done", "--linger", "0.5"])
         children.append(coordinator)
         watcher.add(coordinator)
         port = ro.wait_for_port(coordinator=coordinator, timeout_s=ro.PORT_TIMEOUT_S)

@@ -424,7 +424,8 @@ def run_federation(*, opts: Options, folder: Path, env: dict[str, str]) -> RunRe
     try:
         t_start = time.time()
         coordinator = spawn(name="coordinator", cwd=folder, env=env, log_path=folder / "coordinator.log",
-                            args=["coordinator", "serve", "--config", str(federation), "--insecure", "--linger", "1"])
+                            args=["coordinator", "serve", "--config", str(federation), "--insecure",
+                                  "--exit-when-done", "--linger", "1"])
         children.append(coordinator)
         watcher.add(coordinator)
         port = wait_for_port(coordinator=coordinator, timeout_s=PORT_TIMEOUT_S)
@@ -437,7 +438,7 @@ def run_federation(*, opts: Options, folder: Path, env: dict[str, str]) -> RunRe
             name = f"bench-i{i}"
             config = write_institution_toml(folder=folder, name=name, port=port)
             child = spawn(name=name, cwd=folder, env=env, log_path=folder / f"{name}.log",
-                          args=["institution", "run", "--config", str(config), "--insecure"])
+                          args=["institution", "run", "--config", str(config), "--insecure", "--exit-when-done"])
             children.append(child)
             watcher.add(child)
         console.log(f"{opts.institutions} institutions started")

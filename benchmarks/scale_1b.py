@@ -188,7 +188,7 @@ def run(*, params: int, institutions: int, chunk_mib: int, timeout_s: float, fol
         t0 = time.time()
         coordinator = ro.spawn(name="coordinator", cwd=folder, env=env, log_path=folder / "coordinator.log",
                                args=["coordinator", "serve", "--config", str(federation), "--insecure",
-                                     "--linger", "1"])
+                                     "--exit-when-done", "--linger", "1"])
         children.append(coordinator)
         watcher.add(coordinator)
         port = ro.wait_for_port(coordinator=coordinator, timeout_s=max(ro.PORT_TIMEOUT_S, params / 2e7))

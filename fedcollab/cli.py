@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import signal
@@ -87,22 +88,36 @@ def cmd_coordinator_serve(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     coordinator.start()
+    _deprecated_flag(args, "keep_serving", "--keep-serving", "serving on once every study has ended is the default; "
+                     "--exit-when-done exits instead")
     console.print(f"coordinator serving study [bold]{config.study.name}[/] on {coordinator.address} "
                   f"(state in {config.server.state_dir}); Ctrl-C stops it, a restart resumes")
     if coordinator.http_port is not None:
         host = str(config.server.http_address).rsplit(":", 1)[0]
         console.print(f"operators' dashboard: http://{host}:{coordinator.http_port}/ (metrics: /metrics)")
+    said = False  # that every study has ended, once until a new one starts
     try:
         while not stop.is_set():
-            if coordinator.wait(timeout=0.5) and not args.keep_serving:
+            if not coordinator.wait(timeout=0.5):
+                said = False
+            elif args.exit_when_done:
                 stop.wait(args.linger)  # let institutions hear that the study finished
                 break
+            elif not said:  # a service: operators submit the next study to this one
+                console.print("every study has ended; serving on for the next (`fedcollab study submit`)")
+                said = True
     finally:
         coordinator.stop()
     if coordinator.engine.failure:
         console.print(f"[red]study failed: {coordinator.engine.failure}")
-        return 1
+        return 1 if args.exit_when_done else 0  # a service stopped on request: the study failed, not the process
     return 0
+
+
+def _deprecated_flag(args: argparse.Namespace, dest: str, flag: str, why: str) -> None:
+    """An old flag is still accepted so existing scripts and units keep working; it does nothing."""
+    if getattr(args, dest, False):
+        console.print(f"{flag} is deprecated and does nothing: {why}", style="yellow", markup=False, highlight=False)
 
 
 def cmd_coordinator_status(args: argparse.Namespace) -> int:
@@ -162,18 +177,28 @@ def cmd_institution_run(args: argparse.Namespace) -> int:
     _require_tls_or_insecure(table="[tls]", has_tls=config.tls is not None, args=args,
                              address=config.institution.coordinator, what=args.config)
     stop = _stop_on_signals()
-    agent = InstitutionAgent(config=config, keep_running=args.keep_running)
+    _deprecated_flag(args, "keep_running", "--keep-running", "waiting for new studies is the default; "
+                     "--exit-when-done exits instead")
+    progress = None
+    if sys.stderr.isatty() and args.log_format == "rich":  # a person watching: never in logs or CI
+        from fedcollab.institution._progress import RoundProgress
+
+        progress = RoundProgress(console=Console(stderr=True))
+    agent = InstitutionAgent(config=config, keep_running=not args.exit_when_done,
+                             on_event=progress.on_event if progress is not None else None)
     console.print(f"institution {agent.name} connecting to {config.institution.coordinator}; "
                   f"studies accepted by its policy: {', '.join(config.policy.studies) or 'the default study only'}",
                   markup=False, highlight=False)
     try:
-        finished = agent.run(stop=stop)
+        with progress if progress is not None else contextlib.nullcontext():
+            finished = agent.run(stop=stop)
     finally:
         agent.close()
     for study, decision in sorted(agent.decisions.items()):
         if not decision.accept:
             console.print(f"declined study [bold]{study}[/]: {decision.reason}: {decision.message}")
-    return 0 if finished else 130
+    # A service ends when it is stopped, and that is its normal end; a one-shot run cut short is not.
+    return 0 if finished or not args.exit_when_done else 130
 
 
 def cmd_institution_ledger(args: argparse.Namespace) -> int:
@@ -426,25 +451,32 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
 
     coord = sub.add_parser("coordinator", help="run or inspect a coordinator").add_subparsers(dest="action", required=True)
-    serve = coord.add_parser("serve", help="serve a study until it is finished")
+    serve = coord.add_parser("serve", help="serve studies, and keep serving for the next one until stopped")
     serve.add_argument("--config", required=True, help="federation.toml")
     serve.add_argument("--insecure", action="store_true", help="allow plaintext gRPC when no [tls] is configured")
     serve.add_argument("--force-insecure", action="store_true", help="allow --insecure on a non-loopback address")
-    serve.add_argument("--linger", type=float, default=5.0, help="seconds to keep serving after the last round")
-    serve.add_argument("--keep-serving", action="store_true",
-                       help="keep serving once every study has ended (operators submit more with `fedcollab study`)")
+    serve.add_argument("--exit-when-done", action="store_true",
+                       help="one-shot: exit once every study has ended (default: keep serving, as a service does; "
+                            "operators submit more with `fedcollab study submit`)")
+    serve.add_argument("--linger", type=float, default=5.0,
+                       help="with --exit-when-done: seconds to keep serving after the last round, so institutions "
+                            "hear that it finished (default: 5)")
+    serve.add_argument("--keep-serving", action="store_true", help=argparse.SUPPRESS)  # the default now; a no-op
     serve.set_defaults(func=cmd_coordinator_serve)
     status = coord.add_parser("status", help="rounds recorded in a coordinator's state")
     status.add_argument("--config", required=True, help="federation.toml")
     status.set_defaults(func=cmd_coordinator_status)
 
     inst = sub.add_parser("institution", help="run an institution daemon").add_subparsers(dest="action", required=True)
-    run = inst.add_parser("run", help="join the federation and serve its tasks until the study ends")
+    run = inst.add_parser("run", help="join the federation and serve its studies' tasks until stopped")
     run.add_argument("--config", required=True, help="institution.toml")
     run.add_argument("--insecure", action="store_true", help="allow plaintext gRPC when no [tls] is configured")
     run.add_argument("--force-insecure", action="store_true", help="allow --insecure to a non-loopback address")
-    run.add_argument("--keep-running", action="store_true",
-                     help="once every accepted study has ended, wait for new ones instead of exiting")
+    run.add_argument("--exit-when-done", action="store_true",
+                     help="one-shot: exit once every accepted study has ended, or once the coordinator is gone "
+                          "after they ended (default: wait for new studies, and for the coordinator while it is "
+                          "away, as a service does)")
+    run.add_argument("--keep-running", action="store_true", help=argparse.SUPPRESS)  # the default now; a no-op
     run.set_defaults(func=cmd_institution_run)
     ledger = inst.add_parser("ledger", help="show or verify an institution's privacy ledger (epsilon spent)")
     where = ledger.add_mutually_exclusive_group(required=True)

@@ -28,7 +28,8 @@ from fedcollab.config import InstitutionConfig
 from fedcollab.errors import RemoteError
 from fedcollab.institution._backoff import Backoff
 from fedcollab.institution._client import CoordinatorClient
-from fedcollab.institution._daemon import DaemonEvent, InstitutionDaemon, daemon_from_config
+from fedcollab.institution._daemon import _TRANSIENT, DaemonEvent, InstitutionDaemon, daemon_from_config
+from fedcollab.institution._notices import Notices
 from fedcollab.institution._policy import Decision, decide_study
 from fedcollab.privacy._dataset import dataset_key
 from fedcollab.privacy._ledger import PrivacyLedger
@@ -70,8 +71,10 @@ def study_config(config: InstitutionConfig, offer: pb.StudyOffer) -> Institution
 
 
 class InstitutionAgent:
-    """`fedcollab institution run`. `keep_running`: wait for new studies once every
-    accepted one has ended (otherwise return then)."""
+    """`fedcollab institution run`. `keep_running` (the command's default, a service):
+    wait for new studies once every accepted one has ended, and for the coordinator
+    while it is away. Without it (`--exit-when-done`, and this class's default for
+    callers that embed it), return once they have ended."""
 
     def __init__(
         self,
@@ -92,6 +95,7 @@ class InstitutionAgent:
                                          max_reconnect_backoff_s=config.reconnect.max_backoff_s)
         self._on_event = on_event
         self._keep_running = keep_running
+        self.notices = Notices(logger=log, name=self.name)  # shared with its daemons: an outage is told once
         self._list_every_s = list_every_s
         self._ledger: PrivacyLedger | None = None  # the site's, shared by every study's daemon
         self._make_daemon = make_daemon or (lambda cfg, study: daemon_from_config(
@@ -137,18 +141,29 @@ class InstitutionAgent:
 
     # ----------------------------------------------------------------- main loop
     def run(self, *, stop: threading.Event | None = None) -> bool:
-        """Until every accepted study has ended (True), or `stop` is set (False)."""
+        """Until every accepted study has ended (True), or `stop` is set (False). With
+        keep_running, only `stop` ends it: a service waits for the coordinator's next
+        study, and for the coordinator itself when it is away (quietly, with backoff).
+        Without it, a coordinator gone after this site's studies ended is the end too:
+        it will not offer them again, and waiting for it would never return."""
         stop = stop or threading.Event()
         rc = self.config.reconnect
         backoff = Backoff(initial_s=rc.initial_backoff_s, max_s=rc.max_backoff_s)
+        waiting = False  # an accepted study queued at the last listing
         while not stop.is_set():
             try:
                 offers = self._client.list_studies()
                 backoff.reset()
+                self.notices.cleared()
             except RemoteError as e:
+                gone = e.code in _TRANSIENT  # keyed as the daemons key it: one outage, one line
+                if gone and not self._keep_running and self._all_ended(waiting=waiting):
+                    log.info("%s: the coordinator is gone (%s) and every study this site took part in has ended; "
+                             "exiting", self.name, e.code.name)
+                    return True
                 delay = backoff.next_delay()
-                log.warning("%s: cannot list the coordinator's studies (%s: %s); again in %.1fs", self.name,
-                            e.reason or e.code, e.message, delay)
+                self.notices.failed(e.code.name if gone else e.reason or e.code.name,
+                                    f"cannot list the coordinator's studies ({e})", retry_s=delay)
                 stop.wait(delay)
                 continue
             waiting = False
@@ -162,6 +177,10 @@ class InstitutionAgent:
         for t in self._threads.values():
             t.join(timeout=30)
         return False
+
+    def _all_ended(self, *, waiting: bool) -> bool:
+        """At least one study's daemon ran, none runs now, and none accepted is queued."""
+        return bool(self._threads) and not waiting and not any(t.is_alive() for t in self._threads.values())
 
     def _pause(self, stop: threading.Event, seconds: float, *, alive: int) -> None:
         """Until the next listing; cut short when a study's daemon ends, so that the
@@ -219,6 +238,7 @@ class InstitutionAgent:
             self._refuse_name(name, str(e))
             return False
         daemon = self._make_daemon(config, "" if offer.is_default else name)
+        daemon.notices = self.notices
         if offer.is_default:
             daemon.expect_study(name)
 

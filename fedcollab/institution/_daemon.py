@@ -36,6 +36,7 @@ from fedcollab.institution._client import CoordinatorClient
 from fedcollab.institution._data import load_local_data
 from fedcollab.institution._data_check import DECLINE_REASON, DataSummary, data_problems, decline_message, summarize
 from fedcollab.institution._error_feedback import with_error_feedback
+from fedcollab.institution._notices import Notices
 from fedcollab.institution._policy import check_task
 from fedcollab.institution._protection import protection_note
 from fedcollab.institution._secure import send_secure
@@ -100,6 +101,8 @@ class DaemonEvent:
     kind: str
     round: int = 0
     detail: str = ""
+    study: str = ""  # once joined: the study's name and its planned rounds (a progress bar's total)
+    total_rounds: int = 0
 
 
 class InstitutionDaemon:
@@ -113,6 +116,9 @@ class InstitutionDaemon:
     quorum, a pause, a suspension or a coordinator restart; or this daemon's own restart
     mid-upload), the same update is re-sent instead of training again: releasing it twice
     reveals nothing new, so nothing is spent twice. Only a new round or a new base spends."""
+
+    # How failures that repeat are told; InstitutionAgent shares its own with its daemons.
+    notices: Notices | None = None
 
     def __init__(
         self,
@@ -173,6 +179,7 @@ class InstitutionDaemon:
         stop = stop or threading.Event()
         rc = self.config.reconnect
         backoff = Backoff(initial_s=rc.initial_backoff_s, max_s=rc.max_backoff_s)
+        notices = self.notices or Notices(logger=log, name=self.name)
         halt = threading.Event()  # ends the heartbeat thread with this call
         beat = threading.Thread(target=self._heartbeats, args=(stop, halt), name=f"heartbeat-{self.name}",
                                 daemon=True)
@@ -184,6 +191,7 @@ class InstitutionDaemon:
                         self._join()
                     task = self._client.poll(session_id=self._session or "", wait_s=self._poll_wait)
                     backoff.reset()
+                    notices.cleared()
                     if task.kind == pb.TASK_KIND_FINISHED:
                         # No version will be asked for again: a partial download (a
                         # daemon killed mid-download) would otherwise stay for good.
@@ -219,7 +227,15 @@ class InstitutionDaemon:
                     elif e.code in _TRANSIENT:
                         delay = backoff.next_delay()
                         self._emit("disconnected", detail=f"{e.code.name}: {e.message}")
-                        log.info("%s: coordinator unreachable (%s); retrying in %.1fs", self.name, e.code.name, delay)
+                        notices.failed(e.code.name, f"coordinator unreachable ({e.code.name}: {e.message})",
+                                       retry_s=delay)
+                        stop.wait(delay)
+                    elif self._session is None or e.code == grpc.StatusCode.PERMISSION_DENIED:
+                        # Who this institution is was refused (INSTITUTION_SUSPENDED, _NOT_APPROVED):
+                        # the operator may change that, so wait with backoff, and say it once.
+                        delay = backoff.next_delay()
+                        self._emit("rejected", detail=f"{e.reason}: {e.message}")
+                        notices.failed(e.reason or e.code.name, str(e), retry_s=delay)
                         stop.wait(delay)
                     else:
                         # The coordinator refused this step (e.g. ROUND_CLOSED): poll on.
@@ -411,11 +427,12 @@ class InstitutionDaemon:
     def _send(self, task: pb.Task, deltas: list[torch.Tensor], *, num_examples: int, metrics: dict[str, float],
               privacy: pb.PrivacySpend | None) -> None:
         self._say_protection(task)
+        started = time.monotonic()
         if task.HasField("secure_aggregation"):
             try:
-                send_secure(client=self._client, session_id=self._session or "", name=self.name, task=task,
-                            deltas=deltas, num_examples=num_examples, metrics=metrics, privacy=privacy,
-                            wait_s=self._poll_wait, tls=self.config.tls)
+                sent = send_secure(client=self._client, session_id=self._session or "", name=self.name, task=task,
+                                   deltas=deltas, num_examples=num_examples, metrics=metrics, privacy=privacy,
+                                   wait_s=self._poll_wait, tls=self.config.tls)
             except SecAggError as e:
                 # The coordinator asked for a step this institution must not take: leave the round.
                 self._emit("refused", task.round, f"{e.reason}: {e.message}")
@@ -424,11 +441,17 @@ class InstitutionDaemon:
                     self._decline(task, e.reason, e.message)
                 return
         else:
-            self._client.upload(session_id=self._session or "", task=task, deltas=deltas,
-                                num_examples=num_examples, metrics=metrics, privacy=privacy)
+            sent = self._client.upload(session_id=self._session or "", task=task, deltas=deltas,
+                                       num_examples=num_examples, metrics=metrics, privacy=privacy).bytes_received
         # The kept update stays (until the next one replaces it): if this attempt fails
         # at the coordinator, the retry of this round on this base is answered with it.
-        self._emit("uploaded", task.round)
+        # One line per round: what an operator watching the site's log wants to see move.
+        spent = (f"epsilon {privacy.epsilon:.3f} of {privacy.budget_epsilon:.3f} spent in this study"
+                 if privacy is not None and privacy.epsilon > 0 else "no DP-SGD")
+        how = "masked update sent (secure aggregation)" if task.HasField("secure_aggregation") else "uploaded"
+        detail = f"{num_examples} examples, {spent}, {how} {_size(sent)} in {time.monotonic() - started:.2f}s"
+        log.info("%s: round %d: trained on %s", self.name, task.round, detail)
+        self._emit("uploaded", task.round, detail)
 
     def _say_protection(self, task: pb.Task) -> None:
         """Without DP-SGD here: once per study, before its first update leaves, what
@@ -544,7 +567,19 @@ class InstitutionDaemon:
 
     def _emit(self, kind: str, round_number: int = 0, detail: str = "") -> None:
         if self._on_event is not None:
-            self._on_event(DaemonEvent(kind, round_number, detail))
+            study = self._study
+            self._on_event(DaemonEvent(kind, round_number, detail, study=study.name if study else "",
+                                       total_rounds=int(study.total_rounds) if study else 0))
+
+
+def _size(n: int) -> str:
+    """Bytes for a log line: 812 B, 4.7 KiB, 19.1 MiB."""
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            break
+        size /= 1024
+    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
 def evict_cache(cache_dir: Path, *, keep: Path) -> None:

@@ -53,8 +53,9 @@ def signing_from(tls: TlsConfig | None) -> tuple[SigningIdentity, PeerVerifier] 
 
 def send_secure(*, client: CoordinatorClient, session_id: str, name: str, task: pb.Task,
                 deltas: Sequence[torch.Tensor], num_examples: int, metrics: dict[str, float],
-                privacy: pb.PrivacySpend | None, wait_s: float, tls: TlsConfig | None = None) -> None:
-    """Runs the SecAgg+ stages for this task's update. Raises SecAggError when the
+                privacy: pb.PrivacySpend | None, wait_s: float, tls: TlsConfig | None = None) -> int:
+    """Runs the SecAgg+ stages for this task's update; the bytes of the masked upload
+    the coordinator received. Raises SecAggError when the
     coordinator asks for something this institution must not do, RemoteError when
     the coordinator drops it from the round."""
     p = task.secure_aggregation
@@ -86,8 +87,9 @@ def send_secure(*, client: CoordinatorClient, session_id: str, name: str, task: 
                            rng=rng, weight=weight)
     log.info("%s: round %d: masked update with %d neighbours (%s)", name, task.round, len(sa.maskers),
              "signed" if sa.signed else "UNSIGNED")
-    client.upload(session_id=session_id, task=task, deltas=[torch.from_numpy(masked)], num_examples=num_examples,
-                  metrics=metrics, privacy=privacy, manifest=masked_manifest(len(masked)))
+    sent = client.upload(session_id=session_id, task=task, deltas=[torch.from_numpy(masked)],
+                         num_examples=num_examples, metrics=metrics, privacy=privacy,
+                         manifest=masked_manifest(len(masked)))
     del masked
     listed = client.secagg_wait(session_id=session_id, task=task, stage=pb.SEC_AGG_STAGE_CONSISTENCY_CHECK,
                                 wait_s=wait_s)
@@ -100,3 +102,4 @@ def send_secure(*, client: CoordinatorClient, session_id: str, name: str, task: 
                                      for s in outcome.signatures})
     client.secagg_submit(session_id=session_id, task=task, unmask=pb.UnmaskPayload(shares=[
         pb.RevealedShare(owner=owner, kind=_KINDS[kind], share=share) for owner, kind, share in revealed]))
+    return int(sent.bytes_received)

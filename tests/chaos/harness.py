@@ -657,9 +657,9 @@ class ChaosRun:
         # -vv: "X joined" and "update from X accepted", which the phase and rejoin figures
         # read from its log, are DEBUG lines (per call: too many at INFO for 200 institutions).
         self._slots = [_Slot(COORDINATOR, ["-vv", "coordinator", "serve", "--config", str(federation), "--insecure",
-                                           "--linger", str(self.settings.linger_s)],
+                                           "--exit-when-done", "--linger", str(self.settings.linger_s)],
                              list(self.plan.faults_of(COORDINATOR)))]
-        self._slots += [_Slot(name, ["institution", "run", "--config", str(path), "--insecure"],
+        self._slots += [_Slot(name, ["institution", "run", "--config", str(path), "--insecure", "--exit-when-done"],
                               list(self.plan.faults_of(name))) for name, path in inst_configs.items()]
         result = RunResult(seed=self.seed, settings=self.settings, plan=self.plan, folder=self.folder,
                            port=self.port)

@@ -110,7 +110,8 @@ def test_coordinator_and_institutions_as_separate_processes_over_mutual_tls(tmp_
     (tmp_path / "federation.toml").write_text(_toml(federation))
     coordinator = subprocess.Popen(
         [sys.executable, "-m", "fedcollab", "coordinator", "serve", "--config", str(tmp_path / "federation.toml"),
-         "--linger", "3"], cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+         "--exit-when-done", "--linger", "3"], cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT)
     institutions: list[subprocess.Popen[str]] = []
     try:
         assert coordinator.stdout is not None
@@ -126,7 +127,8 @@ def test_coordinator_and_institutions_as_separate_processes_over_mutual_tls(tmp_
             inst["tls"] = tls[name]
             (tmp_path / f"{name}.toml").write_text(_toml(inst))
             institutions.append(subprocess.Popen(
-                [sys.executable, "-m", "fedcollab", "institution", "run", "--config", str(tmp_path / f"{name}.toml")],
+                [sys.executable, "-m", "fedcollab", "institution", "run", "--config", str(tmp_path / f"{name}.toml"),
+                 "--exit-when-done"],
                 cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         for p in institutions:
             out, _ = p.communicate(timeout=120)
