@@ -24,6 +24,7 @@ from pathlib import Path
 import grpc
 
 from fedcollab._names import NAME, STUDY_NAME, PathEscape, inside
+from fedcollab._state_lock import StateLock
 from fedcollab.config import InstitutionConfig
 from fedcollab.errors import RemoteError
 from fedcollab.institution._backoff import Backoff
@@ -137,8 +138,15 @@ class InstitutionAgent:
 
     # ----------------------------------------------------------------- main loop
     def run(self, *, stop: threading.Event | None = None) -> bool:
-        """Until every accepted study has ended (True), or `stop` is set (False)."""
-        stop = stop or threading.Event()
+        """Until every accepted study has ended (True), or `stop` is set (False). The
+        state folder is locked meanwhile: a second agent on it is refused (InUseError)."""
+        # The site's ledger and every study's folder live under it: two daemons there
+        # would train twice on one budget. Simulations run daemons without an agent,
+        # each on a folder of its own.
+        with StateLock.acquire(self._state_dir, key="institution.state_dir", role="institution daemon"):
+            return self._run(stop or threading.Event())
+
+    def _run(self, stop: threading.Event) -> bool:
         rc = self.config.reconnect
         backoff = Backoff(initial_s=rc.initial_backoff_s, max_s=rc.max_backoff_s)
         while not stop.is_set():
