@@ -28,8 +28,10 @@ def bind_grpc(server: grpc.Server, address: str, *, credentials: grpc.ServerCred
     naming `key` (the setting or option to change). Validate TLS files before: gRPC
     reports unusable credentials as the same bare bind failure."""
     try:
-        port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address,
-                                                                                                     credentials)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError:
         port = 0
     if port:
@@ -41,8 +43,11 @@ def check_can_listen(address: str, *, key: str, role: str) -> None:
     """Raises listen_error's error when `address` cannot be listened on now: for a
     server bound later (the dashboard binds when the coordinator starts serving), so a
     taken port refuses the start before the state folder is touched."""
-    host, port = parse_address(address, listen=True)
-    if port and _why_not(host, port):
+    try:
+        host, port = parse_address(address, listen=True)
+    except ValueError:
+        raise listen_error(address, key=key, role=role) from None
+    if port and _why_not(host, port):  # port 0: any free one, always there
         raise listen_error(address, key=key, role=role)
 
 

@@ -61,6 +61,14 @@ def test_a_port_another_program_holds_is_refused(tmp_path: Path) -> None:
             assert not state.exists(), _contents(state)
 
 
+def test_an_address_of_another_machine_is_a_config_error(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with pytest.raises(ConfigError, match=r"^server.address: cannot listen on 192.0.2.1:0: 192.0.2.1 is not an "
+                                          r"address of this machine"):
+        Coordinator(config=_server(tiny_federation(state), address="192.0.2.1:0"))  # TEST-NET-1: nobody's
+    assert not state.exists()
+
+
 def test_a_second_coordinator_on_one_state_folder_is_refused_until_the_first_stops(tmp_path: Path) -> None:
     config = tiny_federation(tmp_path / "state")
     first = Coordinator(config=config)
