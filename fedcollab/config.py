@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from fedcollab._address import parse_address
 from fedcollab._dataset_names import DATA_SOURCES, KNOWN_DATASETS, NPZ
 from fedcollab.errors import ConfigError
 
@@ -94,6 +95,13 @@ class ServerConfig(_Strict):
     max_connection_age_s: float = Field(default=3600.0, gt=0)
     max_connection_age_grace_s: float = Field(default=3600.0, ge=0)
     max_streams_per_connection: int = Field(default=64, ge=4, le=10_000)
+
+    @field_validator("address", "http_address")
+    @classmethod
+    def _listen_address(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_address(v, listen=True)  # port 0: any free one (tests, simulations)
+        return v
 
     @property
     def calls_per_identity(self) -> int:
@@ -619,6 +627,12 @@ class InstitutionInfo(_Strict):
     # The coordinator's lineage-public-key.pem, to pin: a coordinator presenting
     # another key is refused at Join. Unset: the key given at Join is trusted.
     lineage_public_key: Path | None = None
+
+    @field_validator("coordinator")
+    @classmethod
+    def _connect_address(cls, v: str) -> str:
+        parse_address(v, listen=False)
+        return v
 
 
 class PolicyConfig(_Strict):

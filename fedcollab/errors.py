@@ -49,3 +49,8 @@ class RemoteError(FedcollabError):
 class PkiError(FedcollabError):
     """The federation PKI refuses an operation (a bad CSR, a name already certified, a
     revocation list that does not verify); the message says what to do instead."""
+
+
+class InUseError(FedcollabError):
+    """A port or a state folder that another process (or another object in this one)
+    already holds; the message names it, its holder where known, and the key to change."""

@@ -151,6 +151,11 @@ class IdentityInterceptor(grpc.ServerInterceptor):
         # methods have a handler. Two first calls racing only build the same copy twice.
         self._guarded: dict[str, tuple[Any, Any]] = {}
 
+    def use_operator_token(self, token: str | None) -> None:
+        """The token, once it is known: it lives in the state folder, opened only after
+        the server has bound its port (and before it serves)."""
+        self._operator_token = token
+
     def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
         if handler is None:

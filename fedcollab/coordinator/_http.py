@@ -37,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from fedcollab._address import parse_address
 from fedcollab.coordinator._dashboard import STUDIES_PATH, NoSuchStudy, linkable, render_dashboard, render_study
 from fedcollab.coordinator._http_access import DEFAULT_SESSION_TTL_S, SESSION_COOKIE, HostCheck, Sessions, redact
 from fedcollab.coordinator._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -135,12 +136,10 @@ class _IPv6Server(_Server):
 
 
 def _split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"server.http_address: {address!r} is not host:port (e.g. 127.0.0.1:8080; port 0 "
-                          "picks a free one)")
-    return host, int(port)
+    try:
+        return parse_address(address, listen=True)
+    except ValueError as e:
+        raise ConfigError(f"server.http_address: {address!r} is {e}") from None
 
 
 def _handler_for(*, snapshot: Callable[[], ConsortiumSnapshot], token: str | None, hosts: HostCheck,

@@ -14,6 +14,9 @@ from types import TracebackType
 
 import grpc
 
+from fedcollab._listen import LISTEN_OPTIONS, bind_grpc, check_can_listen
+from fedcollab._state_lock import StateLock
+from fedcollab._tls_files import check_tls_files
 from fedcollab.config import FederationConfig
 from fedcollab.coordinator._auth import Authenticator, IdentityInterceptor
 from fedcollab.coordinator._central_eval import central_evaluator
@@ -59,9 +62,78 @@ class Coordinator:
         revoked: Callable[[int], bool] | None = None,
     ) -> None:
         self.config = config
-        state_dir = Path(config.server.state_dir)
+        server = config.server
+        state_dir = Path(server.state_dir)
+        tls = server.tls
+        # A start that fails leaves the state folder as it was: whatever can refuse it
+        # (TLS files, the revocation list, the ports, another coordinator on the folder)
+        # is checked before the first write. The gRPC port is bound here, served from start().
+        if credentials is None and tls is not None:
+            check_tls_files(tls, table="server.tls")
+            credentials = server_credentials_from(tls)
+        revocations = None
+        if revoked is None and tls is not None and tls.crl is not None:
+            revocations = _revocation_list(tls.ca_cert, tls.crl)
+            revoked = revocations.is_revoked
+        if server.http_address is not None:
+            check_can_listen(server.http_address, key="server.http_address", role="coordinator's dashboard")
         if evaluator is None and config.study.central_evaluation is not None:
             evaluator = central_evaluator(config=config.study.central_evaluation, model=config.study.model)
+        self._credentials = credentials
+        authenticator = Authenticator(revoked=revoked) if credentials is not None else None
+        self._http = None
+        # One thread for every stream's deadline between messages (not one per stream).
+        self._watchdog = Watchdog()
+        self.limits = CallLimits(Limits(
+            calls_per_identity=server.calls_per_identity, uploads_per_identity=server.max_uploads_per_identity,
+            polls_per_identity=server.max_polls_per_identity, polls_per_session=server.max_polls_per_session,
+            downloads_per_identity=server.max_downloads_per_identity))
+        interceptor = IdentityInterceptor(
+            authenticator=authenticator, limits=self.limits, watchdog=self._watchdog,
+            deadlines=StreamDeadlines(first_message_s=server.stream_first_message_timeout_s,
+                                      idle_s=server.stream_idle_timeout_s))
+        self._server = grpc.server(
+            ThreadPoolExecutor(max_workers=server.max_workers, thread_name_prefix="rpc"),
+            options=server_options(config, tls=credentials is not None),
+            # Calls in flight, the queued ones included: beyond it gRPC itself answers
+            # RESOURCE_EXHAUSTED before any handler runs. Room for 3 x max_workers to
+            # queue behind busy threads (bursts of short calls), while the call limits
+            # keep any one identity to server.calls_per_identity threads (at most half).
+            maximum_concurrent_rpcs=server.max_workers * 4,
+            interceptors=[interceptor],
+        )
+        self.port: int = bind_grpc(self._server, server.address, credentials=credentials, key="server.address",
+                                   role="coordinator")
+        self._registered = False  # the services are added in start(): see _unbind
+        self._serving = False
+        self._closed = False
+        try:
+            self._lock = StateLock.acquire(state_dir, key="server.state_dir", role="coordinator")
+        except BaseException:
+            _unbind(self._server)
+            raise
+        try:
+            # What the checks above cannot see (a model that does not build, a store or a
+            # lineage that does not verify) fails here; a folder that was new is emptied again.
+            with self._lock.undo_if_new():
+                try:
+                    self._open_state(state_dir, evaluator=evaluator, on_round=on_round)
+                except BaseException:
+                    self._close_opened()
+                    raise
+        except BaseException:
+            _unbind(self._server)
+            raise
+        if revocations is not None:
+            # A revocation also ends what the certificate had open: its sessions in every
+            # study (their next call must Join, and is refused), its place in open rounds.
+            revocations.on_reload(self.studies.forget_serials)
+        interceptor.use_operator_token(None if authenticator else self.operator_token)
+
+    def _open_state(self, state_dir: Path, *, evaluator: Evaluator | None,
+                    on_round: Callable[[RoundResult], None] | None) -> None:
+        """The state folder's stores, lineage key and studies (created on first start)."""
+        config = self.config
         self.store = Store(state_dir / "coordinator.sqlite")
         signing_key = load_or_create_signing_key(state_dir)
         self.engine = RoundEngine(
@@ -80,65 +152,37 @@ class Coordinator:
         # Over plaintext there is no operator certificate: operator calls carry this
         # token instead (readable only by whoever can read the state folder).
         self.operator_token = _operator_token(state_dir / OPERATOR_TOKEN_FILE)
-        tls = config.server.tls
-        if credentials is None and tls is not None:
-            credentials = server_credentials_from(tls)
-        if revoked is None and tls is not None and tls.crl is not None:
-            revocations = _revocation_list(tls.ca_cert, tls.crl)
-            # A revocation also ends what the certificate had open: its sessions in every
-            # study (their next call must Join, and is refused), its place in open rounds.
-            revocations.on_reload(self.studies.forget_serials)
-            revoked = revocations.is_revoked
-        self._credentials = credentials
-        authenticator = Authenticator(revoked=revoked) if credentials is not None else None
-        self._http = None
-        server = config.server
-        # One thread for every stream's deadline between messages (not one per stream).
-        self._watchdog = Watchdog()
-        self.limits = CallLimits(Limits(
-            calls_per_identity=server.calls_per_identity, uploads_per_identity=server.max_uploads_per_identity,
-            polls_per_identity=server.max_polls_per_identity, polls_per_session=server.max_polls_per_session,
-            downloads_per_identity=server.max_downloads_per_identity))
-        self._server = grpc.server(
-            ThreadPoolExecutor(max_workers=server.max_workers, thread_name_prefix="rpc"),
-            options=server_options(config, tls=credentials is not None),
-            # Calls in flight, the queued ones included: beyond it gRPC itself answers
-            # RESOURCE_EXHAUSTED before any handler runs. Room for 3 x max_workers to
-            # queue behind busy threads (bursts of short calls), while the call limits
-            # keep any one identity to server.calls_per_identity threads (at most half).
-            maximum_concurrent_rpcs=server.max_workers * 4,
-            interceptors=[IdentityInterceptor(
-                authenticator=authenticator, operator_token=None if authenticator else self.operator_token,
-                limits=self.limits, watchdog=self._watchdog,
-                deadlines=StreamDeadlines(first_message_s=server.stream_first_message_timeout_s,
-                                          idle_s=server.stream_idle_timeout_s))],
-        )
-        pb_grpc.add_CoordinatorServiceServicer_to_server(
-            CoordinatorServicer(studies=self.studies, consortium=self.consortium,
-                                require_approval=config.server.require_approval), self._server)
-        opb_grpc.add_OperatorServiceServicer_to_server(
-            OperatorServicer(studies=self.studies, consortium=self.consortium, federation=config.federation.name),
-            self._server)
-        self.port: int | None = None
+
+    def _close_opened(self) -> None:
+        """What _open_state had opened when it failed (its attributes exist from then on)."""
+        if hasattr(self, "studies"):
+            self.studies.stop()
+        for name in ("consortium", "store"):
+            if hasattr(self, name):
+                getattr(self, name).close()
 
     def start(self) -> int:
-        address = self.config.server.address
-        if self._credentials is None:
-            self.port = self._server.add_insecure_port(address)
-        else:
-            self.port = self._server.add_secure_port(address, self._credentials)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {address}: address in use or not available")
+        if self._serving or self._closed:
+            raise RuntimeError("a Coordinator starts once; make a new one to serve again")
+        config = self.config
+        if not self._registered:
+            pb_grpc.add_CoordinatorServiceServicer_to_server(
+                CoordinatorServicer(studies=self.studies, consortium=self.consortium,
+                                    require_approval=config.server.require_approval), self._server)
+            opb_grpc.add_OperatorServiceServicer_to_server(
+                OperatorServicer(studies=self.studies, consortium=self.consortium, federation=config.federation.name),
+                self._server)
+            self._registered = True
         if self._credentials is None:
             warn_insecure(self.address, role="coordinator")
-        if self.config.server.http_address is not None:  # before serving: a busy port stops nothing running
-            self._start_http(self.config.server.http_address)
+        if config.server.http_address is not None:  # before serving: a busy port stops nothing running
+            self._start_http(config.server.http_address)
         self._server.start()
+        self._serving = True
         # Where operators' commands find it (`fedcollab study ... --config`), port 0 resolved.
-        (Path(self.config.server.state_dir) / "coordinator.address").write_text(f"{self.address}\n", encoding="utf-8")
+        (Path(config.server.state_dir) / "coordinator.address").write_text(f"{self.address}\n", encoding="utf-8")
         self.studies.start()
-        host = address.rsplit(":", 1)[0]
-        log.info("coordinator for study %r listening on %s:%d", self.config.study.name, host, self.port)
+        log.info("coordinator for study %r listening on %s", config.study.name, self.address)
         return self.port
 
     def _start_http(self, address: str) -> None:
@@ -171,7 +215,7 @@ class Coordinator:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every study has ended (finished, failed or cancelled); True if so."""
-        assert self.port is not None, "start() first"
+        assert self._serving, "start() first"
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.studies.all_ended():
             if deadline is not None and time.monotonic() >= deadline:
@@ -180,14 +224,29 @@ class Coordinator:
         return True
 
     def stop(self, *, grace: float = 2.0) -> None:
-        self.studies.stop()
-        if self._http is not None:
-            self._http.stop()
-        # Let institutions see FINISHED before the port closes.
-        self._server.stop(grace).wait()
-        self._watchdog.close()
-        self.store.close()
-        self.consortium.close()
+        """Stops serving and closes the state folder (its lock released: another
+        Coordinator may open it now). Also for one never started (close())."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.studies.stop()
+            if self._http is not None:
+                self._http.stop()
+            if self._serving:
+                # Let institutions see FINISHED before the port closes.
+                self._server.stop(grace).wait()
+            else:
+                _unbind(self._server)
+            self._watchdog.close()
+            self.store.close()
+            self.consortium.close()
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        """stop(), for a Coordinator opened (its state read) but not started."""
+        self.stop(grace=0)
 
     def __enter__(self) -> Coordinator:
         self.start()
@@ -207,7 +266,9 @@ def server_options(config: FederationConfig, *, tls: bool) -> list[tuple[str, in
     options = [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
-        ("grpc.so_reuseport", 1),
+        # Off: a second coordinator on a taken port fails to bind, instead of sharing it
+        # with the first (the kernel would split the institutions between them).
+        *LISTEN_OPTIONS,
         # Flow control: gRPC's bandwidth-delay probing grows each stream's
         # window on loopback until the coordinator buffers ~30 MB per
         # institution (0.45 -> 0.82 GiB above serving from 4 to 16 institutions
@@ -258,6 +319,14 @@ def server_options(config: FederationConfig, *, tls: bool) -> list[tuple[str, in
         # share one connection (gRPC's global subchannel pool), two streams each.
         options.append(("grpc.max_concurrent_streams", server.max_streams_per_connection))
     return options
+
+
+def _unbind(server: grpc.Server) -> None:
+    """Frees the port of a server that never served: gRPC holds a bound port until
+    the process ends unless the server is started and stopped (no handler is added
+    before start(), so a call in that instant gets UNIMPLEMENTED)."""
+    server.start()
+    server.stop(None).wait()
 
 
 def _operator_token(path: Path) -> str:

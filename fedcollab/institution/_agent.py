@@ -24,6 +24,7 @@ from pathlib import Path
 import grpc
 
 from fedcollab._names import NAME, STUDY_NAME, PathEscape, inside
+from fedcollab._state_lock import StateLock
 from fedcollab.config import InstitutionConfig
 from fedcollab.errors import RemoteError
 from fedcollab.institution._backoff import Backoff
@@ -145,8 +146,15 @@ class InstitutionAgent:
         keep_running, only `stop` ends it: a service waits for the coordinator's next
         study, and for the coordinator itself when it is away (quietly, with backoff).
         Without it, a coordinator gone after this site's studies ended is the end too:
-        it will not offer them again, and waiting for it would never return."""
-        stop = stop or threading.Event()
+        it will not offer them again, and waiting for it would never return. The state
+        folder is locked meanwhile: a second agent on it is refused (InUseError)."""
+        # The site's ledger and every study's folder live under it: two daemons there
+        # would train twice on one budget. Simulations run daemons without an agent,
+        # each on a folder of its own.
+        with StateLock.acquire(self._state_dir, key="institution.state_dir", role="institution daemon"):
+            return self._run(stop or threading.Event())
+
+    def _run(self, stop: threading.Event) -> bool:
         rc = self.config.reconnect
         backoff = Backoff(initial_s=rc.initial_backoff_s, max_s=rc.max_backoff_s)
         waiting = False  # an accepted study queued at the last listing

@@ -3,24 +3,19 @@ the command line can use it without loading a model)."""
 
 from __future__ import annotations
 
+from fedcollab._address import join_address, parse_address
 from fedcollab.errors import ConfigError
+
+__all__ = ["DEFAULT_GRPC_ADDRESS", "DEFAULT_HTTP_ADDRESS", "join_address", "split_address"]
 
 DEFAULT_GRPC_ADDRESS = "127.0.0.1:8500"
 DEFAULT_HTTP_ADDRESS = "127.0.0.1:8501"
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """"host:port" or "[v6]:port" -> (host, port); ConfigError naming the address otherwise."""
-    host, sep, port = address.rpartition(":")
-    host = host.strip("[]")
+def split_address(address: str, *, what: str = "address") -> tuple[str, int]:
+    """"host:port" or "[v6]:port" -> (host, port); ConfigError naming `what` (the
+    option that gave it) otherwise."""
     try:
-        number = int(port)
-    except ValueError:
-        number = -1
-    if not sep or not host or not 0 <= number <= 65535:
-        raise ConfigError(f"address {address!r} is not host:port (e.g. 127.0.0.1:8500, [::1]:8500, 0.0.0.0:8500)")
-    return host, number
-
-
-def join_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return parse_address(address, listen=True)
+    except ValueError as e:
+        raise ConfigError(f"{what}: {address!r} is {e}") from None

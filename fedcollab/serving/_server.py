@@ -13,6 +13,7 @@ from types import TracebackType
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedcollab._listen import LISTEN_OPTIONS, listen_error
 from fedcollab.errors import ConfigError
 from fedcollab.registry import ModelCard, card_path_for, read_card
 from fedcollab.serving._addresses import DEFAULT_GRPC_ADDRESS, DEFAULT_HTTP_ADDRESS, join_address, split_address
@@ -66,8 +67,8 @@ class ModelServer:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         if (tls_cert is None) != (tls_key is None):
             raise ConfigError("TLS needs both a certificate and its key (--tls-cert and --tls-key), or neither")
-        self._grpc_host, self._grpc_port = split_address(grpc_address)
-        self._http = split_address(http_address) if http_address is not None else None
+        self._grpc_host, self._grpc_port = split_address(grpc_address, what="--grpc-address")
+        self._http = split_address(http_address, what="--http-address") if http_address is not None else None
         self.model_file = Path(model_file)
         if not isinstance(card, ModelCard):
             card = read_card(Path(card) if card is not None else card_path_for(self.model_file))
@@ -96,7 +97,7 @@ class ModelServer:
         server = grpc.server(ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="fedcollab-serve"),
                              options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", reply),
-                                      ("grpc.so_reuseport", 0)])  # a port in use is an error, not shared
+                                      *LISTEN_OPTIONS])  # a port in use is an error, not shared
         spb_grpc.add_PredictionServiceServicer_to_server(
             PredictionServicer(model=self.model, max_batch=self.max_batch), server)
         address = join_address(self._grpc_host, self._grpc_port)
@@ -106,10 +107,11 @@ class ModelServer:
                 port = server.add_secure_port(address, credentials)
             else:
                 port = server.add_insecure_port(address)
-        except RuntimeError as e:
-            raise ServingError(f"cannot serve gRPC on {address}: {e} (in use? pick another --grpc-address)") from None
-        if not port:
-            raise ServingError(f"cannot serve gRPC on {address} (in use? pick another --grpc-address)")
+        except RuntimeError:
+            port = 0
+        if not port:  # why (in use, not this machine's address, privileged), naming the option to change
+            why = listen_error(address, key="--grpc-address", role="prediction server")
+            raise ServingError(f"cannot serve gRPC: {why}") from None
         server.start()
         self._grpc, self.grpc_port = server, port
         if self._http is not None:

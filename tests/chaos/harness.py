@@ -1037,7 +1037,8 @@ def stray_files(folder: Path, *, settings: Settings, store: Mapping[str, list[di
 
     known_top = {"coordinator.sqlite", "coordinator.sqlite-wal", "coordinator.sqlite-shm", "lineage-signing-key.pem",
                  "lineage-public-key.pem", "models", "lineage", "spool", "consortium.sqlite",
-                 "consortium.sqlite-wal", "consortium.sqlite-shm", "operator.token", "coordinator.address"}
+                 "consortium.sqlite-wal", "consortium.sqlite-shm", "operator.token", "coordinator.address",
+                 ".lock"}  # the state folder's lock (fedcollab/_state_lock.py), kept
     for p in sorted(state.iterdir()) if state.is_dir() else []:
         if p.name not in known_top:
             note(p, "unexpected in the coordinator's state folder")

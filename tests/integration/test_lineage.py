@@ -169,7 +169,7 @@ def test_a_restarted_coordinator_keeps_its_key_and_refuses_another(study: Study,
         assert restarted.engine.lineage_public_key == study.public_key
         assert restarted.engine.current_model.version == 3
     finally:
-        restarted.store.close()
+        restarted.close()
     (state / SIGNING_KEY_FILE).unlink()
     with pytest.raises(ConfigError, match="lineage record does not verify with this key"):
         Coordinator(config=config)
@@ -193,7 +193,7 @@ def test_state_from_before_lineage_gets_its_latest_version_signed(study: Study, 
         rec = verify_record(record_bytes=entries[0][1], signature=entries[0][2],
                             public_key=restarted.engine.lineage_public_key)
     finally:
-        restarted.store.close()
+        restarted.close()
     original = parse_record(study.records[3][0])
     assert rec["signed_at_restart"] is True
     for key in ("version", "round", "parent_sha256", "model_sha256", "contributions", "aggregator"):

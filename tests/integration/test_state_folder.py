@@ -33,7 +33,7 @@ def test_a_moved_state_folder_keeps_its_models_and_resumes(tmp_path: Path) -> No
         assert sorted(p.name[:7] for p in (moved / "models").glob("*.safetensors")) == ["v000000", "v000001",
                                                                                      "v000002"]
     finally:
-        resumed.store.close()
+        resumed.close()
     report = verify_chain(moved)
     assert report.ok, report.problem
 

@@ -189,3 +189,65 @@ def test_a_model_built_past_validation_is_blamed_on_the_model_table() -> None:
     bad = ModelConfig(kind="mlp").model_copy(update={"params": {"hiden": [8]}})
     with pytest.raises(ConfigError, match=r"^study\.model\.params: unknown param 'hiden'"):
         central_evaluator(config=CentralEvaluationConfig(dataset="digits"), model=bad)
+# ---------------------------------------------------------------- addresses
+ADDRESSES = [
+    pytest.param("127.0.0.1:50051", True, ("127.0.0.1", 50051), id="IPv4"),
+    pytest.param("coordinator.example.org:443", False, ("coordinator.example.org", 443), id="DNS name"),
+    pytest.param("localhost:1", False, ("localhost", 1), id="lowest port"),
+    pytest.param("0.0.0.0:65535", True, ("0.0.0.0", 65535), id="highest port"),
+    pytest.param("[::1]:50051", False, ("::1", 50051), id="IPv6 in brackets"),
+    pytest.param("[::]:0", True, ("::", 0), id="IPv6 any, port 0 to listen"),
+    pytest.param("127.0.0.1:0", True, ("127.0.0.1", 0), id="port 0: any free one, to listen"),
+    pytest.param("127.0.0.1:0", False, "port 0 is out of range", id="bad: port 0 to connect to"),
+    pytest.param("127.0.0.1:99999", True, "port 99999 is out of range", id="bad: port above 65535"),
+    pytest.param("127.0.0.1:655350", True, "is not a number", id="bad: six digits"),
+    pytest.param("localhost:50051x", False, "the port '50051x' is not a number", id="bad: typo in the port"),
+    pytest.param("localhost:-1", False, "is not a number", id="bad: negative port"),
+    pytest.param("localhost: 80", False, "without a scheme", id="bad: space"),
+    pytest.param("localhost", False, "it has no port", id="bad: no port"),
+    pytest.param(":50051", True, "'' is not a host name", id="bad: no host"),
+    pytest.param("::1:50051", False, "goes in brackets", id="bad: IPv6 without brackets"),
+    pytest.param("[::g]:50051", False, "not an IPv6 address", id="bad: not IPv6"),
+    pytest.param("[::1]50051", False, "needs its port after them", id="bad: no colon after brackets"),
+    pytest.param("http://localhost:50051", False, "without a scheme", id="bad: URL"),
+    pytest.param("dns:///localhost:50051", False, "without a scheme", id="bad: gRPC target"),
+    pytest.param("", False, "empty", id="bad: empty"),
+]
+
+
+@pytest.mark.parametrize("address, listen, expected", ADDRESSES)
+def test_addresses_are_host_and_port(address: str, listen: bool, expected: tuple[str, int] | str) -> None:
+    from fedcollab._address import join_address, parse_address
+
+    if isinstance(expected, tuple):
+        assert parse_address(address, listen=listen) == expected
+        assert join_address(*expected) == address
+        return
+    with pytest.raises(ValueError, match="not host:port") as err:
+        parse_address(address, listen=listen)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("cls, text, key", [
+    pytest.param(FederationConfig, '[server]\naddress = "127.0.0.1:99999"\n', "server.address", id="coordinator"),
+    pytest.param(FederationConfig, '[server]\nhttp_address = "127.0.0.1:8080x"\n', "server.http_address",
+                 id="dashboard"),
+    pytest.param(Scenario, '[server]\naddress = "localhost"\n', "server.address", id="scenario"),
+    pytest.param(InstitutionConfig, '[institution]\nname = "a"\ntrainer = "synthetic"\n'
+                 'coordinator = "localhost:50051x"\n', "institution.coordinator", id="institution"),
+    pytest.param(InstitutionConfig, '[institution]\nname = "a"\ntrainer = "synthetic"\n'
+                 'coordinator = "localhost:0"\n', "institution.coordinator", id="institution, port 0"),
+])
+def test_a_bad_address_is_refused_at_load_naming_its_key(tmp_path: Path, cls: type, text: str, key: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text + ('[study.model]\nkind = "mlp"\n' if cls is not InstitutionConfig else ""))
+    with pytest.raises(ConfigError) as err:
+        load_config(cls, path)
+    assert f"  {key}: " in str(err.value) and "not host:port" in str(err.value), str(err.value)
+
+
+def test_port_0_and_ipv6_still_load_for_the_coordinator(tmp_path: Path) -> None:
+    path = tmp_path / "federation.toml"
+    path.write_text('[server]\naddress = "[::1]:0"\nhttp_address = "127.0.0.1:0"\n[study.model]\nkind = "mlp"\n')
+    server = load_config(FederationConfig, path).server
+    assert (server.address, server.http_address) == ("[::1]:0", "127.0.0.1:0")
