@@ -25,6 +25,7 @@ import grpc
 
 from fedcollab._names import NAME, STUDY_NAME, PathEscape, inside
 from fedcollab._state_lock import StateLock
+from fedcollab._tls_files import check_tls_files
 from fedcollab.config import InstitutionConfig
 from fedcollab.errors import RemoteError
 from fedcollab.institution._backoff import Backoff
@@ -90,6 +91,9 @@ class InstitutionAgent:
         self.config = config
         self.name = config.institution.name
         if credentials is None and config.tls is not None:
+            # Unreadable or mismatched files are a config error now, not a reconnect
+            # loop that never says why its handshakes fail.
+            check_tls_files(config.tls, table="tls")
             credentials = channel_credentials_from(config.tls)
         self._credentials = credentials
         self._client = CoordinatorClient(address=config.institution.coordinator, credentials=credentials,

@@ -7,9 +7,7 @@ at Join, or pinned in the config) and names that model's version and SHA-256."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import threading
 import time
 import zlib
@@ -18,11 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import safetensors
 import torch
 from google.protobuf import json_format
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fedcollab import models
 from fedcollab._faults import crash_point
@@ -36,6 +32,7 @@ from fedcollab.institution._client import CoordinatorClient
 from fedcollab.institution._data import load_local_data
 from fedcollab.institution._data_check import DECLINE_REASON, DataSummary, data_problems, decline_message, summarize
 from fedcollab.institution._error_feedback import with_error_feedback
+from fedcollab.institution._kept_update import KeptUnavailable, KeptUpdates, OtherShape
 from fedcollab.institution._notices import Notices
 from fedcollab.institution._policy import check_task
 from fedcollab.institution._protection import protection_note
@@ -152,7 +149,7 @@ class InstitutionDaemon:
         self._client = CoordinatorClient(address=config.institution.coordinator, credentials=credentials,
                                          max_reconnect_backoff_s=config.reconnect.max_backoff_s)
         self._cache_dir = Path(config.institution.state_dir) / "models"
-        self._pending_dir = Path(config.institution.state_dir) / "pending-updates"
+        self._kept = KeptUpdates(state_dir=Path(config.institution.state_dir))
         self.privacy = privacy
         self._poll_wait = poll_wait_s
         self._on_event = on_event
@@ -197,7 +194,7 @@ class InstitutionDaemon:
                         # daemon killed mid-download) would otherwise stay for good.
                         for part in self._cache_dir.glob("*.part"):
                             part.unlink(missing_ok=True)
-                        self._drop_pending()  # no round of this study will be asked for again
+                        self._kept.drop()  # no round of this study will be asked for again
                         self._emit("finished")
                         log.info("%s: study finished", self.name)
                         return True
@@ -412,20 +409,20 @@ class InstitutionDaemon:
         spend = None
         if rp is not None:
             assert self.privacy is not None
-            self._keep_pending(task, deltas, num_examples=result.num_examples, metrics=result.metrics)
+            self._kept.keep(task, deltas, num_examples=result.num_examples, metrics=result.metrics)
             try:
                 entry = self.privacy.record(rp, update_sha256=stream_sha256(deltas).hex())  # durable before it leaves
             except BudgetExhausted as e:
                 # Another study spent the rest of the site's budget while this one trained:
                 # nothing was recorded, so nothing may leave.
-                self._drop_pending()
+                self._kept.drop()
                 self._decline(task, "BUDGET_EXHAUSTED", str(e), spent=e.spent)
                 return
             spend = _spend_message(rp, entry.epsilon)
         self._send(task, deltas, num_examples=result.num_examples, metrics=result.metrics, privacy=spend)
 
     def _send(self, task: pb.Task, deltas: list[torch.Tensor], *, num_examples: int, metrics: dict[str, float],
-              privacy: pb.PrivacySpend | None) -> None:
+              privacy: pb.PrivacySpend | None, resent: bool = False) -> None:
         self._say_protection(task)
         started = time.monotonic()
         if task.HasField("secure_aggregation"):
@@ -450,7 +447,8 @@ class InstitutionDaemon:
                  if privacy is not None and privacy.epsilon > 0 else "no DP-SGD")
         how = "masked update sent (secure aggregation)" if task.HasField("secure_aggregation") else "uploaded"
         detail = f"{num_examples} examples, {spent}, {how} {_size(sent)} in {time.monotonic() - started:.2f}s"
-        log.info("%s: round %d: trained on %s", self.name, task.round, detail)
+        log.info("%s: round %d: %s %s", self.name, task.round,
+                 "re-sent the update already paid for, trained on" if resent else "trained on", detail)
         self._emit("uploaded", task.round, detail)
 
     def _say_protection(self, task: pb.Task) -> None:
@@ -475,32 +473,6 @@ class InstitutionDaemon:
                              privacy=privacy)
         self._emit("declined", task.round, f"{reason}: {message}")
 
-    def _pending_path(self, task: pb.Task) -> Path:
-        """One file per (round, base model): every attempt of that assignment finds it."""
-        base = "".join(c for c in task.model.sha256 if c in "0123456789abcdef")[:64]
-        return self._pending_dir / f"round-{int(task.round)}-{base}.safetensors"
-
-    def _keep_pending(self, task: pb.Task, deltas: list[torch.Tensor], *, num_examples: int,
-                      metrics: dict[str, float]) -> None:
-        """The update as it will be sent, kept until the coordinator has it."""
-        self._drop_pending()
-        self._pending_dir.mkdir(parents=True, exist_ok=True)
-        path = self._pending_path(task)
-        tmp = path.with_suffix(".tmp")
-        names = [s.name for s in task.manifest.tensors]
-        save_file(dict(zip(names, deltas, strict=True)), str(tmp),
-                  metadata={"round": str(task.round), "nonce": task.nonce, "base_sha256": task.model.sha256,
-                            "num_examples": str(num_examples), "metrics": json.dumps(metrics),
-                            "manifest": _manifest_key(task)})
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-    def _drop_pending(self) -> None:
-        if self._pending_dir.is_dir():
-            for f in self._pending_dir.iterdir():
-                f.unlink(missing_ok=True)
-
     def _resend_recorded(self, task: pb.Task) -> bool:
         """True if this assignment (this round, on this base model) is already paid for in
         the ledger and its update was re-sent; training again would spend again."""
@@ -509,23 +481,20 @@ class InstitutionDaemon:
                                       base_sha256=task.model.sha256)
         if entry is None:
             return False
-        path = self._pending_path(task)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("manifest", _manifest_key(task)) != _manifest_key(task):
-                    # The same round on the same base, asked for in another shape: the update
-                    # already released is the answer, and training again would spend again.
-                    self._decline(task, "TASK_CHANGED", f"round {task.round} on this base model was already trained "
-                                  f"and paid for (ledger row {entry.seq}); this attempt asks for other tensors, "
-                                  "so the update already released cannot answer it and none is trained again")
-                    return True
-                deltas = [f.get_tensor(s.name) for s in task.manifest.tensors]
-        except (OSError, safetensors.SafetensorError, KeyError) as e:
+            kept = self._kept.load(task)
+        except OtherShape:
+            # The same round on the same base, asked for in another shape: the update
+            # already released is the answer, and training again would spend again.
+            self._decline(task, "TASK_CHANGED", f"round {task.round} on this base model was already trained and "
+                          f"paid for (ledger row {entry.seq}); this attempt asks for other tensors, so the update "
+                          "already released cannot answer it and none is trained again")
+            return True
+        except KeptUnavailable as e:
             log.warning("%s: round %d was already paid for (ledger row %d) but its update is gone (%s); "
                         "training again spends again", self.name, task.round, entry.seq, e)
             return False
-        if stream_sha256(deltas).hex() != entry.update_sha256:
+        if stream_sha256(kept.deltas).hex() != entry.update_sha256:
             log.warning("%s: kept update for round %d does not match the ledger; training again", self.name, task.round)
             return False
         log.info("%s: round %d on this base model is already paid for (ledger row %d, epsilon %.3f); re-sending "
@@ -537,8 +506,8 @@ class InstitutionDaemon:
             noise_multiplier=entry.noise_multiplier, sample_rate=entry.sample_rate, steps=entry.steps,
             accountant=entry.accountant, max_grad_norm=c.max_grad_norm,
         )
-        self._send(task, deltas, num_examples=int(meta.get("num_examples", "1")),
-                   metrics=json.loads(meta.get("metrics", "{}")), privacy=spend)
+        self._send(task, kept.deltas, num_examples=kept.num_examples, metrics=kept.metrics, privacy=spend,
+                   resent=True)
         return True
 
     def _data_problem(self) -> str:
@@ -642,11 +611,6 @@ def daemon_from_config(
     return InstitutionDaemon(config=config, trainer=trainer, num_train_examples=num_train,
                              credentials=credentials, on_event=on_event, privacy=privacy, study=study,
                              expect_name=expect_name, data=data)
-
-
-def _manifest_key(task: pb.Task) -> str:
-    """The tensors an update for this task must hold, in order (names, dtypes, shapes)."""
-    return json.dumps([[t.name, int(t.dtype), list(t.shape)] for t in task.manifest.tensors], separators=(",", ":"))
 
 
 def _spend_message(rp: RoundPrivacy, epsilon: float) -> pb.PrivacySpend:

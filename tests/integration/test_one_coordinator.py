@@ -19,7 +19,7 @@ from fedcollab.coordinator import Coordinator
 from fedcollab.errors import ConfigError, FedcollabError, InUseError
 from fedcollab.institution._agent import InstitutionAgent
 from tests.conftest import tiny_federation
-from tests.integration._tls_files import coordinator_tls
+from tests.integration._tls_files import coordinator_tls, institution_tls
 
 pytestmark = pytest.mark.integration
 
@@ -176,6 +176,18 @@ def test_bad_tls_files_refuse_the_start_before_anything_is_written(test_ca: Any,
     with pytest.raises(error, match=match):
         Coordinator(config=config)
     assert not state.exists(), _contents(state)  # no lineage key, no v0 model, no store
+
+
+def test_an_institution_with_unusable_tls_files_is_refused_at_start(test_ca: Any, tmp_path: Path) -> None:
+    good = institution_tls(test_ca, tmp_path / "pki", _agent(tmp_path / "state").config)
+    assert good.tls is not None
+    InstitutionAgent(config=good)  # the files as issued pass
+    for change, match in [({"ca_cert": _garbage(tmp_path / "ca.pem")}, "tls.ca_cert: .* holds no PEM certificate"),
+                          ({"key": good.tls.cert}, "tls.key: .* is not a PEM private key"),
+                          ({"cert": tmp_path / "missing.pem"}, "tls.cert: cannot read")]:
+        with pytest.raises(ConfigError, match=match):
+            InstitutionAgent(config=good.model_copy(update={"tls": good.tls.model_copy(update=change)}))
+    assert not (tmp_path / "state").exists()
 
 
 def test_a_key_that_is_not_the_certificates_is_refused(test_ca: Any, tmp_path: Path) -> None:

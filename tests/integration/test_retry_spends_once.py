@@ -15,12 +15,13 @@ lease does not make the coordinator take the institution for gone.
 
 from __future__ import annotations
 
+import functools
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,22 +52,22 @@ def _private(name: str, i: int, *, address: str, root: Path) -> InstitutionConfi
 
 
 class _Slow:
-    """A trainer that, the first time it trains `round_number`, first spins in Python
-    (holding the GIL the way Opacus' per-sample hooks do) until `release` is set."""
+    """A trainer that, the first time it trains each of `rounds`, first spins in Python
+    (holding the GIL the way Opacus' per-sample hooks do) until that round's `release`."""
 
-    def __init__(self, *, round_number: int) -> None:
+    def __init__(self, *rounds: int) -> None:
         self._inner: Trainer | None = None
-        self._round = round_number
-        self.started, self.release = threading.Event(), threading.Event()
-        self._done = False
+        self.started = {r: threading.Event() for r in rounds}
+        self.release = {r: threading.Event() for r in rounds}
+        self._done: set[int] = set()
 
     def train(self, *, model: Any, plan: Any, round_number: int, privacy: Any = None) -> Any:
-        if round_number == self._round and not self._done:
-            self._done = True
-            self.started.set()
+        if round_number in self.started and round_number not in self._done:
+            self._done.add(round_number)
+            self.started[round_number].set()
             end = time.monotonic() + 90
             x = 0
-            while not self.release.is_set() and time.monotonic() < end:
+            while not self.release[round_number].is_set() and time.monotonic() < end:
                 x += 1
         assert self._inner is not None
         return self._inner.train(model=model, plan=plan, round_number=round_number, privacy=privacy)
@@ -76,17 +77,17 @@ class _Slow:
         return self._inner.evaluate(model=model)
 
 
+def _wrapped(chosen: _Slow, inner: Trainer) -> Trainer:
+    chosen._inner = inner
+    return chosen  # type: ignore[return-value]
+
+
 def _daemons(configs: list[InstitutionConfig], *, slow: dict[str, _Slow] | None = None,
              on_event: Callable[[str, DaemonEvent], None] | None = None) -> list[InstitutionDaemon]:
     out = []
     for c in configs:
-        wrap = None
-        if slow and c.institution.name in slow:
-            chosen = slow[c.institution.name]
-
-            def wrap(inner: Trainer, chosen: _Slow = chosen) -> Trainer:
-                chosen._inner = inner
-                return chosen  # type: ignore[return-value]
+        chosen = (slow or {}).get(c.institution.name)
+        wrap = None if chosen is None else functools.partial(_wrapped, chosen)
         name = c.institution.name
         events = None if on_event is None else (lambda e, name=name: on_event(name, e))  # type: ignore[misc]
         d = daemon_from_config(c, wrap_trainer=wrap, on_event=events)
@@ -126,7 +127,7 @@ def test_a_failed_quorum_is_retried_with_the_updates_already_paid_for(tmp_path: 
     with Coordinator(config=config) as coordinator:
         address = f"127.0.0.1:{coordinator.port}"
         configs = [_private(n, i, address=address, root=tmp_path) for i, n in enumerate(NAMES)]
-        slow = {"lab-c": _Slow(round_number=2)}
+        slow = {"lab-c": _Slow(2)}
         resent: list[tuple[str, int]] = []
         daemons = _daemons(configs, slow=slow,
                            on_event=lambda n, e: resent.append((n, e.round)) if e.kind == "resent" else None)
@@ -147,9 +148,9 @@ def test_a_failed_quorum_is_retried_with_the_updates_already_paid_for(tmp_path: 
 
         engine.poll = poll  # type: ignore[method-assign]
         with running(daemons) as outcome:
-            assert slow["lab-c"].started.wait(90), "lab-c should reach round 2"
+            assert slow["lab-c"].started[2].wait(90), "lab-c should reach round 2"
             wait_until(lambda: _failed(coordinator.store.rounds(), 2), timeout=60, what="round 2's quorum to fail")
-            slow["lab-c"].release.set()
+            slow["lab-c"].release[2].set()
             assert coordinator.wait(timeout=120), "study did not finish"
             wait_until(lambda: len(outcome) == 3, timeout=20, what="daemons to finish")
         rounds = coordinator.store.rounds()
@@ -185,12 +186,12 @@ def test_suspend_approve_and_pause_resume_cycles_spend_each_round_once(tmp_path:
         op, token = _operator(coordinator)
         address = f"127.0.0.1:{coordinator.port}"
         configs = [_private(n, i, address=address, root=tmp_path) for i, n in enumerate(NAMES)]
-        slow = {"lab-c": _Slow(round_number=2)}
+        slow = {"lab-c": _Slow(2)}
         uploaded: set[tuple[str, int]] = set()
         daemons = _daemons(configs, slow=slow,
                            on_event=lambda n, e: uploaded.add((n, e.round)) if e.kind == "uploaded" else None)
         with running(daemons) as outcome:
-            assert slow["lab-c"].started.wait(90), "lab-c should reach round 2"
+            assert slow["lab-c"].started[2].wait(90), "lab-c should reach round 2"
             wait_until(lambda: {("hospital-a", 2), ("hospital-b", 2)} <= uploaded, timeout=30,
                        what="hospital-a and -b to send round 2")
             op.SetMembership(opb.SetMembershipRequest(institution="lab-c", status="suspended", reason="audit"),
@@ -198,7 +199,7 @@ def test_suspend_approve_and_pause_resume_cycles_spend_each_round_once(tmp_path:
             wait_until(lambda: _failed(coordinator.store.rounds(), 2), timeout=30, what="round 2's quorum to fail")
             op.SetMembership(opb.SetMembershipRequest(institution="lab-c", status="approved"), metadata=token,
                              timeout=5)
-            slow["lab-c"].release.set()
+            slow["lab-c"].release[2].set()
             wait_until(lambda: any(r["round"] == 3 for r in coordinator.store.rounds()), timeout=60,
                        what="round 3 to open")
             op.ChangeStudy(opb.ChangeStudyRequest(study="tiny", action="pause", reason="check"), metadata=token,
@@ -216,36 +217,35 @@ def test_suspend_approve_and_pause_resume_cycles_spend_each_round_once(tmp_path:
 # ------------------------------------------------------------------ the coordinator stopped
 def _serve(federation: Path, *, cwd: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "fedcollab", "coordinator", "serve", "--config", str(federation),
-                             "--insecure", "--linger", "3"], cwd=cwd, env=child_env(),
+                             "--insecure", "--exit-when-done", "--linger", "3"], cwd=cwd, env=child_env(),
                             stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
-@pytest.mark.parametrize("how", ["sigint", "kill"])
-def test_a_coordinator_stopped_mid_round_resumes_without_spending_again(tmp_path: Path, how: str) -> None:
+def test_a_coordinator_stopped_mid_round_resumes_without_spending_again(tmp_path: Path) -> None:
+    # Round 2: the coordinator is stopped with SIGINT (Ctrl-C); round 3: killed with -9.
+    # Each time lab-c holds the round open and hospital-a and -b have spent and sent.
     port = free_port()
     settings = Settings(rounds=3, heartbeat_s=0.25, lease_intervals=12, round_timeout_s=20, central_evaluation=False)
     federation, _ = write_configs(tmp_path, settings=settings, port=port)
     log = tmp_path / "coordinator.log"
     store = tmp_path / "coordinator-state" / "coordinator.sqlite"
     configs = [_private(n, i, address=f"127.0.0.1:{port}", root=tmp_path) for i, n in enumerate(NAMES)]
-    # lab-c holds round 2 open: the coordinator is stopped while it trains, after the others sent.
-    slow = {"lab-c": _Slow(round_number=2)}
+    slow = {"lab-c": _Slow(2, 3)}
     uploaded: set[tuple[str, int]] = set()
     daemons = _daemons(configs, slow=slow,
                        on_event=lambda n, e: uploaded.add((n, e.round)) if e.kind == "uploaded" else None)
     coordinator = _serve(federation, cwd=tmp_path, log=log)
     try:
         with running(daemons) as outcome:
-            assert slow["lab-c"].started.wait(90), f"lab-c should reach round 2\n{log.read_text()[-3000:]}"
-            wait_until(lambda: {("hospital-a", 2), ("hospital-b", 2)} <= uploaded, timeout=30,
-                       what="hospital-a and -b to send round 2")
-            if how == "sigint":
-                coordinator.send_signal(signal.SIGINT)
-            else:
-                coordinator.kill()
-            coordinator.wait(timeout=30)
-            coordinator = _serve(federation, cwd=tmp_path, log=log)
-            slow["lab-c"].release.set()
+            for round_number, stop in ((2, lambda p: p.send_signal(signal.SIGINT)), (3, lambda p: p.kill())):
+                assert slow["lab-c"].started[round_number].wait(90), \
+                    f"lab-c should reach round {round_number}\n{log.read_text()[-3000:]}"
+                wait_until(lambda r=round_number: {("hospital-a", r), ("hospital-b", r)} <= uploaded, timeout=30,
+                           what=f"hospital-a and -b to send round {round_number}")
+                stop(coordinator)
+                coordinator.wait(timeout=30)
+                coordinator = _serve(federation, cwd=tmp_path, log=log)
+                slow["lab-c"].release[round_number].set()
             wait_until(lambda: len(outcome) == 3, timeout=120, what="daemons to finish the study")
         assert coordinator.wait(timeout=60) == 0, log.read_text()[-3000:]
     finally:
@@ -254,7 +254,8 @@ def test_a_coordinator_stopped_mid_round_resumes_without_spending_again(tmp_path
             coordinator.wait()
     rounds = read_store(store)["rounds"]
     assert [r["round"] for r in rounds if r["status"] == "committed"] == [1, 2, 3]
-    assert _attempts(rounds)[2] >= 2, rounds  # round 2 was resumed as a new attempt
+    attempts = _attempts(rounds)
+    assert attempts[2] >= 2 and attempts[3] >= 2, rounds  # each resumed as a new attempt
     entries = {}
     for c in configs:
         with PrivacyLedger(ledger_path(c.institution.state_dir), readonly=True) as ledger:
