@@ -101,7 +101,8 @@ def _protection_lines(caplog: pytest.LogCaptureFixture) -> dict[str, list[tuple[
     said: dict[str, list[tuple[int, str]]] = {}
     for r in caplog.records:
         text = r.getMessage()
-        if r.name == "fedcollab.institution" and ("DP-SGD" in text or "WITHOUT differential privacy" in text):
+        if r.name == "fedcollab.institution" and ": study " in text and (
+                "DP-SGD" in text or "WITHOUT differential privacy" in text):
             said.setdefault(text.split(":", 1)[0], []).append((r.levelno, text))
     return said
 
