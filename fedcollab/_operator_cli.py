@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedcollab._address import parse_address
 from fedcollab._display import markup
 from fedcollab._plaintext import require_tls_or_insecure
 from fedcollab._struct import integral
@@ -50,6 +51,11 @@ def _operator_channel(args: argparse.Namespace) -> tuple[grpc.Channel, list[tupl
             token_file = state / "operator.token"
     if address is None:
         raise ConfigError("say where the coordinator is: --config federation.toml, or --coordinator HOST:PORT")
+    try:  # a typo'd port is said now, not retried until the call's deadline
+        parse_address(address, listen=False)
+    except ValueError as e:
+        where = "--coordinator" if args.coordinator else f"{args.config} (server.address; is the coordinator running?)"
+        raise ConfigError(f"the coordinator's address {address!r} from {where}: {e}") from None
     if args.cert or args.key or args.ca:
         tls, what = "--cert/--key/--ca", "this command"
     else:

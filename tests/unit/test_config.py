@@ -251,3 +251,12 @@ def test_port_0_and_ipv6_still_load_for_the_coordinator(tmp_path: Path) -> None:
     path.write_text('[server]\naddress = "[::1]:0"\nhttp_address = "127.0.0.1:0"\n[study.model]\nkind = "mlp"\n')
     server = load_config(FederationConfig, path).server
     assert (server.address, server.http_address) == ("[::1]:0", "127.0.0.1:0")
+
+
+def test_an_operator_command_refuses_a_mistyped_coordinator_address(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedcollab.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["study", "list", "--coordinator", "localhost:50051x", "--insecure", "--token-file", "/dev/null"])
+    out = capsys.readouterr().out
+    assert done.value.code == 2 and "localhost:50051x" in out and "not a number" in out, out
