@@ -51,11 +51,6 @@ def _operator_channel(args: argparse.Namespace) -> tuple[grpc.Channel, list[tupl
             token_file = state / "operator.token"
     if address is None:
         raise ConfigError("say where the coordinator is: --config federation.toml, or --coordinator HOST:PORT")
-    try:  # a typo'd port is said now, not retried until the call's deadline
-        parse_address(address, listen=False)
-    except ValueError as e:
-        where = "--coordinator" if args.coordinator else f"{args.config} (server.address; is the coordinator running?)"
-        raise ConfigError(f"the coordinator's address {address!r} from {where}: {e}") from None
     if args.cert or args.key or args.ca:
         tls, what = "--cert/--key/--ca", "this command"
     else:
@@ -64,6 +59,11 @@ def _operator_channel(args: argparse.Namespace) -> tuple[grpc.Channel, list[tupl
                             what=what, console=console,
                             no_tls_hint="pass the operator's --cert and --key, with --ca or a --config whose "
                                         "[server.tls] names the CA")
+    try:  # a typo'd port is said now, not retried until the call's deadline
+        parse_address(address, listen=False)
+    except ValueError as e:
+        where = "--coordinator" if args.coordinator else f"{args.config} (server.address; is the coordinator running?)"
+        raise ConfigError(f"the coordinator's address {address!r} from {where}: {e}") from None
     if args.cert or args.key:
         if not (args.cert and args.key and ca):
             raise ConfigError("mutual TLS needs --cert and --key (the operator's, from `fedcollab pki`) and the CA "
