@@ -192,7 +192,7 @@ def run_model(w: Workload, *, repeats: int, batch_size: int) -> dict:
 
     variants: dict[str, Callable[[nn.Module, int], None]] = {
         "non-private": lambda m, s: epoch_non_private(m, w.x, w.y, batch_size, s),
-        **{f"opacus:{mode}": (lambda mode: lambda m, s: epoch_opacus(m, w.x, w.y, batch_size, s, mode))(mode)
+        **{f"opacus:{mode}": (lambda m, s, mode=mode: epoch_opacus(m, w.x, w.y, batch_size, s, mode))
            for mode in GRAD_SAMPLE_MODES},
         "fedcollab": lambda m, s: epoch_fedcollab(m, w.x, w.y, batch_size, s, chosen),
     }
@@ -202,7 +202,7 @@ def run_model(w: Workload, *, repeats: int, batch_size: int) -> dict:
         # Rotated each repeat, so no variant always runs right after the same other one.
         for name in names[r % len(names):] + names[: r % len(names)]:
             model = copy.deepcopy(w.model).train()
-            t = timed(lambda: variants[name](model, r))
+            t = timed(lambda name=name, model=model, r=r: variants[name](model, r))
             if r >= 0:
                 times[name].append(t)
     median = {name: statistics.median(ts) for name, ts in times.items()}

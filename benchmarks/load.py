@@ -9,9 +9,10 @@ The real coordinator, its own process started through the command line
 (kind "mlp": 64 -> 16 -> 10, 1,210 float32 parameters, a 5 KB file): each round selects
 --per-round of the online institutions (default 30, quorum 20), commits the FedAvg of
 their updates, then asks --evaluate-per-round of the online institutions (default 30;
-0: every one) to evaluate the new model, and the next round opens. --institutions light institutions (default 200) drive it for
---seconds (default 60). They train nothing: each one speaks the real protocol with the
-generated stubs (`fedcollab.v1.coordinator_service_pb2_grpc`), as the daemon's client
+0: every one) to evaluate the new model, and the next round opens. --institutions light
+institutions (default 200) drive it for --seconds (default 60). They train nothing: each
+one speaks the real protocol with the generated stubs
+(`fedcollab.v1.coordinator_service_pb2_grpc`), as the daemon's client
 (`fedcollab/institution/_client.py`) builds every message:
 
     Join -> Heartbeat every heartbeat_interval_seconds (as Join says) -> PollTask
@@ -351,7 +352,8 @@ class LightInstitution:
             piece = data[offset:offset + self.chunk_bytes]
             requests.append(pb.UploadUpdateRequest(chunk=tensor_pb2.Chunk(
                 offset=offset, data=piece, sha256=hashlib.sha256(piece).digest())))
-        await self.timed("UploadUpdate", self.stub.UploadUpdate(iter(requests), timeout=RPC_TIMEOUT_S + len(data) / 1e6))
+        call = self.stub.UploadUpdate(iter(requests), timeout=RPC_TIMEOUT_S + len(data) / 1e6)
+        await self.timed("UploadUpdate", call)
 
     async def evaluate(self, task: Any) -> None:
         from fedcollab.v1 import coordinator_service_pb2 as pb
@@ -897,7 +899,8 @@ def options_from(a: argparse.Namespace) -> Options:
         min_institutions=min(quorum, per_round),
         round_timeout_s=a.round_timeout, evaluation_timeout_s=a.evaluation_timeout,
         max_workers=a.max_workers or min(1024, a.institutions + 64), client_procs=a.client_procs,
-        join_ramp_s=a.join_ramp, evaluate_downloads=a.evaluate_downloads, json_path=a.json, workdir=a.workdir, keep=a.keep, py_spy=a.py_spy,
+        join_ramp_s=a.join_ramp, evaluate_downloads=a.evaluate_downloads, json_path=a.json, workdir=a.workdir,
+        keep=a.keep, py_spy=a.py_spy,
     )
 
 

@@ -670,7 +670,8 @@ def summary_line(res: dict[str, Any]) -> str:
         + f"; moved {(r['bytes_in'] + r['bytes_out']) / 1e6:,.1f} MB in the round "
         f"(expected {(r['expected_bytes_in'] + r['expected_bytes_out']) / 1e6:,.1f} MB); "
         f"coordinator peak RSS {c['peak_rss_bytes'] / GiB:.2f} GiB = {c['peak_x_model']:.2f} x model "
-        f"(import baseline {c['import_baseline_rss_bytes'] / GiB:.2f} GiB, +{c['above_baseline_x_model']:.2f} x model); "
+        f"(import baseline {c['import_baseline_rss_bytes'] / GiB:.2f} GiB, "
+        f"+{c['above_baseline_x_model']:.2f} x model); "
         f"institution peak {inst_peak / GiB:.2f} GiB max; total wall {res['total_wall_s']:.1f} s"
     )
 
@@ -705,7 +706,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--params", type=int, default=50_000_000, help="float32 parameters in the model (default 50M)")
     p.add_argument("--institutions", type=int, default=4, help="institution processes (default 4)")
     p.add_argument("--rounds", type=int, default=1, help="rounds (default 1)")
-    p.add_argument("--chunk-mib", type=int, default=1, help="transfer chunk size in MiB, 1..64 (default 1, the server's)")
+    p.add_argument("--chunk-mib", type=int, default=1,
+                   help="transfer chunk size in MiB, 1..64 (default 1, the server's)")
     p.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds (default 1800)")
     p.add_argument("--sample-ms", type=float, default=25.0, help="RSS sampling interval (default 25 ms)")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")

@@ -9,7 +9,7 @@ import base64
 import hashlib
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ def _operator_channel(args: argparse.Namespace) -> tuple[grpc.Channel, list[tupl
             token_file = state / "operator.token"
     if address is None:
         raise ConfigError("say where the coordinator is: --config federation.toml, or --coordinator HOST:PORT")
+    tls: str | None
     if args.cert or args.key or args.ca:
         tls, what = "--cert/--key/--ca", "this command"
     else:
@@ -138,7 +139,7 @@ def _partner_client(args: argparse.Namespace) -> tuple[Any, InstitutionConfig]:
 
 
 def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if ts else ""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else ""
 
 
 # ----------------------------------------------------------------- studies
@@ -201,7 +202,8 @@ def cmd_study_status(args: argparse.Namespace) -> int:
         table.add_column(col)
     for i in status.institutions:
         table.add_row(markup(i.name), "yes" if i.online else "no", str(i.num_train_examples),
-                      f"{i.epsilon:.3f}" if i.budget_epsilon else "", f"{i.budget_epsilon:g}" if i.budget_epsilon else "")
+                      f"{i.epsilon:.3f}" if i.budget_epsilon else "",
+                      f"{i.budget_epsilon:g}" if i.budget_epsilon else "")
     console.print(table)
     for name, why in sorted(summary.declined.items()):
         console.print(f"declined by {markup(name)}: {markup(why)}")
@@ -369,7 +371,7 @@ def cmd_model_pull(args: argparse.Namespace) -> int:
     if record.get("study") != args.study:
         raise refuse(f"its signed lineage record is study {str(record.get('study'))[:80]!r}'s")
     final = out_dir / f"{args.study}-v{args.version}.safetensors"
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     from google.protobuf import json_format
 
     card = ModelCard(
@@ -381,7 +383,7 @@ def cmd_model_pull(args: argparse.Namespace) -> int:
         lineage={"record": base64.b64encode(info.lineage_record).decode(),
                  "signature": base64.b64encode(info.lineage_signature).decode(),
                  "public_key": base64.b64encode(key).decode()},
-        published_at=datetime.fromtimestamp(info.published_at, timezone.utc).isoformat(timespec="seconds")
+        published_at=datetime.fromtimestamp(info.published_at, UTC).isoformat(timespec="seconds")
         .replace("+00:00", "Z"),
         pulled_at=now,
     )

@@ -62,10 +62,10 @@ class StateLock:
             raise
         # Who holds it, for the refusal above (readers take what is there; a half-written
         # line only loses the description, never the lock).
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "role": role,
-                  "command": " ".join(sys.argv)[:_MAX_COMMAND], "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        about = {"pid": os.getpid(), "host": socket.gethostname(), "role": role,
+                 "command": " ".join(sys.argv)[:_MAX_COMMAND], "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        os.pwrite(fd, (json.dumps(about) + "\n").encode(), 0)
         return cls(path=path, fd=fd, made=made, new=_holds_nothing(folder))
 
     @contextlib.contextmanager

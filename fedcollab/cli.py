@@ -133,7 +133,7 @@ def cmd_coordinator_status(args: argparse.Namespace) -> int:
         table.add_column(col)
     for r in store.rounds():
         m = r["metrics"]
-        fmt = lambda k: f"{m[k]:.4f}" if k in m else ""  # noqa: E731
+        fmt = lambda k, m=m: f"{m[k]:.4f}" if k in m else ""  # noqa: E731
         table.add_row(str(r["round"]), str(r["attempt"]), r["status"], str(r["model_version"] or ""),
                       str(int(m.get("num_updates", 0)) or ""), fmt("train_loss"), fmt("eval_accuracy"),
                       fmt("central_accuracy"), markup(r["reason"] or ""))  # reasons quote institutions
@@ -394,7 +394,7 @@ def cmd_pki_list(args: argparse.Namespace) -> int:
         table.add_column(col, overflow="fold")
     colour = {"valid": "green", "expired": "yellow", "revoked": "red"}
     for r in records:
-        status = r.status + (f" {r.revoked_at[:10]} ({r.reason})" if r.revoked else "")
+        status = r.status + (f" {(r.revoked_at or '')[:10]} ({r.reason})" if r.revoked else "")
         table.add_row(serial_hex(r.serial), r.role, r.name, Text(", ".join([*r.dns_names, *r.ip_addresses])),
                       r.not_after[:16].replace("T", " "), Text(status, style=colour[r.status]))
     console.print(table)
@@ -450,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="plaintext on loopback instead of mutual TLS with an ephemeral CA in the run folder")
     sim.set_defaults(func=cmd_simulate)
 
-    coord = sub.add_parser("coordinator", help="run or inspect a coordinator").add_subparsers(dest="action", required=True)
+    coord = sub.add_parser("coordinator", help="run or inspect a coordinator").add_subparsers(dest="action",
+                                                                                              required=True)
     serve = coord.add_parser("serve", help="serve studies, and keep serving for the next one until stopped")
     serve.add_argument("--config", required=True, help="federation.toml")
     serve.add_argument("--insecure", action="store_true", help="allow plaintext gRPC when no [tls] is configured")

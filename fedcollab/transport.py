@@ -23,7 +23,7 @@ def message_limit(chunk_bytes: int) -> int:
 
 def _read(path: object, what: str) -> bytes:
     try:
-        with open(path, "rb") as f:  # type: ignore[arg-type]
+        with open(path, "rb") as f:  # type: ignore[call-overload]
             return f.read()
     except OSError as e:
         raise ConfigError(f"tls.{what}: cannot read {path}: {e.strerror}") from None

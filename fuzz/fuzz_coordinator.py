@@ -785,7 +785,7 @@ def _check_after(env: Env, joined: set[str]) -> None:
             if name in joined:  # the input joined as this institution, replacing our session
                 env.rejoin(name)
                 continue
-            raise Finding(f"honest {name}'s heartbeat failed: {a.code} {a.details!r}", a.cause)
+            raise Finding(f"honest {name}'s heartbeat failed: {a.code} {a.details!r}", a.cause) from a
         if not lease.lease_seconds > 0:
             raise Finding(f"honest heartbeat returned lease {lease.lease_seconds}")
     model = eng.current_model

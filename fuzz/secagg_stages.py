@@ -237,7 +237,8 @@ class HonestWalk:
         for stage, step in steps:
             ready = self._wait(sa, {n: who[n] for n in clients}, stage)
             for n in list(clients):
-                if n not in ready or not self._call(lambda n=n: step(sa, who, n, clients[n], ready[n])):
+                send = lambda n=n, step=step, ready=ready: step(sa, who, n, clients[n], ready[n])  # noqa: E731
+                if n not in ready or not self._call(send):
                     del clients[n]
 
     def _share(self, sa: Any, who: Any, n: str, c: InstitutionSecAgg, response: Any) -> bool:

@@ -17,9 +17,8 @@ PROTO_ROOT = Path(__file__).resolve().parent
 
 
 def generate(*, out: Path) -> list[Path]:
-    from grpc_tools import protoc  # test/dev dependency only
-
     import grpc_tools
+    from grpc_tools import protoc  # test/dev dependency only
 
     protos = sorted(PROTO_ROOT.glob("fedcollab/v1/*.proto"))
     well_known = Path(grpc_tools.__file__).parent / "_proto"

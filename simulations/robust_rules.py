@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     console = Console()
     base = load_config(Scenario, args.scenario)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     folder = args.output / f"{stamp}-robust-rules"
     folder.mkdir(parents=True)
     curves: dict[str, dict[str, list[float]]] = {}

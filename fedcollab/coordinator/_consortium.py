@@ -149,15 +149,16 @@ class Consortium:
     def memberships(self) -> list[dict[str, Any]]:
         return sorted(self._membership.values(), key=lambda r: r["institution"])
 
-    def set_membership(self, institution: str, *, status: str, reason: str = "", changed_by: str = "") -> dict[str, Any]:
+    def set_membership(self, institution: str, *, status: str, reason: str = "",
+                       changed_by: str = "") -> dict[str, Any]:
         assert status in MEMBERSHIP_STATUSES, status
-        row = {"institution": institution, "status": status, "reason": reason, "changed_by": changed_by,
-               "changed_at": time.time()}
+        row: dict[str, Any] = {"institution": institution, "status": status, "reason": reason,
+                               "changed_by": changed_by, "changed_at": time.time()}
         with self._tx() as db:
             db.execute("INSERT INTO membership VALUES (:institution, :status, :reason, :changed_by, :changed_at) "
                        "ON CONFLICT(institution) DO UPDATE SET status=excluded.status, reason=excluded.reason, "
                        "changed_by=excluded.changed_by, changed_at=excluded.changed_at", row)
-            _record(db, at=row["changed_at"], kind="membership", subject=institution, status=status, note=reason,
+            _record(db, at=float(row["changed_at"]), kind="membership", subject=institution, status=status, note=reason,
                     changed_by=changed_by)
             self._membership[institution] = row
         return row

@@ -30,10 +30,12 @@ import torch
 from google.protobuf import struct_pb2
 
 from fedcollab import __version__, models
-from fedcollab._names import NAME
 from fedcollab._faults import crash_point
+from fedcollab._names import NAME
+from fedcollab.aggregation._fedavg import AggregateOverflow
 from fedcollab.compression import compression_to_proto
 from fedcollab.config import FederationConfig, StudyConfig
+from fedcollab.coordinator import _bounds
 from fedcollab.coordinator._checkpoints import (
     ModelVersion,
     add_file_into,
@@ -43,8 +45,6 @@ from fedcollab.coordinator._checkpoints import (
     stored_tensors,
     write_streaming,
 )
-from fedcollab.aggregation._fedavg import AggregateOverflow
-from fedcollab.coordinator import _bounds
 from fedcollab.coordinator._masked_sum import MaskedSum
 from fedcollab.coordinator._round_sum import NormOutOfBounds, RoundSum
 from fedcollab.coordinator._secagg import ADVERTISE, CONSISTENCY, DONE, MASKED, SHARE, UNMASK, SecAggRound
@@ -725,7 +725,8 @@ class RoundEngine:
                                message=f"{institution}'s part in round {r.number} ended: {p.status} ({p.reason})")
             if header.base_version != r.base.version:
                 raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="STALE_BASE",
-                               message=f"update computed from v{header.base_version}, the round is on v{r.base.version}")
+                               message=f"update computed from v{header.base_version}, "
+                                       f"the round is on v{r.base.version}")
             if r.secagg is not None:
                 if header.manifest != self.masked_manifest:
                     raise Rejected(code=grpc.StatusCode.FAILED_PRECONDITION, reason="SECAGG_REQUIRED",
@@ -1032,10 +1033,10 @@ class RoundEngine:
             if len(sa.u2) < quorum:
                 self._secagg_abort(r, f"{len(sa.u2)} institutions shared keys, {quorum} needed")
         elif sa.stage == MASKED:
-            late = [p for p in r.participants.values() if p.status in _OPEN]
-            if late and now < sa.stage_deadline:
+            unsent = [p for p in r.participants.values() if p.status in _OPEN]
+            if unsent and now < sa.stage_deadline:
                 return
-            for p in late:
+            for p in unsent:
                 self._fail(r, p, "SECAGG_STAGE_TIMEOUT", message="sent no masked update in time")
             completed = set(r.total.close())  # takes uploads cut off here back out of the sum
             sa.to_consistency(completed, deadline=now + timeout)
@@ -1160,6 +1161,7 @@ class RoundEngine:
     def _run_round(self, number: int, attempt: int, selected: list[str], stop: threading.Event) -> None:
         base = self._current
         secagg, plan = None, None
+        total: RoundSum | MaskedSum
         if self._study.secure_aggregation is not None:
             total, secagg, plan = self._secagg_round(selected, number)
         else:
@@ -1308,7 +1310,8 @@ class RoundEngine:
 
     def _commit(self, r: _Round, done: list[_Participant], bytes_at_open: tuple[int, int]) -> dict[str, float]:
         central = self._central_dp
-        dp = central.release(update_norms=r.total.update_norms()) if central is not None else None
+        # Central DP never runs under secure aggregation (config refuses it): the sum is a RoundSum.
+        dp = central.release(update_norms=r.total.update_norms()) if central is not None else None  # type: ignore[union-attr]
         ddp_metrics: dict[str, float] = {}
         strategy_record: dict[str, Any] = {}
         stored = {t.name: t for t in stored_tensors(r.base.path)}

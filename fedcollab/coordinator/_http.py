@@ -277,7 +277,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             if send_body:
                 self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError, socket.timeout, ssl.SSLError):
+        except (TimeoutError, BrokenPipeError, ConnectionResetError, ssl.SSLError):
             self.close_connection = True  # the client went away: nothing to answer to
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature

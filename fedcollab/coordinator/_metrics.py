@@ -75,7 +75,8 @@ def render_metrics(snapshot: ConsortiumSnapshot, *,
     by_name = {f.name: f for f in families}
     for study in snapshot.studies:
         _study_samples(study, by_name, buckets)
-    membership = _Family("fedcollab_institutions", "gauge", "Institutions known to the consortium, by membership status.")
+    membership = _Family("fedcollab_institutions", "gauge",
+                         "Institutions known to the consortium, by membership status.")
     counts = Counter(str(i.get("status", "approved")) for i in snapshot.institutions)
     for status in [*MEMBERSHIP_STATUSES, *sorted(set(counts) - set(MEMBERSHIP_STATUSES))]:
         membership.add(counts.get(status, 0), status=status)

@@ -13,8 +13,8 @@ import grpc
 from fedcollab.coordinator._auth import caller_of
 from fedcollab.coordinator._consortium import Consortium
 from fedcollab.coordinator._registry import committed_version
-from fedcollab.coordinator._status_pages import page, page_size_of, position_of, token_for
 from fedcollab.coordinator._servicer import translated as _translated
+from fedcollab.coordinator._status_pages import page, page_size_of, position_of, token_for
 from fedcollab.coordinator._studies import Studies, StudyRun
 from fedcollab.errors import Rejected
 from fedcollab.v1 import operator_service_pb2 as opb

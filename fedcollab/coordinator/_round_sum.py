@@ -185,6 +185,7 @@ class RoundSum:
                     raise NormOutOfBounds(u.norm, self.max_norm)
             if self.clip_norm is None or u.folded:
                 return True
+            assert u.norm is not None  # computed just above whenever there is a clip norm
             u.scale = clip_scale(norm=u.norm, clip_norm=self.clip_norm)
             # Marked folded first: if reading the spool fails part-way, excluding the
             # upload then rebuilds the sum without it.

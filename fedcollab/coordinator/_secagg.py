@@ -45,7 +45,7 @@ CONSISTENCY = pb.SEC_AGG_STAGE_CONSISTENCY_CHECK
 UNMASK = pb.SEC_AGG_STAGE_UNMASK
 DONE = pb.SEC_AGG_STAGE_DONE
 # The stages in the order they run (CONSISTENCY_CHECK was added to the enum last).
-ORDER = {ADVERTISE: 0, SHARE: 1, MASKED: 2, CONSISTENCY: 3, UNMASK: 4, DONE: 5}
+ORDER: dict[int, int] = {ADVERTISE: 0, SHARE: 1, MASKED: 2, CONSISTENCY: 3, UNMASK: 4, DONE: 5}
 _CIPHERTEXT_BYTES = 12 + 2 * 70 + 16  # nonce, two shares, GCM tag
 _MAX_CERTIFICATE_BYTES = 16 * 1024
 _KIND = {pb.SECRET_KIND_SELF_MASK_SEED: SELF_MASK_SEED, pb.SECRET_KIND_MASK_PRIVATE_KEY: MASK_PRIVATE_KEY}
@@ -200,7 +200,7 @@ class SecAggRound:
             raise _refuse("SECAGG_WRONG_STAGE", "poll for SHARE_KEYS, MASKED_INPUT, CONSISTENCY_CHECK or UNMASK")
         if ORDER[self.stage] < ORDER[stage]:
             return pb.SecAggPollResponse(ready=False)
-        members = {SHARE: self.u1, MASKED: self.u2, CONSISTENCY: self.u3, UNMASK: self.u3}[stage]
+        members: set[str] = {SHARE: self.u1, MASKED: self.u2, CONSISTENCY: self.u3, UNMASK: self.u3}[stage]  # type: ignore[index]
         if name not in members or (self.stage == DONE and self.failure):
             raise _refuse("SECAGG_EXCLUDED", f"{name} is no longer part of this round's secure aggregation"
                           + (f": {self.failure}" if self.failure else ""), grpc.StatusCode.FAILED_PRECONDITION)
@@ -215,7 +215,7 @@ class SecAggRound:
         # The signatures a holder needs: its neighbours' neighbourhoods (two hops).
         two_hops = set().union(*(self.hood(v) for v in hood))
         return pb.SecAggPollResponse(ready=True, survivors=sorted(self.u3),
-                                     dropped=sorted(((hood & self.u2) - self.u3)),
+                                     dropped=sorted((hood & self.u2) - self.u3),
                                      signatures=[self.signatures[n] for n in sorted(two_hops & set(self.signatures))])
 
     # ------------------------------------------------------------ stages

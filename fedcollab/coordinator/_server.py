@@ -11,6 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -33,6 +34,9 @@ from fedcollab.lineage._keys import load_or_create_signing_key
 from fedcollab.transport import is_loopback, message_limit, server_credentials_from, warn_insecure
 from fedcollab.v1 import coordinator_service_pb2_grpc as pb_grpc
 from fedcollab.v1 import operator_service_pb2_grpc as opb_grpc
+
+if TYPE_CHECKING:  # imported where it starts: the dashboard's modules import this one
+    from fedcollab.coordinator._http import OperatorHttpServer
 
 log = logging.getLogger("fedcollab.coordinator")
 
@@ -81,7 +85,7 @@ class Coordinator:
             evaluator = central_evaluator(config=config.study.central_evaluation, model=config.study.model)
         self._credentials = credentials
         authenticator = Authenticator(revoked=revoked) if credentials is not None else None
-        self._http = None
+        self._http: OperatorHttpServer | None = None
         # One thread for every stream's deadline between messages (not one per stream).
         self._watchdog = Watchdog()
         self.limits = CallLimits(Limits(
@@ -252,7 +256,8 @@ class Coordinator:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.stop()
 
 

@@ -9,7 +9,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from fedcollab.lineage import LineageError, parse_record
 
@@ -76,7 +76,8 @@ def study_snapshot(*, name: str, status: StudyStatus, engine: RoundEngine, store
 def snapshot_of(coordinator: Coordinator) -> ConsortiumSnapshot:
     """Every study of the coordinator, and every institution with its membership."""
     consortium = coordinator.consortium
-    studies = [study_snapshot(name=run.name, status=coordinator.studies.status(run.name), engine=run.engine,
+    studies = [study_snapshot(name=run.name, status=cast(StudyStatus, coordinator.studies.status(run.name)),
+                              engine=run.engine,
                               store=run.store, history=consortium.history(kind="study", subject=run.name, limit=100))
                for run in coordinator.studies.runs()]
     online = {name for study in studies for name in study.online}

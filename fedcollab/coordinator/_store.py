@@ -147,7 +147,8 @@ class Store:
                 "BEGIN IMMEDIATE;"
                 "CREATE TABLE models_new (version INTEGER PRIMARY KEY, sha256 TEXT NOT NULL, path TEXT NOT NULL,"
                 " size_bytes INTEGER NOT NULL, parent_version INTEGER, created_at REAL NOT NULL);"
-                "INSERT INTO models_new SELECT version, sha256, path, size_bytes, parent_version, created_at FROM models;"
+                "INSERT INTO models_new SELECT version, sha256, path, size_bytes, parent_version, created_at "
+                "FROM models;"
                 "DROP TABLE models; ALTER TABLE models_new RENAME TO models; COMMIT;"
             )
         self._db.execute("CREATE INDEX IF NOT EXISTS models_by_sha ON models(sha256)")
@@ -371,7 +372,7 @@ class Store:
         return out
 
     def participations(self, *, round_number: int | None = None) -> list[dict[str, Any]]:
-        sql, args = "SELECT * FROM participations", ()
+        sql, args = "SELECT * FROM participations", tuple[int, ...]()
         if round_number is not None:
             sql, args = sql + " WHERE round=?", (round_number,)
         out = []

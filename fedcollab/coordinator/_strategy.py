@@ -111,7 +111,7 @@ class OptimizerStates:
             for t in base:
                 params = read_tensor(base_path, t).to(torch.float32)
                 state = ({s: read_tensor(previous, prev_tensors[f"{s}/{t.name}"]) for s in names}
-                         if prev_tensors else None)
+                         if prev_tensors and previous is not None else None)
                 new_state = self.optimizer.step_(params=params, mean_delta=mean[t.name].to(torch.float32),
                                                  state=state, server_round=round_number)
                 mean[t.name].copy_(params)

@@ -99,7 +99,8 @@ def check_header_values(header: pb.UpdateHeader, *, max_examples: int = 10**12) 
     if len(header.sha256) != 32:
         raise _reject("INVALID_HEADER", "header.sha256 must be the 32-byte SHA-256 of the tensor stream")
     if len(header.metrics) > MAX_METRICS or any(len(k) > MAX_METRIC_KEY for k in header.metrics):
-        raise _reject("METADATA_TOO_LARGE", f"at most {MAX_METRICS} metrics with keys up to {MAX_METRIC_KEY} characters")
+        raise _reject("METADATA_TOO_LARGE",
+                      f"at most {MAX_METRICS} metrics with keys up to {MAX_METRIC_KEY} characters")
     if any(k.startswith("fedcollab.") for k in header.metrics):  # the coordinator's own (_bounds.py)
         raise _reject("METADATA_TOO_LARGE", "metric names starting with 'fedcollab.' are the coordinator's")
     if any(not math.isfinite(v) for v in header.metrics.values()):

@@ -17,7 +17,6 @@ from sklearn.model_selection import train_test_split
 
 from fedcollab._dataset_names import KNOWN_DATASETS
 
-
 _FASHION_HINT = (
     "Get the raw IDX files without network access at run time, e.g. "
     "`apt-get download dataset-fashion-mnist && dpkg-deb -x dataset-fashion-mnist_*.deb DIR`, "

@@ -183,7 +183,8 @@ class CoordinatorClient:
             session_id=session_id, round=task.round, nonce=task.nonce, keys=keys, shares=shares, unmask=unmask,
             consistency=consistency))
 
-    def secagg_wait(self, *, session_id: str, task: pb.Task, stage: int, wait_s: float) -> pb.SecAggPollResponse:
+    def secagg_wait(self, *, session_id: str, task: pb.Task, stage: pb.SecAggStage,
+                    wait_s: float) -> pb.SecAggPollResponse:
         """Long-polls until the inputs of `stage` are ready; the coordinator's refusal
         (this institution dropped from the round) comes as RemoteError."""
         while True:

@@ -30,6 +30,7 @@ def load_local_data(config: DataConfig) -> tuple[ArrayDataset, ArrayDataset]:
 
 def _load_npz(config: DataConfig) -> ArrayDataset:
     try:
+        assert config.path is not None  # DataConfig requires it for npz
         with np.load(config.path, allow_pickle=False) as f:  # NEVER allow pickle: it runs code
             x, y = f["x"], f["y"]
     except (OSError, KeyError, ValueError) as e:

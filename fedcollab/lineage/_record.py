@@ -15,7 +15,7 @@ import math
 import numbers
 import re
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -81,13 +81,13 @@ def build_record(
         entries.append({"institution": str(c["institution"]), "update_sha256": str(c["update_sha256"]),
                         "num_examples": int(c["num_examples"]),
                         "privacy": dict(c["privacy"]) if c.get("privacy") else None})
-    entries.sort(key=lambda e: e["institution"])
+    entries.sort(key=lambda e: str(e["institution"]))
     if len({e["institution"] for e in entries}) != len(entries):
         raise ValueError("an institution contributes at most once to a version")
     if created_at is None:
-        created_at = datetime.now(timezone.utc)
+        created_at = datetime.now(UTC)
     if isinstance(created_at, datetime):
-        created_at = created_at.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        created_at = created_at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     record: dict[str, Any] = {
         "schema": SCHEMA, "version": int(version), "round": int(round), "federation": federation, "study": study,
         "parent_sha256": parent_sha256, "model_sha256": model_sha256, "contributions": entries,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +46,7 @@ class SmallCNN(nn.Module):
         widths = (config.in_channels, *config.channels)
         # padding=1 keeps H and W through each 3x3 conv; the pool halves them.
         self.convs = nn.ModuleList(
-            nn.Conv2d(a, b, kernel_size=3, padding=1) for a, b in zip(widths[:-1], widths[1:])
+            nn.Conv2d(a, b, kernel_size=3, padding=1) for a, b in itertools.pairwise(widths)
         )
         side = _IMAGE_SIZE >> len(config.channels)  # 28 -> 14 -> 7 for two blocks
         self.fc = nn.Linear(config.channels[-1] * side * side, config.hidden)
@@ -54,7 +55,8 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expected = self.config.input_shape
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"SmallCNN expects input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+            raise ValueError(f"SmallCNN expects input of shape (B, {', '.join(map(str, expected))}), "
+                             f"got {tuple(x.shape)}")
         for conv in self.convs:
             x = torch.max_pool2d(torch.relu(conv(x)), kernel_size=2)  # (B, C, H, W) -> (B, C', H/2, W/2)
         x = x.flatten(1)  # (B, C' * side * side)

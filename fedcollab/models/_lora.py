@@ -39,6 +39,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -150,7 +151,8 @@ def lora_base_sha256(*, params: Mapping[str, object]) -> str:
     base_seed = params.get("base_seed", 0)
     if not isinstance(base_seed, int) or isinstance(base_seed, bool):
         raise ValueError(f"base_seed must be int, got {base_seed!r}")
-    config = TransformerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items() if k in fields})
+    given: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items() if k in fields}
+    config = TransformerConfig(**given)
     return weights_sha256(_build_base(config, base_seed))
 
 

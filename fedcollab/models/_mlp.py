@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,7 @@ class MLP(nn.Module):
         super().__init__()
         self.config = config
         widths = (config.in_features, *config.hidden)
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         self.dropout = nn.Dropout(config.dropout)  # no parameters, no buffers
         self.head = nn.Linear(widths[-1], config.num_classes)
 

@@ -97,8 +97,7 @@ def _coerce(value: object, tp: object) -> object | None:
     if tp is str:
         return value if isinstance(value, str) else None
     if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return float(value) if ok else None
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     if typing.get_origin(tp) is tuple:  # tuple[int, ...]; JSON gives lists
         if not isinstance(value, (list, tuple)):
             return None

@@ -54,7 +54,8 @@ class TransformerConfig:
         if self.d_model % self.heads != 0:
             raise ValueError(
                 f"TransformerConfig.d_model ({self.d_model}) must be a multiple of heads ({self.heads}); "
-                f"e.g. d_model={self.heads * max(1, round(self.d_model / self.heads))} or heads that divide {self.d_model}"
+                f"e.g. d_model={self.heads * max(1, round(self.d_model / self.heads))} "
+                f"or heads that divide {self.d_model}"
             )
         if self.layers < 1:
             raise ValueError(f"TransformerConfig.layers must be >= 1, got {self.layers}")
@@ -125,7 +126,8 @@ class TinyTransformer(nn.Module):
             return self.embed(x)
         if x.dim() == 2 and x.shape[1] == c.seq_len * c.token_features:
             x = x.reshape(x.shape[0], c.seq_len, c.token_features)  # flat features -> tokens
-        if x.dim() != 3 or x.shape[2] != c.token_features or not 1 <= x.shape[1] <= c.seq_len or not x.is_floating_point():
+        if (x.dim() != 3 or x.shape[2] != c.token_features or not 1 <= x.shape[1] <= c.seq_len
+                or not x.is_floating_point()):
             raise ValueError(
                 f"TinyTransformer expects float inputs of shape (B, T, {c.token_features}) with "
                 f"1 <= T <= {c.seq_len}, or (B, {c.seq_len * c.token_features}) flat, got "

@@ -26,7 +26,7 @@ CLOCK_SKEW = dt.timedelta(minutes=5)
 
 
 def now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 def serial_hex(serial: int) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import statistics
@@ -161,7 +162,7 @@ def _time_mode(*, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size
         log.debug("grad_sample_mode %r does not work on %s: %s", mode, type(model).__name__, exc, exc_info=True)
         return None
     end = time.perf_counter()
-    intervals = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
+    intervals = [b - a for a, b in itertools.pairwise(stamps)][warmup:]
     if intervals:
         return statistics.median(intervals)
     # (almost) every batch came out empty: the whole run, per batch
@@ -198,7 +199,8 @@ def _read_cache(path: Path) -> dict[str, dict]:
         return {}
     try:
         data = json.loads(raw)
-        if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT or not isinstance(data.get("entries"), dict):
+        if (not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT
+                or not isinstance(data.get("entries"), dict)):
             raise ValueError("not a cache of this format")
         return data["entries"]
     except ValueError as exc:  # JSONDecodeError is a ValueError
@@ -216,7 +218,7 @@ def _cached_choice(entry: object, modes: Sequence[str]) -> ModeChoice | None:
         return None
     if not all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in seconds.items()):
         return None
-    return ModeChoice(mode=mode, seconds_per_step={k: float(v) for k, v in seconds.items()}, cached=True)
+    return ModeChoice(mode=str(mode), seconds_per_step={k: float(v) for k, v in seconds.items()}, cached=True)
 
 
 def _write_cache(path: Path, key: str, choice: ModeChoice, model: nn.Module, batch_size: int) -> None:

@@ -8,8 +8,8 @@ a crafted share off as good."""
 
 from fedcollab.secagg._advert import MASK_PRIVATE_KEY, SELF_MASK_SEED, Advertisement, RoundShape, survivors_bytes
 from fedcollab.secagg._client import InstitutionSecAgg, RoundSetup, SecAggError, pair_context
-from fedcollab.secagg._identity import PeerVerifier, SignatureProblem, SigningIdentity
 from fedcollab.secagg._graph import degree_for, neighbour_graph, threshold_for
+from fedcollab.secagg._identity import PeerVerifier, SignatureProblem, SigningIdentity
 from fedcollab.secagg._masks import apply_masks, mask, pair_seed
 from fedcollab.secagg._quantize import Quantizer
 from fedcollab.secagg._server import Removal, removal_seeds

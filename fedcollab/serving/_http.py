@@ -92,7 +92,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "fedcollab-serve"
 
     def setup(self) -> None:
-        self.timeout = self.server.limits.read_timeout_s  # what StreamRequestHandler.setup puts on the socket
+        self.timeout = self.server.limits.read_timeout_s  # type: ignore[misc]  # StreamRequestHandler.setup reads it
         super().setup()
         if isinstance(self.connection, ssl.SSLSocket):
             self.connection.do_handshake()

@@ -60,7 +60,8 @@ class LoadedModel:
         try:
             model = build_model_to_load(kind=card.kind, params=card.params, state_names=state)
         except (ValueError, TypeError, ImportError) as e:
-            raise ServingError(f"{model_file}: its card's model (kind {card.kind!r}) cannot be built here: {e}") from None
+            raise ServingError(f"{model_file}: its card's model (kind {card.kind!r}) cannot be built here: "
+                               f"{e}") from None
         spec = input_spec(model, kind=card.kind)  # before loading: a blob is refused whatever its size
         try:
             model.load_state_dict(state, strict=True)
@@ -72,7 +73,7 @@ class LoadedModel:
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise ServingError(f"{model_file}: tensor {name} holds NaN or infinite values; this version "
                                    "cannot give meaningful predictions, serve another one")
-        num_classes = int(model.config.num_classes)  # type: ignore[union-attr]
+        num_classes = int(model.config.num_classes)  # type: ignore[union-attr,arg-type]
         pinned = public_key is not None
         fingerprint = key_fingerprint(public_key if pinned else card.lineage_bytes()[2])  # type: ignore[arg-type]
         log.info("loaded %s: v%d of %s, %s, %d classes", model_file, card.version, card.study, card.kind, num_classes)
@@ -93,8 +94,9 @@ class LoadedModel:
     def info(self, *, max_batch: int) -> dict[str, Any]:
         """What is served, as JSON (`GET /v1/model`); ModelInfo carries the same fields."""
         card = self.card
-        institutions = [{"institution": name, "epsilon": float(p["epsilon"]), "delta": float(p["delta"]),
-                         "budget_epsilon": float(p["budget_epsilon"])} for name, p in sorted(card.privacy.items())]
+        institutions: list[dict[str, Any]] = [
+            {"institution": name, "epsilon": float(p["epsilon"]), "delta": float(p["delta"]),
+             "budget_epsilon": float(p["budget_epsilon"])} for name, p in sorted(card.privacy.items())]
         central = card.central_dp or {}
         central_eps, central_delta = central.get("epsilon"), central.get("delta")
         has_central = _finite(central_eps)
@@ -102,8 +104,8 @@ class LoadedModel:
             "institutions": institutions,
             "max_epsilon": max((p["epsilon"] for p in institutions), default=0.0),
             "central_dp": has_central,
-            "central_epsilon": float(central_eps) if has_central else 0.0,
-            "central_delta": float(central_delta) if has_central and _finite(central_delta) else 0.0,
+            "central_epsilon": float(central_eps) if has_central else 0.0,  # type: ignore[arg-type]  # _finite checked
+            "central_delta": float(central_delta) if has_central and _finite(central_delta) else 0.0,  # type: ignore[arg-type]
         }
         return {
             "federation": card.federation, "study": card.study, "version": card.version, "sha256": card.sha256,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 def plot_comparison(results: Sequence[SimulationResult], *, output_dir: Path) -> Path:
     """Writes comparison.png and comparison.json into a new folder under output_dir.
     Runs without sample-level DP are drawn as horizontal reference lines."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     folder = output_dir / f"{stamp}-comparison"
     folder.mkdir(parents=True, exist_ok=False)
     rows = []

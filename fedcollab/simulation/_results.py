@@ -31,7 +31,8 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path, *, title: str) -> None
     for label, (acc_key, loss_key) in series.items():
         if any(acc_key in r["metrics"] for r in committed):
             ax_acc.plot(xs, [r["metrics"].get(acc_key, float("nan")) for r in committed], marker="o", ms=3, label=label)
-            ax_loss.plot(xs, [r["metrics"].get(loss_key, float("nan")) for r in committed], marker="o", ms=3, label=label)
+            losses = [r["metrics"].get(loss_key, float("nan")) for r in committed]
+            ax_loss.plot(xs, losses, marker="o", ms=3, label=label)
     if any("train_loss" in r["metrics"] for r in committed):
         ax_loss.plot(xs, [r["metrics"].get("train_loss", float("nan")) for r in committed], marker="o", ms=3,
                      label="local training")

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +120,7 @@ def run_simulation(
             f"simulation.institutions ({sim.institutions}) is below study.min_institutions "
             f"({scenario.study.min_institutions}): no round could reach its quorum"
         )
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir = (output_dir or sim.output_dir) / f"{stamp}-{sim.name}"
     run_dir.mkdir(parents=True, exist_ok=False)
     central = _central(scenario)
@@ -275,7 +275,8 @@ def _transport(coordinator: Coordinator, daemons: list[InstitutionDaemon]) -> di
     tls = coordinator.config.server.tls
     if tls is None:
         return {"mode": "insecure", "detail": "plaintext gRPC on loopback (--insecure): no TLS, identities unchecked"}
-    return {"mode": "mutual-tls" if tls.require_client_auth else "tls", "ca_cert": str(tls.ca_cert), "crl": str(tls.crl) if tls.crl else None,
+    return {"mode": "mutual-tls" if tls.require_client_auth else "tls", "ca_cert": str(tls.ca_cert),
+            "crl": str(tls.crl) if tls.crl else None,
             "coordinator_cert": str(tls.cert),
             "institution_certs": {d.name: str(d.config.tls.cert) if d.config.tls is not None else None
                                   for d in daemons}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
+import typing
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -33,9 +34,9 @@ def torch_dtype(wire: int) -> torch.dtype:
         raise ValueError(f"unsupported tensor dtype {wire} on the wire") from None
 
 
-def wire_dtype(dtype: torch.dtype) -> int:
+def wire_dtype(dtype: torch.dtype) -> tensor_pb2.TensorDtype:
     try:
-        return _TO_WIRE[dtype]
+        return typing.cast(tensor_pb2.TensorDtype, _TO_WIRE[dtype])
     except KeyError:
         known = ", ".join(str(d) for d in _TO_WIRE)
         raise ValueError(
@@ -85,7 +86,7 @@ def manifest_nbytes(manifest: tensor_pb2.ModelManifest) -> int:
 
 def _raw(t: torch.Tensor) -> memoryview:
     flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]  # ndarray is a buffer
 
 
 def iter_stream(tensors: Iterable[torch.Tensor], *, piece_bytes: int) -> Iterator[memoryview | bytes]:

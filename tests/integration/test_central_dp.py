@@ -5,6 +5,7 @@ norm carries over a restart."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import threading
 from pathlib import Path
@@ -122,7 +123,7 @@ def test_noise_and_adaptive_clipping_record_epsilon_per_round_and_survive_a_rest
     # The clip norm moves round to round; the restarted coordinator took it from the last
     # committed round, not from the config.
     assert metrics[0]["clip_norm"] == 2.0
-    for before, after in zip(metrics, metrics[1:]):
+    for before, after in itertools.pairwise(metrics):
         assert after["clip_norm"] == before["clip_norm_next"]
     assert resumed_from in (2, 3)
     assert restored_clip == metrics[resumed_from - 1]["clip_norm_next"] != 2.0
@@ -160,7 +161,7 @@ def test_refused_uploads_leave_nothing_in_the_clipped_sum(tmp_path: Path) -> Non
     with Coordinator(config=config) as coordinator:
         address = f"127.0.0.1:{coordinator.port}"
         clients = {n: Client(address, n) for n in [*honest, "mallory"]}
-        for case, build in cases:
+        for _case, build in cases:
             tasks = {n: c.task(pb.TASK_KIND_TRAIN) for n, c in clients.items()}
             for name, (n, value) in honest.items():
                 clients[name].upload(messages(clients[name].session, tasks[name], deltas_for(tasks[name], value),

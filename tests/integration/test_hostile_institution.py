@@ -230,7 +230,8 @@ def test_a_round_failed_by_a_refused_institution_is_not_an_attempt(federation) -
     for name, task in tasks.items():
         c = clients[name]
         if name == "mallory":
-            _refused(lambda: c.upload(messages(c.session, task, deltas_for(task, 3e38), num_examples=10**12)),
+            _refused(lambda c=c, task=task: c.upload(messages(c.session, task, deltas_for(task, 3e38),
+                                                              num_examples=10**12)),
                      Code.INVALID_ARGUMENT, "UPDATE_OVERFLOWS_AGGREGATE")
         else:
             c.upload(messages(c.session, task, deltas_for(task, 0.1), num_examples=100))

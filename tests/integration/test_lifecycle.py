@@ -57,7 +57,8 @@ def _agent(tmp_path: Path, pki: Any, port: int, *, dp: bool = False, **kwargs: A
     cert, key = pki.institutions["site-a"]
     config = config.model_copy(update={"tls": TlsConfig(ca_cert=pki.ca_cert, cert=cert, key=key),
                                        "policy": PolicyConfig(),
-                                       "privacy": PrivacyConfig(target_epsilon=8.0, accountant="rdp",  # hooks: no autotune
+                                       # hooks: no autotune
+                                       "privacy": PrivacyConfig(target_epsilon=8.0, accountant="rdp",
                                                                 grad_sample_mode="hooks") if dp else None})
     return InstitutionAgent(config=config, list_every_s=0.2, **kwargs)
 

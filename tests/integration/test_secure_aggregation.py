@@ -18,8 +18,8 @@ import fedcollab.institution._secure as secure
 from fedcollab.config import SecureAggregationConfig
 from fedcollab.coordinator import Coordinator
 from fedcollab.lineage import read_record_file, record_path
-from tests.integration._tls_files import coordinator_tls, institution_tls
 from tests.conftest import institution_config, recording_daemon, running, tiny_federation, wait_until
+from tests.integration._tls_files import coordinator_tls, institution_tls
 
 pytestmark = pytest.mark.integration
 

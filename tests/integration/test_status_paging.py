@@ -81,7 +81,7 @@ def test_thousands_of_rounds_come_in_pages(federation, capsys: pytest.CaptureFix
     _refused(lambda: op.GetStatus(opb.GetStatusRequest(page_size=-1), timeout=10), "INVALID_PAGE_SIZE")
     for bad in ("garbage!", "cjE6", token_for(study="another-study", round_number=1, attempt=1),
                 token_for(study=study, round_number=-1, attempt=1)):
-        _refused(lambda: op.GetStatus(opb.GetStatusRequest(page_token=bad), timeout=10), "INVALID_PAGE_TOKEN")
+        _refused(lambda bad=bad: op.GetStatus(opb.GetStatusRequest(page_token=bad), timeout=10), "INVALID_PAGE_TOKEN")
 
     # The operator's command pages to the end and shows the latest 100 attempts (or N).
     monkeypatch.setattr(_operator_cli.console, "_width", 200)

@@ -4,7 +4,6 @@ the round's norm bounds and bounded evaluation reports (fedcollab/coordinator/_b
 from __future__ import annotations
 
 from fractions import Fraction
-
 from pathlib import Path
 
 import pytest

@@ -54,12 +54,14 @@ BAD = [
     pytest.param(FederationConfig, '[study.strategy]\nname = "fedsgd"\n[study.model]\nkind = "mlp"\n',
                  ["study.strategy.name", "fedadam"], id="unknown strategy"),
     pytest.param(FederationConfig, '[study]\nmin_institutions = 5\n[study.strategy]\nname = "bulyan"\n'
-                 'num_malicious = 1\n[study.model]\nkind = "mlp"\n', ["needs at least 7 updates", "min_institutions is 5"],
+                 'num_malicious = 1\n[study.model]\nkind = "mlp"\n',
+                 ["needs at least 7 updates", "min_institutions is 5"],
                  id="bulyan too few institutions"),
     pytest.param(FederationConfig, '[study]\nmin_institutions = 3\n[study.strategy]\nname = "fedmedian"\n'
                  '[study.secure_aggregation]\n[study.model]\nkind = "mlp"\n', ["cannot run with secure_aggregation"],
                  id="median under secure aggregation"),
-    pytest.param(FederationConfig, '[study]\nmin_institutions = 3\nupdates_per_round = 2\n[study.model]\nkind = "mlp"\n',
+    pytest.param(FederationConfig,
+                 '[study]\nmin_institutions = 3\nupdates_per_round = 2\n[study.model]\nkind = "mlp"\n',
                  ["updates_per_round (2) is below min_institutions (3)"], id="over-selection below quorum"),
     pytest.param(FederationConfig, '[study]\nmax_update_norm = -1\n[study.model]\nkind = "mlp"\n',
                  ["study.max_update_norm", "greater than 0"], id="negative norm bound"),

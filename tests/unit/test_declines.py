@@ -35,6 +35,7 @@ def test_a_closed_round_keeps_its_declines_in_its_reason(tmp_path: Path) -> None
     reasons = [r["reason"] for r in store.rounds()]
     store.close()
     assert reasons == [
-        "quorum not met: 1 accepted updates, 2 needed; declined: c (DATA_INCOMPATIBLE: the site's data has 10 features)",
+        "quorum not met: 1 accepted updates, 2 needed; "
+        "declined: c (DATA_INCOMPATIBLE: the site's data has 10 features)",
         "quorum not met: 1 accepted updates, 2 needed",
     ]

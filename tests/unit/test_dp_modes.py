@@ -40,7 +40,8 @@ def test_only_shape_and_dtype_of_the_example_are_used() -> None:
 
 
 def test_token_ids_are_drawn_within_the_vocabulary() -> None:
-    model = build_model(kind="transformer", params={"vocab_size": 5, "seq_len": 4, "d_model": 8, "heads": 2, "layers": 1})
+    model = build_model(kind="transformer",
+                        params={"vocab_size": 5, "seq_len": 4, "d_model": 8, "heads": 2, "layers": 1})
     # An out-of-range id would make every mode fail with an IndexError.
     seconds = measure_modes(model=model, example_x=torch.tensor([[10_000, 0, 0, 0]]), num_classes=10,
                             batch_size=4, modes=("hooks",), steps=1)

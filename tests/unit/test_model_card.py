@@ -50,7 +50,8 @@ def signed_card(model_file: Path, *, key: Ed25519PrivateKey, model: dict[str, An
         metrics={"eval_accuracy": 0.91, "train_loss": 0.3},
         privacy={"hospital-a": {"epsilon": 1.5, "delta": 1e-5, "budget_epsilon": 8.0, "accountant": "prv"}},
         central_dp=None,
-        lineage=lineage_field(record=record_bytes, signature=sign_record(record_bytes, key), public_key=key.public_key()),
+        lineage=lineage_field(record=record_bytes, signature=sign_record(record_bytes, key),
+                              public_key=key.public_key()),
         published_at="2025-01-02T03:04:05Z", pulled_at="2025-01-03T00:00:00+00:00",
     )
     values.update(card_overrides)

@@ -112,9 +112,12 @@ def test_model_kinds_match_registry() -> None:
 
 BAD_BUILDS = [
     pytest.param(dict(kind="resnet"), "known kinds: mlp, cnn, blob", id="unknown-kind"),
-    pytest.param(dict(kind="mlp", params={"width": 3}), r"unknown param 'width'.*hidden: list\[int\]", id="unknown-param"),
-    pytest.param(dict(kind="mlp", params={"hidden": 128}), r"'hidden'.*must be list\[int\]", id="tuple-param-given-int"),
-    pytest.param(dict(kind="mlp", params={"hidden": [64, "x"]}), r"'hidden'.*must be list\[int\]", id="tuple-param-bad-item"),
+    pytest.param(dict(kind="mlp", params={"width": 3}), r"unknown param 'width'.*hidden: list\[int\]",
+                 id="unknown-param"),
+    pytest.param(dict(kind="mlp", params={"hidden": 128}), r"'hidden'.*must be list\[int\]",
+                 id="tuple-param-given-int"),
+    pytest.param(dict(kind="mlp", params={"hidden": [64, "x"]}), r"'hidden'.*must be list\[int\]",
+                 id="tuple-param-bad-item"),
     pytest.param(dict(kind="mlp", params={"in_features": 6.5}), r"'in_features'.*must be int", id="float-for-int"),
     pytest.param(dict(kind="mlp", params={"num_classes": True}), r"'num_classes'.*must be int", id="bool-for-int"),
     pytest.param(dict(kind="mlp", params={"dropout": "0.1"}), r"'dropout'.*must be float", id="str-for-float"),

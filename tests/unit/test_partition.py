@@ -30,7 +30,7 @@ def assert_valid_partition(parts: list[np.ndarray], *, num_examples: int, num_pa
 
 
 def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
-    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def labels_for(n: int, num_classes: int, seed: int) -> np.ndarray:
@@ -86,7 +86,9 @@ def test_dirichlet_is_valid_and_honours_min_size(
 def test_quantity_skew_is_valid_and_honours_min_size(
     num_examples: int, num_partitions: int, alpha: float, min_size: int, seed: int
 ) -> None:
-    kwargs = dict(num_examples=num_examples, num_partitions=num_partitions, alpha=alpha, seed=seed, min_partition_size=min_size)
+    kwargs = dict(
+        num_examples=num_examples, num_partitions=num_partitions, alpha=alpha, seed=seed, min_partition_size=min_size
+    )
     parts = partition_quantity_skew(**kwargs)
     assert_valid_partition(parts, num_examples=num_examples, num_partitions=num_partitions)
     assert min(len(p) for p in parts) >= min_size
@@ -107,8 +109,12 @@ def test_dispatcher_matches_direct_call(scheme: str) -> None:
     got = partition(scheme=scheme, labels=labels, num_partitions=4, seed=7, alpha=0.3, min_partition_size=5)
     direct = {
         "iid": lambda: partition_iid(num_examples=600, num_partitions=4, seed=7),
-        "dirichlet": lambda: partition_dirichlet(labels=labels, num_partitions=4, alpha=0.3, seed=7, min_partition_size=5),
-        "quantity": lambda: partition_quantity_skew(num_examples=600, num_partitions=4, alpha=0.3, seed=7, min_partition_size=5),
+        "dirichlet": lambda: partition_dirichlet(
+            labels=labels, num_partitions=4, alpha=0.3, seed=7, min_partition_size=5
+        ),
+        "quantity": lambda: partition_quantity_skew(
+            num_examples=600, num_partitions=4, alpha=0.3, seed=7, min_partition_size=5
+        ),
     }[scheme]()
     assert same(got, direct)
 
@@ -116,10 +122,7 @@ def test_dispatcher_matches_direct_call(scheme: str) -> None:
 def mean_label_tv(parts: list[np.ndarray], labels: np.ndarray, num_classes: int) -> float:
     """Mean total-variation distance of each partition's label histogram from the global one."""
     global_dist = np.bincount(labels, minlength=num_classes) / len(labels)
-    tvs = [
-        0.5 * np.abs(np.bincount(labels[p], minlength=num_classes) / len(p) - global_dist).sum()
-        for p in parts
-    ]
+    tvs = [0.5 * np.abs(np.bincount(labels[p], minlength=num_classes) / len(p) - global_dist).sum() for p in parts]
     return float(np.mean(tvs))
 
 
@@ -147,18 +150,68 @@ def test_quantity_skew_keeps_labels_but_skews_sizes() -> None:
 LABELS = np.arange(20, dtype=np.int64) % 4
 
 BAD_ARGS = [
-    pytest.param(lambda: partition_iid(num_examples=10, num_partitions=0, seed=0), "num_partitions must be >= 1", id="iid-zero-partitions"),
-    pytest.param(lambda: partition_iid(num_examples=3, num_partitions=4, seed=0), "exceeds num_examples", id="iid-more-partitions-than-examples"),
-    pytest.param(lambda: partition_dirichlet(labels=LABELS, num_partitions=2, alpha=0.0, seed=0), "alpha must be", id="dirichlet-zero-alpha"),
-    pytest.param(lambda: partition_dirichlet(labels=LABELS, num_partitions=2, alpha=float("nan"), seed=0), "alpha must be", id="dirichlet-nan-alpha"),
-    pytest.param(lambda: partition_dirichlet(labels=LABELS, num_partitions=3, alpha=1.0, seed=0, min_partition_size=10), "needs 30 examples but only 20", id="dirichlet-min-size-impossible"),
-    pytest.param(lambda: partition_dirichlet(labels=LABELS, num_partitions=2, alpha=1.0, seed=0, min_partition_size=0), "min_partition_size must be >= 1", id="dirichlet-zero-min-size"),
-    pytest.param(lambda: partition_dirichlet(labels=LABELS.reshape(4, 5), num_partitions=2, alpha=1.0, seed=0), "1-D", id="dirichlet-2d-labels"),
-    pytest.param(lambda: partition_dirichlet(labels=LABELS.astype(float), num_partitions=2, alpha=1.0, seed=0), "integers", id="dirichlet-float-labels"),
-    pytest.param(lambda: partition_dirichlet(labels=np.zeros(1000, np.int64), num_partitions=10, alpha=0.01, seed=0, min_partition_size=90), "raise alpha", id="dirichlet-gives-up"),
-    pytest.param(lambda: partition_quantity_skew(num_examples=100, num_partitions=2, alpha=-1.0, seed=0), "alpha must be", id="quantity-negative-alpha"),
-    pytest.param(lambda: partition_quantity_skew(num_examples=10, num_partitions=11, alpha=1.0, seed=0), "exceeds num_examples", id="quantity-too-many-partitions"),
-    pytest.param(lambda: partition(scheme="shards", labels=LABELS, num_partitions=2, seed=0), "known schemes: iid, dirichlet, quantity", id="unknown-scheme"),
+    pytest.param(
+        lambda: partition_iid(num_examples=10, num_partitions=0, seed=0),
+        "num_partitions must be >= 1",
+        id="iid-zero-partitions",
+    ),
+    pytest.param(
+        lambda: partition_iid(num_examples=3, num_partitions=4, seed=0),
+        "exceeds num_examples",
+        id="iid-more-partitions-than-examples",
+    ),
+    pytest.param(
+        lambda: partition_dirichlet(labels=LABELS, num_partitions=2, alpha=0.0, seed=0),
+        "alpha must be",
+        id="dirichlet-zero-alpha",
+    ),
+    pytest.param(
+        lambda: partition_dirichlet(labels=LABELS, num_partitions=2, alpha=float("nan"), seed=0),
+        "alpha must be",
+        id="dirichlet-nan-alpha",
+    ),
+    pytest.param(
+        lambda: partition_dirichlet(labels=LABELS, num_partitions=3, alpha=1.0, seed=0, min_partition_size=10),
+        "needs 30 examples but only 20",
+        id="dirichlet-min-size-impossible",
+    ),
+    pytest.param(
+        lambda: partition_dirichlet(labels=LABELS, num_partitions=2, alpha=1.0, seed=0, min_partition_size=0),
+        "min_partition_size must be >= 1",
+        id="dirichlet-zero-min-size",
+    ),
+    pytest.param(
+        lambda: partition_dirichlet(labels=LABELS.reshape(4, 5), num_partitions=2, alpha=1.0, seed=0),
+        "1-D",
+        id="dirichlet-2d-labels",
+    ),
+    pytest.param(
+        lambda: partition_dirichlet(labels=LABELS.astype(float), num_partitions=2, alpha=1.0, seed=0),
+        "integers",
+        id="dirichlet-float-labels",
+    ),
+    pytest.param(
+        lambda: partition_dirichlet(
+            labels=np.zeros(1000, np.int64), num_partitions=10, alpha=0.01, seed=0, min_partition_size=90
+        ),
+        "raise alpha",
+        id="dirichlet-gives-up",
+    ),
+    pytest.param(
+        lambda: partition_quantity_skew(num_examples=100, num_partitions=2, alpha=-1.0, seed=0),
+        "alpha must be",
+        id="quantity-negative-alpha",
+    ),
+    pytest.param(
+        lambda: partition_quantity_skew(num_examples=10, num_partitions=11, alpha=1.0, seed=0),
+        "exceeds num_examples",
+        id="quantity-too-many-partitions",
+    ),
+    pytest.param(
+        lambda: partition(scheme="shards", labels=LABELS, num_partitions=2, seed=0),
+        "known schemes: iid, dirichlet, quantity",
+        id="unknown-scheme",
+    ),
 ]
 
 

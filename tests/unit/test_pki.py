@@ -309,7 +309,7 @@ def test_sign_without_a_ca_says_how_to_make_one(tmp_path: Path) -> None:
 def _cert_with(*, cn: str, sans: list[x509.GeneralName] | None) -> x509.Certificate:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
                .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1)))
     if sans is not None:
@@ -367,7 +367,7 @@ def test_revoke_and_the_revocation_list_picks_it_up_without_a_restart(ca_dir: Pa
     entry = crl.get_revoked_certificate_by_serial_number(a.serial_number)
     assert entry is not None and entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == \
         x509.ReasonFlags.key_compromise
-    assert abs(entry.revocation_date_utc - dt.datetime.now(dt.timezone.utc)) < dt.timedelta(minutes=1)
+    assert abs(entry.revocation_date_utc - dt.datetime.now(dt.UTC)) < dt.timedelta(minutes=1)
     reasons = {r.serial: r.reason for r in issued_certificates(ca_dir=ca_dir)}
     assert reasons == {a.serial_number: "key_compromise", b.serial_number: "affiliation_changed",
                        c.serial_number: "cessation_of_operation"}

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from fedcollab._names import PathEscape
 from fedcollab.config import InstitutionConfig, PolicyConfig, parse_config
 from fedcollab.errors import ConfigError
-from fedcollab._names import PathEscape, inside
 from fedcollab.institution._agent import name_problem, study_config
 from fedcollab.institution._policy import check_task, decide_study
 from fedcollab.v1 import coordinator_service_pb2 as pb
@@ -69,7 +69,8 @@ def _config(policy: str = "", privacy: str = "") -> InstitutionConfig:
 
 
 def test_each_study_gets_its_own_state_folder_and_the_site_keeps_its_budget() -> None:
-    config = _config('[policy]\nbudgets = { cardio = 2.0 }\n', '[privacy]\ntarget_epsilon = 4.0\nbudget_epsilon = 6.0\n')
+    config = _config('[policy]\nbudgets = { cardio = 2.0 }\n',
+                     '[privacy]\ntarget_epsilon = 4.0\nbudget_epsilon = 6.0\n')
     cardio = study_config(config, offer("cardio"))
     assert str(cardio.institution.state_dir) == str(Path("/tmp/site/studies/cardio").resolve())
     # The budget is the site's, whichever study: the sub-limit is applied inside it
