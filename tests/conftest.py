@@ -119,3 +119,18 @@ def test_ca() -> Any:
     from tests._pki import TestCA
 
     return TestCA()
+
+
+def assert_spent_as_planned(entries: dict[str, list[Any]], *, rounds: int, target: float) -> None:
+    """Each site's ledger rows (LedgerEntry): one per round 1..rounds, and the spend
+    after the last exactly what its noise was calibrated for (the planned rounds at the
+    first row's noise, rate and steps), within the calibration's 1% under `target`."""
+    from fedcollab.privacy._accounting import epsilon_of
+
+    for name, rows in entries.items():
+        assert [e.round for e in rows] == list(range(1, rounds + 1)), (name, [(e.round, e.nonce) for e in rows])
+        first = rows[0]
+        planned = epsilon_of(history=[(first.noise_multiplier, first.sample_rate, first.steps * rounds)],
+                             delta=first.delta, accountant=first.accountant)
+        assert rows[-1].epsilon == pytest.approx(planned, rel=1e-9), name
+        assert 0.98 * target <= rows[-1].epsilon <= target * (1 + 1e-9), name

@@ -16,7 +16,6 @@ first round, for its planned rounds); what is checked and recorded is both total
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -120,12 +119,11 @@ class InstitutionPrivacy:
             noise = calibrate_noise(target_epsilon=min(c.target_epsilon, self.study_limit(study)),
                                     delta=c.target_delta, sample_rate=rate, steps=steps * max(1, total_rounds),
                                     accountant=c.accountant)
-        return dataclasses.replace(
-            self._price(study=study, round_number=round_number, nonce=nonce, noise=noise, rate=rate, steps=steps,
-                        seq=seq, rows=rows), base_sha256=base_sha256)
+        return self._price(study=study, round_number=round_number, nonce=nonce, noise=noise, rate=rate, steps=steps,
+                           seq=seq, rows=rows, base_sha256=base_sha256)
 
     def _price(self, *, study: str, round_number: int, nonce: str, noise: float, rate: float, steps: int,
-               seq: int, rows: Sequence[LedgerEntry]) -> RoundPrivacy:
+               seq: int, rows: Sequence[LedgerEntry], base_sha256: str) -> RoundPrivacy:
         """This round's cost on top of the rows: the study's total and the site's total, both checked."""
         c = self.config
         mine = [e for e in rows if e.study == study]
@@ -161,6 +159,7 @@ class InstitutionPrivacy:
             sample_rate=rate, steps=steps, epsilon_before=before, epsilon_after=after, delta=c.target_delta,
             budget=limit, accountant=c.accountant, history_after=tuple(study_history), dataset=self.dataset,
             site_epsilon_before=site_before, site_epsilon_after=site_after, site_budget=c.budget, based_on=seq,
+            base_sha256=base_sha256,
         )
 
     def record(self, rp: RoundPrivacy, *, update_sha256: str) -> LedgerEntry:
@@ -182,9 +181,8 @@ class InstitutionPrivacy:
                 )
             except LedgerConflict:
                 seq, rows = self.ledger.snapshot(dataset=self.dataset)
-                rp = dataclasses.replace(
-                    self._price(study=rp.study, round_number=rp.round, nonce=rp.nonce, noise=rp.noise_multiplier,
-                                rate=rp.sample_rate, steps=rp.steps, seq=seq, rows=rows), base_sha256=rp.base_sha256)
+                rp = self._price(study=rp.study, round_number=rp.round, nonce=rp.nonce, noise=rp.noise_multiplier,
+                                 rate=rp.sample_rate, steps=rp.steps, seq=seq, rows=rows, base_sha256=rp.base_sha256)
             except OverLimit as e:  # the ledger's own guard; _price should have refused first
                 raise BudgetExhausted(str(e), spent=rp.epsilon_before, would_be=rp.epsilon_after,
                                       budget=rp.budget) from None

@@ -32,12 +32,11 @@ from fedcollab.config import InstitutionConfig, PrivacyConfig
 from fedcollab.coordinator import Coordinator
 from fedcollab.institution import DaemonEvent, InstitutionDaemon, daemon_from_config
 from fedcollab.institution._trainer import Trainer
-from fedcollab.privacy._accounting import epsilon_of
-from fedcollab.privacy._ledger import LedgerEntry, PrivacyLedger, ledger_path
+from fedcollab.privacy._ledger import PrivacyLedger, ledger_path
 from fedcollab.v1 import operator_service_pb2 as opb
 from fedcollab.v1 import operator_service_pb2_grpc as opb_grpc
 from tests.chaos.harness import Settings, child_env, free_port, read_store, write_configs
-from tests.conftest import institution_config, running, tiny_federation, wait_until
+from tests.conftest import assert_spent_as_planned, institution_config, running, tiny_federation, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -97,17 +96,6 @@ def _daemons(configs: list[InstitutionConfig], *, slow: dict[str, _Slow] | None 
         d._poll_wait = 1.0
         out.append(d)
     return out
-
-
-def _check_ledgers(entries: dict[str, list[LedgerEntry]], *, rounds: int) -> None:
-    """One row per round, and the spend after the last exactly what was planned."""
-    for name, rows in entries.items():
-        assert [e.round for e in rows] == list(range(1, rounds + 1)), (name, [(e.round, e.nonce) for e in rows])
-        first = rows[0]
-        planned = epsilon_of(history=[(first.noise_multiplier, first.sample_rate, first.steps * rounds)],
-                             delta=first.delta, accountant=first.accountant)
-        assert rows[-1].epsilon == pytest.approx(planned, rel=1e-9), name
-        assert 0.98 * TARGET <= rows[-1].epsilon <= TARGET * (1 + 1e-9), name  # calibrated to 1% of the target
 
 
 def _failed(rounds: list[dict[str, Any]], round_number: int) -> bool:
@@ -171,7 +159,7 @@ def test_a_failed_quorum_is_retried_with_the_updates_already_paid_for(tmp_path: 
         assert len(sent) == 1, (name, parts)
     # lab-c was never taken for gone while it spun: its heartbeats kept flowing.
     assert not any("LEASE_EXPIRED" in r for r in reasons), reasons
-    _check_ledgers({d.name: d.privacy.ledger.entries() for d in daemons}, rounds=3)  # type: ignore[union-attr]
+    assert_spent_as_planned({d.name: d.privacy.ledger.entries() for d in daemons}, rounds=3, target=TARGET)  # type: ignore[union-attr]
 
 
 def _operator(coordinator: Coordinator) -> tuple[opb_grpc.OperatorServiceStub, list[tuple[str, str]]]:
@@ -214,7 +202,7 @@ def test_suspend_approve_and_pause_resume_cycles_spend_each_round_once(tmp_path:
         rounds = coordinator.store.rounds()
     assert [r["round"] for r in rounds if r["status"] == "committed"] == [1, 2, 3, 4]
     assert all(r["metrics"]["num_updates"] == 3 for r in rounds if r["status"] == "committed")
-    _check_ledgers({d.name: d.privacy.ledger.entries() for d in daemons}, rounds=4)  # type: ignore[union-attr]
+    assert_spent_as_planned({d.name: d.privacy.ledger.entries() for d in daemons}, rounds=4, target=TARGET)  # type: ignore[union-attr]
 
 
 # ------------------------------------------------------------------ the coordinator stopped
@@ -263,4 +251,4 @@ def test_a_coordinator_stopped_mid_round_resumes_without_spending_again(tmp_path
     for c in configs:
         with PrivacyLedger(ledger_path(c.institution.state_dir), readonly=True) as ledger:
             entries[c.institution.name] = ledger.entries()
-    _check_ledgers(entries, rounds=3)
+    assert_spent_as_planned(entries, rounds=3, target=TARGET)

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from fedcollab.pki import issue_ephemeral
-from fedcollab.privacy._accounting import epsilon_of
 from fedcollab.privacy._ledger import LedgerEntry, PrivacyLedger, ledger_path
 from tests.chaos.harness import child_env, free_port, read_store
+from tests.conftest import assert_spent_as_planned
 
 pytestmark = pytest.mark.integration
 
@@ -164,10 +164,5 @@ def test_a_coordinator_restarted_mid_round_leaves_every_ledger_at_the_planned_ep
     assert [r["round"] for r in rounds if r["status"] == "committed"] == list(range(1, ROUNDS + 1))
     if open_at_restart:
         assert max(int(r["attempt"]) for r in rounds if r["round"] == 2) >= 2, rounds  # resumed as a new attempt
-    for name in sites:
-        rows = _rows(ledger_path(tmp_path / name))
-        assert [e.round for e in rows] == list(range(1, ROUNDS + 1)), (name, [(e.round, e.nonce) for e in rows])
-        planned = epsilon_of(history=[(rows[0].noise_multiplier, rows[0].sample_rate, rows[0].steps * ROUNDS)],
-                             delta=rows[0].delta, accountant=rows[0].accountant)
-        assert rows[-1].epsilon == pytest.approx(planned, rel=1e-9), name
-        assert 0.98 * TARGET <= rows[-1].epsilon <= TARGET * (1 + 1e-9), name
+    assert_spent_as_planned({name: _rows(ledger_path(tmp_path / name)) for name in sites}, rounds=ROUNDS,
+                            target=TARGET)
